@@ -1,0 +1,77 @@
+"""Trains a dense (unpruned) model and writes checkpoints plus a results JSON.
+
+    python experiments/train_dense.py --model lenet300100 --dataset mnist --epochs 30
+
+The checkpoint with the best validation accuracy is evaluated once on the test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+
+import common
+from hoyertrim.checkpoint import Checkpointer
+from hoyertrim.data import DATASETS, load_dataset
+from hoyertrim.models import MODELS, count_params, create_model
+from hoyertrim.train import create_train_state, fit, make_optimizer, predict_accuracy
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="lenet300100")
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "momentum"])
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout rate on hidden activations (MLP models only)")
+    common.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = common.workdir(args, f"dense_{args.model}_{args.dataset}")
+    dataset = load_dataset(args.dataset, args.data_dir)
+    model_kwargs = {"dropout_rate": args.dropout} if args.dropout else {}
+    model = create_model(args.model, **model_kwargs)
+    steps = args.epochs * (len(dataset.train) // args.batch_size)
+    tx = make_optimizer(args.optimizer, args.learning_rate, total_steps=steps,
+                        schedule=args.schedule, weight_decay=args.weight_decay)
+    config = {k: v for k, v in vars(args).items()}
+    started = time.perf_counter()
+    checkpointer = Checkpointer(out / "checkpoints")
+    state, _ = fit(model, tx, dataset, epochs=args.epochs, batch_size=args.batch_size,
+                   seed=args.seed, checkpointer=checkpointer, config=config,
+                   metrics_log=out / "metrics.jsonl", progress=not args.no_progress)
+    wall_seconds = time.perf_counter() - started
+    best = checkpointer.best_step()
+    template = create_train_state(model, tx, jax.random.PRNGKey(args.seed), dataset.image_shape)
+    best_state, _, _ = checkpointer.restore(template, best)
+    checkpointer.close()
+    results = {
+        "model": args.model, "dataset": args.dataset, "parameters": count_params(state.params),
+        "best_epoch": best,
+        "val_accuracy": predict_accuracy(model, best_state.params, best_state.model_state,
+                                         dataset.validation.images, dataset.validation.labels),
+        "test_accuracy": predict_accuracy(model, best_state.params, best_state.model_state,
+                                          dataset.test.images, dataset.test.labels),
+        "final_epoch_test_accuracy": predict_accuracy(model, state.params, state.model_state,
+                                                      dataset.test.images, dataset.test.labels),
+        "wall_seconds": wall_seconds, "config": config, "environment": common.environment(),
+    }
+    common.write_json(out / "results.json", results)
+    print(f"{args.model} on {args.dataset}: test accuracy {results['test_accuracy']:.4f} "
+          f"(best validation epoch {best}), {results['parameters']:,} parameters, "
+          f"{wall_seconds:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Training: a pure jitted `train_step`, whole epochs as one `lax.scan`, evaluation, and `fit`.
+
+Any optax `GradientTransformation` drives the update; it is called as
+``tx.update(grads, opt_state, params)`` so transforms that need the parameters (the DeepHoyer
+penalty transforms, the mask transform) can be chained in front of the optimizer.
+
+Determinism: the epoch-``e`` shuffle uses ``fold_in(state.key, e)`` and the dropout key of step
+``t`` is ``fold_in(state.key, t)``; both come from the state, so a run resumed from a checkpoint
+reproduces an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from hoyertrim.data import Dataset
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries between steps (a pytree of arrays).
+
+    Attributes:
+      step: optimizer steps taken, int32 scalar.
+      epoch: completed epochs, int32 scalar.
+      params: the model's ``params`` collection.
+      model_state: the other variable collections (e.g. ``{"batch_stats": ...}``), ``{}`` if none.
+      opt_state: the optax state of ``tx``.
+      key: the run's base PRNG key (raw uint32[2]); never consumed, only folded.
+    """
+
+    step: jax.Array
+    epoch: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    key: jax.Array
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                       input_shape: tuple[int, ...], params: Any = None,
+                       model_state: Any = None) -> TrainState:
+    """Initializes a model and optimizer.
+
+    Args:
+      model: a Flax module called as ``model.apply(variables, images, train=...)``.
+      tx: the optax transformation used for training.
+      key: a raw PRNG key (``jax.random.PRNGKey``); split into init and run keys.
+      input_shape: per-example image shape (H, W, C).
+      params / model_state: start from these instead of a fresh init (e.g. a pretrained model).
+    """
+    init_key, run_key = jax.random.split(key)
+    variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    variables = flax.core.unfreeze(variables)
+    fresh_params = variables.pop("params")
+    params = fresh_params if params is None else params
+    model_state = variables if model_state is None else model_state
+    return TrainState(step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
+                      params=params, model_state=model_state, opt_state=tx.init(params),
+                      key=run_key)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of logits (batch, classes) against int labels (batch,)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _forward(model, params, model_state, images, train, dropout_key):
+    variables = {"params": params, **model_state}
+    if train and model_state:
+        logits, new_state = model.apply(variables, images, train=True,
+                                        mutable=list(model_state), rngs={"dropout": dropout_key})
+        return logits, flax.core.unfreeze(new_state)
+    rngs = {"dropout": dropout_key} if dropout_key is not None else None
+    return model.apply(variables, images, train=train, rngs=rngs), model_state
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy):
+    """Returns the pure function ``train_step(state, images, labels) -> (state, metrics)``.
+
+    ``metrics`` holds the batch ``loss`` and the number of ``correct`` predictions. The returned
+    function is not jitted, so it can be scanned; `make_train_epoch` and `fit` jit it.
+    """
+
+    def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
+        dropout_key = jax.random.fold_in(state.key, state.step)
+
+        def objective(params):
+            logits, new_model_state = _forward(model, params, state.model_state, images, True,
+                                               dropout_key)
+            return loss_fn(logits, labels), (logits, new_model_state)
+
+        (loss, (logits, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        new_state = state.replace(step=state.step + 1, params=params,
+                                  model_state=new_model_state, opt_state=opt_state)
+        return new_state, {"loss": loss, "correct": correct}
+
+    return train_step
+
+
+def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_size: int,
+                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy):
+    """Returns jitted ``train_epoch(state, images, labels) -> (state, metrics)``.
+
+    One epoch is one `lax.scan` over ``len(images) // batch_size`` batches of a fresh permutation
+    drawn from ``fold_in(state.key, state.epoch)``; the last partial batch is dropped (a different
+    one every epoch). ``images``/``labels`` should already be on the device. ``metrics`` holds the
+    mean training ``loss`` and ``accuracy`` over the epoch.
+    """
+    train_step = make_train_step(model, tx, loss_fn)
+
+    @jax.jit
+    def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array):
+        num_examples = images.shape[0]
+        num_batches = num_examples // batch_size
+        if num_batches == 0:
+            raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} examples.")
+        shuffle_key = jax.random.fold_in(jax.random.fold_in(state.key, 0x5EED), state.epoch)
+        order = jax.random.permutation(shuffle_key, num_examples)
+        order = order[: num_batches * batch_size].reshape(num_batches, batch_size)
+
+        def body(state, batch_indices):
+            return train_step(state, images[batch_indices], labels[batch_indices])
+
+        state, metrics = jax.lax.scan(body, state, order)
+        state = state.replace(epoch=state.epoch + 1)
+        return state, {"loss": metrics["loss"].mean(),
+                       "accuracy": metrics["correct"].sum() / (num_batches * batch_size)}
+
+    return train_epoch
+
+
+def make_evaluate(model: nn.Module, batch_size: int = 1000):
+    """Returns jitted ``evaluate(params, model_state, images, labels) -> {"loss", "accuracy"}``.
+
+    Runs the model in inference mode over all examples (the last batch is padded and masked, so
+    every example counts exactly once); ``loss`` is the mean cross-entropy.
+    """
+
+    @jax.jit
+    def evaluate(params, model_state, images, labels):
+        num_examples = images.shape[0]
+        num_batches = -(-num_examples // batch_size)
+        pad = num_batches * batch_size - num_examples
+        images = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
+        labels = jnp.pad(labels, (0, pad))
+        valid = jnp.arange(num_batches * batch_size) < num_examples
+        batches = (images.reshape(num_batches, batch_size, *images.shape[1:]),
+                   labels.reshape(num_batches, batch_size),
+                   valid.reshape(num_batches, batch_size))
+
+        def body(carry, batch):
+            x, y, mask = batch
+            logits, _ = _forward(model, params, model_state, x, False, None)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            correct = (jnp.argmax(logits, -1) == y) & mask
+            return carry, (jnp.sum(losses * mask), jnp.sum(correct))
+
+        _, (losses, correct) = jax.lax.scan(body, None, batches)
+        return {"loss": losses.sum() / num_examples, "accuracy": correct.sum() / num_examples}
+
+    return evaluate
+
+
+def state_to_tree(state: TrainState) -> dict:
+    """The checkpointable dict view of a `TrainState`."""
+    return {"step": state.step, "epoch": state.epoch, "params": state.params,
+            "model_state": state.model_state, "opt_state": state.opt_state, "key": state.key}
+
+
+def tree_to_state(tree: Mapping) -> TrainState:
+    return TrainState(**tree)
+
+
+def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
+        epochs: int, batch_size: int = 128, seed: int = 0, state: TrainState | None = None,
+        checkpointer=None, config: Mapping | None = None, masks: Any = None,
+        metrics_log: str | os.PathLike | None = None, progress: bool = True,
+        on_epoch_end: Callable[[int, dict], None] | None = None) -> tuple[TrainState, list[dict]]:
+    """Trains for ``epochs`` epochs, evaluating on the validation split after each.
+
+    Args:
+      model, tx: the Flax model and the optax transformation.
+      dataset: a `hoyertrim.data.Dataset`.
+      epochs: total epochs of the run (a resumed run continues up to this number).
+      batch_size: examples per step.
+      seed: seeds initialization and the data order when ``state`` is not given.
+      state: start from this state (e.g. a pretrained model with a fresh ``tx``).
+      checkpointer: a `hoyertrim.checkpoint.Checkpointer`; if it holds a checkpoint the run
+        resumes from its latest one, and a checkpoint is written after every epoch.
+      config: JSON-serializable run configuration stored with each checkpoint.
+      masks: optional pruning masks (pytree shaped like params) stored with each checkpoint.
+      metrics_log: path of a JSONL file; one line of metrics is appended per epoch.
+      progress: show a progress bar with loss and accuracy.
+      on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` after each epoch is saved.
+
+    Returns:
+      The final state and the list of per-epoch metric dicts of this call.
+    """
+    if state is None:
+        state = create_train_state(model, tx, jax.random.PRNGKey(seed), dataset.image_shape)
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        state, _, _ = checkpointer.restore(state)
+    train_epoch = make_train_epoch(model, tx, batch_size)
+    evaluate = make_evaluate(model)
+    train_x, train_y = jax.device_put(dataset.train.images), jax.device_put(dataset.train.labels)
+    val_x = jax.device_put(dataset.validation.images)
+    val_y = jax.device_put(dataset.validation.labels)
+
+    history = []
+    start_epoch = int(state.epoch)
+    bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, unit="epoch",
+               disable=not progress, desc=getattr(model, "name", None) or type(model).__name__)
+    for epoch in bar:
+        started = time.perf_counter()
+        state, train_metrics = train_epoch(state, train_x, train_y)
+        val_metrics = evaluate(state.params, state.model_state, val_x, val_y)
+        metrics = {
+            "epoch": epoch + 1, "step": int(state.step),
+            "train_loss": float(train_metrics["loss"]),
+            "train_accuracy": float(train_metrics["accuracy"]),
+            "val_loss": float(val_metrics["loss"]), "val_accuracy": float(val_metrics["accuracy"]),
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['train_loss']:.4f}",
+                        acc=f"{metrics['train_accuracy']:.4f}",
+                        val_acc=f"{metrics['val_accuracy']:.4f}")
+        if metrics_log is not None:
+            with open(metrics_log, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if checkpointer is not None:
+            checkpointer.save(epoch + 1, state, config=config or {}, metrics=metrics, masks=masks)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, metrics)
+    if checkpointer is not None:
+        checkpointer.wait_until_finished()
+    return state, history
+
+
+def predict_accuracy(model: nn.Module, params, model_state, images: np.ndarray,
+                     labels: np.ndarray, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``images`` (n, H, W, C), in [0, 1]."""
+    return float(make_evaluate(model, batch_size)(params, model_state, images, labels)["accuracy"])
+
+
+def make_optimizer(name: str = "adam", learning_rate: float = 1e-3, *, total_steps: int | None = None,
+                   schedule: str = "cosine", weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> optax.GradientTransformation:
+    """A standard optimizer for the experiments.
+
+    Args:
+      name: ``"adam"``, ``"adamw"`` (decoupled weight decay), ``"sgd"`` or ``"momentum"``.
+      learning_rate: peak learning rate.
+      total_steps: length of the run in steps, required by ``schedule="cosine"``.
+      schedule: ``"cosine"`` (decay to 0 over ``total_steps``) or ``"constant"``.
+      weight_decay: L2 coefficient β; added to the gradient (β·w) for every optimizer but adamw.
+      momentum: for ``"momentum"``.
+    """
+    if schedule == "cosine":
+        if not total_steps:
+            raise ValueError("schedule='cosine' needs total_steps (the run's number of steps).")
+        lr = optax.cosine_decay_schedule(learning_rate, total_steps)
+    elif schedule == "constant":
+        lr = learning_rate
+    else:
+        raise ValueError(f"Unknown schedule {schedule!r}; choose 'cosine' or 'constant'.")
+    optimizers = {
+        "adam": lambda: optax.adam(lr),
+        "adamw": lambda: optax.adamw(lr, weight_decay=weight_decay),
+        "sgd": lambda: optax.sgd(lr),
+        "momentum": lambda: optax.sgd(lr, momentum=momentum, nesterov=True),
+    }
+    if name not in optimizers:
+        raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(optimizers)}.")
+    if weight_decay and name != "adamw":
+        return optax.chain(optax.add_decayed_weights(weight_decay), optimizers[name]())
+    return optimizers[name]()

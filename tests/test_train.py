@@ -1,0 +1,144 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hoyertrim.checkpoint import Checkpointer, CheckpointMismatchError
+from hoyertrim.models import create_model
+from hoyertrim.train import (create_train_state, fit, make_evaluate, make_optimizer,
+                             make_train_epoch, make_train_step)
+
+
+def _leaves_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_fit_learns_mnist_and_logs(small_mnist, tmp_path):
+    model = create_model("lenet300100")
+    state, history = fit(model, optax.adam(1e-3), small_mnist, epochs=3, batch_size=100,
+                         metrics_log=tmp_path / "m.jsonl", progress=False)
+    assert history[-1]["val_accuracy"] > 0.9
+    assert int(state.step) == 3 * 40 and int(state.epoch) == 3
+    lines = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2, 3]
+
+
+def test_training_is_deterministic_for_a_seed(small_mnist):
+    model = create_model("lenet300100", dropout_rate=0.2)
+    runs = [fit(model, optax.adam(1e-3), small_mnist, epochs=1, batch_size=200, seed=3,
+                progress=False)[0] for _ in range(2)]
+    assert _leaves_equal(runs[0].params, runs[1].params)
+    other = fit(model, optax.adam(1e-3), small_mnist, epochs=1, batch_size=200, seed=4,
+                progress=False)[0]
+    assert not _leaves_equal(runs[0].params, other.params)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_killed_and_resumed_run_is_bit_identical(small_mnist, tmp_path):
+    model = create_model("lenet300100", dropout_rate=0.1)
+    tx = make_optimizer("adam", 1e-3, total_steps=4 * 40)
+    reference, _ = fit(model, tx, small_mnist, epochs=4, batch_size=100, seed=7, progress=False,
+                       checkpointer=Checkpointer(tmp_path / "reference"))
+
+    def crash_after_second_epoch(epoch, metrics):
+        if epoch == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        fit(model, tx, small_mnist, epochs=4, batch_size=100, seed=7, progress=False,
+            checkpointer=Checkpointer(tmp_path / "run"), on_epoch_end=crash_after_second_epoch)
+    # A new process would only have the directory: start from a fresh Checkpointer and seed.
+    # Saves are asynchronous, so the kill may lose the second epoch's checkpoint (as a real one
+    # can); resuming from either must reproduce the uninterrupted run.
+    resumed_checkpointer = Checkpointer(tmp_path / "run")
+    last_saved = resumed_checkpointer.latest_step()
+    assert last_saved in (1, 2)
+    resumed, history = fit(model, tx, small_mnist, epochs=4, batch_size=100, seed=7,
+                           progress=False, checkpointer=resumed_checkpointer)
+    assert [h["epoch"] for h in history] == list(range(last_saved + 1, 5))
+    assert _leaves_equal(reference.params, resumed.params)
+    assert _leaves_equal(reference.opt_state, resumed.opt_state)
+    assert int(resumed.step) == int(reference.step)
+
+
+def test_checkpoint_restores_types_masks_config_and_keeps_latest_plus_best(tmp_path):
+    model = create_model("lenet300100")
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1))
+    masks = jax.tree.map(lambda p: jnp.ones_like(p, bool), state.params)
+    checkpointer = Checkpointer(tmp_path / "ckpt", max_to_keep=2)
+    for step, acc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7)]:
+        checkpointer.save(step, state.replace(step=jnp.int32(step)), config={"lr": 1e-3},
+                          metrics={"val_accuracy": acc}, masks=masks)
+    checkpointer.wait_until_finished()
+    assert checkpointer.all_steps() == [2, 3, 4]  # last two + the best (step 2)
+    assert checkpointer.best_step() == 2
+    restored, config, restored_masks = Checkpointer(tmp_path / "ckpt").restore(
+        state, 2, masks_template=masks)
+    assert config == {"lr": 1e-3} and int(restored.step) == 2
+    assert type(restored.opt_state[1][0]) is type(state.opt_state[1][0])  # ScaleByAdamState
+    assert _leaves_equal(restored.params, state.params)
+    assert jax.tree.structure(restored_masks) == jax.tree.structure(masks)
+
+
+def test_restore_into_other_structure_names_mismatched_leaves(tmp_path):
+    tx = optax.adam(1e-3)
+    small = create_train_state(create_model("lenet300100"), tx, jax.random.PRNGKey(0), (28, 28, 1))
+    checkpointer = Checkpointer(tmp_path / "ckpt")
+    checkpointer.save(1, small)
+    other = create_train_state(create_model("nettrim_fc"), tx, jax.random.PRNGKey(0), (28, 28, 1))
+    with pytest.raises(CheckpointMismatchError) as err:
+        checkpointer.restore(other)
+    message = str(err.value)
+    assert "params/dense3/kernel" in message          # only in the target
+    assert "params/dense1/kernel: saved (300, 100), target (300, 1000)" in message
+    with pytest.raises(FileNotFoundError, match="No checkpoint at step 9"):
+        checkpointer.restore(small, 9)
+
+
+def test_train_step_accepts_any_transformation_and_uses_params():
+    model = create_model("lenet300100")
+    # Pure weight decay with a zero learning-rate optimizer: only the params-dependent term acts.
+    tx = optax.chain(optax.add_decayed_weights(1.0), optax.sgd(0.5))
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1))
+    x, y = jnp.zeros((4, 28, 28, 1)), jnp.zeros((4,), jnp.int32)
+    new_state, metrics = jax.jit(make_train_step(model, tx))(state, x, y)
+    kernel, new_kernel = state.params["dense0"]["kernel"], new_state.params["dense0"]["kernel"]
+    # Zero input: the first layer's kernel gradient is 0, so only decay moves it: w - 0.5 w.
+    np.testing.assert_allclose(new_kernel, 0.5 * kernel, rtol=1e-6)
+    assert int(new_state.step) == 1 and np.isfinite(metrics["loss"])
+
+
+def test_batchnorm_model_trains_and_evaluates():
+    model = create_model("resnet20")
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (32, 32, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (16, 32, 32, 3))
+    y = jnp.arange(16) % 10
+    new_state, _ = make_train_epoch(model, tx, batch_size=8)(state, x, y)
+    assert not _leaves_equal(state.model_state, new_state.model_state)
+    metrics = make_evaluate(model, batch_size=5)(new_state.params, new_state.model_state, x, y)
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+
+
+def test_evaluate_counts_every_example_once():
+    model = create_model("lenet300100")
+    state = create_train_state(model, optax.sgd(0.1), jax.random.PRNGKey(0), (28, 28, 1))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (7, 28, 28, 1))
+    logits = model.apply({"params": state.params}, x)
+    labels = jnp.argmax(logits, -1).at[:3].set((jnp.argmax(logits[:3], -1) + 1) % 10)
+    metrics = make_evaluate(model, batch_size=3)(state.params, {}, x, labels)
+    assert float(metrics["accuracy"]) == pytest.approx(4 / 7)
+
+
+def test_optimizer_errors():
+    with pytest.raises(ValueError, match="total_steps"):
+        make_optimizer("adam", schedule="cosine")
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        make_optimizer("lion", schedule="constant")
