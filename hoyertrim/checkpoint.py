@@ -137,6 +137,16 @@ class Checkpointer:
         masks = restored["masks"] if masks_template is not None else None
         return tree_to_state(restored["state"]), dict(restored["config"] or {}), masks
 
+    def config(self, step: int | None = None) -> dict:
+        """The run config saved with ``step`` (default: the latest), without restoring arrays."""
+        self.wait_until_finished()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))
+        return dict(restored["config"] or {})
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

@@ -1,0 +1,173 @@
+"""DeepHoyer on MNIST: dense model -> regularized training -> prune -> masked fine-tune.
+
+    python experiments/deephoyer_mnist.py --model lenet300100 --penalty hoyer_square \
+        --strength 1e-4 3e-4 --threshold-scale 0.03 0.1 --baseline
+
+Each (strength) gets one regularized run; each (strength, threshold) one pruned + fine-tuned run.
+Fine-tuning keeps the epoch with the best *validation* accuracy; the test set is evaluated once per
+point, after selection. With ``--baseline`` every point also gets magnitude pruning of the dense
+model to exactly the same per-layer nonzero counts, fine-tuned the same way. Every stage writes
+orbax checkpoints, so a rerun resumes (or skips) finished stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import optax
+
+import common
+from hoyertrim import masks as masks_lib
+from hoyertrim.checkpoint import Checkpointer
+from hoyertrim.data import load_dataset
+from hoyertrim.models import create_model
+from hoyertrim.train import create_train_state, fit, make_optimizer, predict_accuracy
+from hoyertrim.transforms import REGULARIZERS, masked_fine_tuning
+
+PUBLISHED = {  # design.md: (test error %, compression) of element-wise methods on MNIST
+    "lenet300100": {"Han 2015": (1.59, 12), "DNS": (1.99, 56), "Sparse VD": (1.92, 68)},
+    "lenet5": {"Han 2015": (0.77, 12), "DNS": (0.91, 108), "Sparse VD": (0.75, 280)},
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["lenet300100", "lenet5"], default="lenet300100")
+    parser.add_argument("--penalty", choices=sorted(REGULARIZERS), default="hoyer_square")
+    parser.add_argument("--strength", type=float, nargs="+", default=[1e-4],
+                        help="regularization strengths α to sweep")
+    parser.add_argument("--prune-rule", choices=["std", "group"], default="std",
+                        help="std: |w| < s·std(w) per tensor; group: units with norm < s·max")
+    parser.add_argument("--threshold-scale", type=float, nargs="+", default=[0.03],
+                        help="pruning thresholds s to sweep")
+    parser.add_argument("--reg-epochs", type=int, default=30)
+    parser.add_argument("--finetune-epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--finetune-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--dense-workdir", default=None,
+                        help="train_dense.py workdir to start from (default runs/dense_<model>)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run magnitude pruning to the same per-layer counts")
+    common.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def restore_dense(args, model, dataset):
+    """Best-validation dense params from train_dense.py's checkpoints (trains them if absent)."""
+    workdir = args.dense_workdir or f"runs/dense_{args.model}"
+    checkpointer = Checkpointer(f"{workdir}/checkpoints")
+    if checkpointer.latest_step() is None:
+        import train_dense
+        train_dense.main(["--model", args.model, "--workdir", workdir, "--seed", str(args.seed)]
+                         + (["--data-dir", args.data_dir] if args.data_dir else []))
+        checkpointer = Checkpointer(f"{workdir}/checkpoints")
+    step = checkpointer.best_step()
+    config = checkpointer.config(step)
+    steps = config["epochs"] * (len(dataset.train) // config["batch_size"])
+    tx = make_optimizer(config["optimizer"], config["learning_rate"], total_steps=steps,
+                        schedule=config["schedule"], weight_decay=config["weight_decay"])
+    template = create_train_state(model, tx, jax.random.PRNGKey(0), dataset.image_shape)
+    state, _, _ = checkpointer.restore(template, step)
+    checkpointer.close()
+    return state.params
+
+
+def run_stage(model, tx, dataset, params, epochs, directory, args, config, masks=None):
+    """Trains from ``params`` with ``tx``; resumable; returns the best-validation params."""
+    state = create_train_state(model, tx, jax.random.PRNGKey(args.seed), dataset.image_shape,
+                               params=params)
+    checkpointer = Checkpointer(directory)
+    fit(model, tx, dataset, epochs=epochs, batch_size=args.batch_size, state=state,
+        checkpointer=checkpointer, config=config, masks=masks,
+        metrics_log=f"{directory}/metrics.jsonl", progress=not args.no_progress)
+    best, _, _ = checkpointer.restore(state, checkpointer.best_step())
+    checkpointer.close()
+    return best.params
+
+
+def finetune(model, dataset, params, masks, directory, args, config):
+    steps = args.finetune_epochs * (len(dataset.train) // args.batch_size)
+    tx = masked_fine_tuning(make_optimizer("adam", args.finetune_learning_rate,
+                                           total_steps=steps), masks)
+    params = masks_lib.apply_masks(params, masks)
+    return run_stage(model, tx, dataset, params, args.finetune_epochs, directory, args, config,
+                     masks=masks)
+
+
+def evaluate_point(model, dataset, params, label, extra):
+    report = masks_lib.sparsity_report(params, model, dataset.image_shape)
+    val = predict_accuracy(model, params, {}, dataset.validation.images, dataset.validation.labels)
+    test = predict_accuracy(model, params, {}, dataset.test.images, dataset.test.labels)
+    return {"method": label, **extra, "val_error": 100 * (1 - val), "test_error": 100 * (1 - test),
+            "compression": report.compression, "kept_fraction": report.kept_fraction,
+            "architecture": report.architecture,
+            "flops_reduction_sparse": report.flops("dense") / report.flops("sparse"),
+            "flops_reduction_structured": report.flops("dense") / report.flops("structured"),
+            "report": report.as_dict(), "markdown": report.markdown()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    name = f"deephoyer_{args.model}_{args.penalty}"
+    out = common.workdir(args, name)
+    dataset = load_dataset("mnist", args.data_dir)
+    model = create_model(args.model)
+    dense = restore_dense(args, model, dataset)
+    results_path = out / "results.json"
+    points = json.loads(results_path.read_text())["points"] if results_path.exists() else []
+    done = {(p["method"], p.get("strength"), p.get("threshold_scale")) for p in points}
+    started = time.perf_counter()
+    dense_point = evaluate_point(model, dataset, dense, "dense", {})
+
+    for strength in args.strength:
+        reg_steps = args.reg_epochs * (len(dataset.train) // args.batch_size)
+        tx = optax.chain(REGULARIZERS[args.penalty](strength),
+                         make_optimizer("adam", args.learning_rate, total_steps=reg_steps))
+        reg_dir = out / f"reg_a{strength:g}"
+        config = {"stage": "regularize", "penalty": args.penalty, "strength": strength,
+                  **{k: v for k, v in vars(args).items() if k not in ("strength",
+                                                                      "threshold_scale")}}
+        regularized = run_stage(model, tx, dataset, dense, args.reg_epochs, reg_dir, args,
+                                config)
+        for scale in args.threshold_scale:
+            key = (args.penalty, strength, scale)
+            if key in done:
+                continue
+            if args.prune_rule == "std":
+                masks = masks_lib.std_threshold_masks(regularized, scale)
+            else:
+                masks = masks_lib.group_masks(regularized, scale, grouping="both")
+            ft_dir = out / f"ft_a{strength:g}_s{scale:g}"
+            tuned = finetune(model, dataset, regularized, masks, ft_dir, args,
+                             {**config, "stage": "finetune", "threshold_scale": scale})
+            point = evaluate_point(model, dataset, tuned, args.penalty,
+                                   {"strength": strength, "threshold_scale": scale})
+            points.append(point)
+            print(f"{args.penalty} α={strength:g} s={scale:g}: test error {point['test_error']:.2f}%"
+                  f" at {point['compression']:.1f}x ({point['architecture']}), FLOPs /"
+                  f"{point['flops_reduction_structured']:.1f} structured, "
+                  f"/{point['flops_reduction_sparse']:.1f} sparse")
+            if args.baseline:
+                counts = {l["name"]: l["kept_weights"] for l in point["report"]["layers"]}
+                base_masks = masks_lib.count_masks(dense, counts)
+                base = finetune(model, dataset, dense, base_masks,
+                                out / f"magnitude_a{strength:g}_s{scale:g}", args,
+                                {**config, "stage": "magnitude", "threshold_scale": scale})
+                base_point = evaluate_point(model, dataset, base, "magnitude",
+                                            {"strength": strength, "threshold_scale": scale})
+                points.append(base_point)
+                print(f"  magnitude, same per-layer counts: test error "
+                      f"{base_point['test_error']:.2f}%")
+            common.write_json(results_path, {"model": args.model, "penalty": args.penalty,
+                                             "dense": dense_point, "points": points,
+                                             "environment": common.environment()})
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return points
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Pruning masks: boolean pytrees shaped like params (True = weight kept).
+
+Rules: `threshold_masks` (|w| ≥ t), `std_threshold_masks` (|w| ≥ s·std(w) per tensor, DeepHoyer's
+MNIST rule), `magnitude_masks` (target sparsity per layer or global), `group_masks` (structured:
+whole output/input units whose norm falls below a threshold). Only leaves selected by ``where``
+(default: Dense/Conv kernels) are pruned; other leaves get all-True masks.
+
+A rule that would remove every weight of a layer keeps that layer's largest-magnitude weight (or
+group) and warns, so the network is never silently disconnected.
+
+`sparsity_report` gives per-layer kept weights, kept fraction, alive units, compression and the
+forward FLOPs of the dense and the pruned network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hoyertrim.penalties import default_groupings, group_norms, is_kernel
+
+LeafFilter = Callable[[tuple, jax.Array], bool]
+
+
+def layer_name(path: tuple) -> str:
+    """'dense0/kernel' -> 'dense0': the name of the module owning a leaf."""
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return "/".join(keys[:-1]) or keys[-1]
+
+
+def _map_selected(fn: Callable[[str, jax.Array], jax.Array], params, where: LeafFilter):
+    """Applies ``fn(layer, leaf)`` to selected leaves; all-True masks elsewhere."""
+    def leaf_mask(path, leaf):
+        if where(path, leaf):
+            return fn(layer_name(path), leaf)
+        return jnp.ones(jnp.shape(leaf), bool)
+    return jax.tree_util.tree_map_with_path(leaf_mask, params)
+
+
+def _never_empty(layer: str, leaf: jax.Array, mask: jax.Array) -> jax.Array:
+    if bool(jnp.any(mask)) or not bool(jnp.any(leaf != 0)):
+        return mask
+    warnings.warn(f"Pruning would remove every weight of layer {layer!r}; keeping its largest "
+                  "weight so the network stays connected. Use a gentler threshold/sparsity.",
+                  stacklevel=3)
+    largest = jnp.unravel_index(jnp.argmax(jnp.abs(leaf)), leaf.shape)
+    return mask.at[largest].set(True)
+
+
+def full_masks(params) -> Any:
+    """All-True masks (nothing pruned)."""
+    return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+
+
+def nonzero_masks(params) -> Any:
+    """Masks of the nonzero entries of every leaf (e.g. of an already pruned network)."""
+    return jax.tree.map(lambda p: jnp.asarray(p) != 0, params)
+
+
+def threshold_masks(params, threshold: float, where: LeafFilter = is_kernel):
+    """Keeps weights with ``|w| ≥ threshold`` (and w ≠ 0) in the selected leaves."""
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}.")
+    return _map_selected(
+        lambda name, w: _never_empty(name, w, (jnp.abs(w) >= threshold) & (w != 0)), params, where)
+
+
+def std_threshold_masks(params, scale: float, where: LeafFilter = is_kernel):
+    """Per tensor, keeps ``|w| ≥ scale · std(w)`` (DeepHoyer's MNIST rule, scale ≈ 0.03 for HS)."""
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale}.")
+    return _map_selected(
+        lambda name, w: _never_empty(name, w, (jnp.abs(w) >= scale * jnp.std(w)) & (w != 0)),
+        params, where)
+
+
+def _top_k_mask(magnitude: jax.Array, keep: int) -> jax.Array:
+    flat = magnitude.reshape(-1)
+    mask = jnp.zeros(flat.shape, bool)
+    if keep > 0:
+        mask = mask.at[jnp.argsort(-flat, stable=True)[:keep]].set(True)
+    return mask.reshape(magnitude.shape)
+
+
+def magnitude_masks(params, sparsity: float | Mapping[str, float], *, scope: str = "layer",
+                    where: LeafFilter = is_kernel):
+    """Keeps the largest-magnitude weights so that a fraction ``sparsity`` is removed.
+
+    Args:
+      params: params pytree.
+      sparsity: removed fraction in [0, 1): one number, or ``{layer_name: sparsity}`` (layers
+        not listed are left dense; only with ``scope="layer"``).
+      scope: ``"layer"`` (each selected leaf separately) or ``"global"`` (one threshold over all
+        selected leaves, as in Han et al.'s global magnitude pruning).
+    """
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+    values = sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]
+    if any(not 0 <= s < 1 for s in values):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}.")
+    if scope == "global":
+        if isinstance(sparsity, Mapping):
+            raise ValueError("A per-layer sparsity mapping needs scope='layer'.")
+        selected = [jnp.abs(leaf).reshape(-1) for path, leaf in
+                    jax.tree_util.tree_flatten_with_path(params)[0] if where(path, leaf)]
+        everything = jnp.concatenate(selected)
+        keep = int(round((1 - sparsity) * everything.size))
+        threshold = jnp.sort(everything)[::-1][max(keep - 1, 0)]
+        return _map_selected(lambda name, w: _never_empty(name, w, jnp.abs(w) >= threshold),
+                             params, where)
+
+    def per_layer(name, w):
+        s = sparsity.get(name, 0.0) if isinstance(sparsity, Mapping) else sparsity
+        return _never_empty(name, w, _top_k_mask(jnp.abs(w), int(round((1 - s) * w.size))))
+
+    return _map_selected(per_layer, params, where)
+
+
+def count_masks(params, counts: Mapping[str, int], where: LeafFilter = is_kernel):
+    """Keeps exactly ``counts[layer]`` largest-magnitude weights of each listed layer.
+
+    This is Net-Trim's baseline: magnitude pruning to the per-layer nonzero count another method
+    reached. Layers not listed stay dense.
+    """
+    def per_layer(name, w):
+        if name not in counts:
+            return jnp.ones(w.shape, bool)
+        if not 0 <= counts[name] <= w.size:
+            raise ValueError(f"count for {name} must be in [0, {w.size}], got {counts[name]}.")
+        return _top_k_mask(jnp.abs(w), int(counts[name]))
+    return _map_selected(per_layer, params, where)
+
+
+def group_masks(params, threshold: float, *, grouping: str = "both", relative: bool = True,
+                where: LeafFilter = is_kernel):
+    """Structured pruning: removes whole output and/or input units with a small group norm.
+
+    Args:
+      threshold: a unit is removed if its group norm is below ``threshold`` (times the largest
+        group norm of the same grouping in that tensor when ``relative``).
+      grouping: ``"output"`` (neurons / filters: columns of a Dense kernel, last axis of a Conv
+        kernel), ``"input"`` (rows / input channels) or ``"both"``.
+    """
+    if grouping not in ("output", "input", "both"):
+        raise ValueError(f"grouping must be 'output', 'input' or 'both', got {grouping!r}.")
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}.")
+
+    def per_layer(name, w):
+        output_axes, input_axes = default_groupings(w.ndim)
+        mask = jnp.ones(w.shape, bool)
+        for kind, axes, kept_axis in (("output", output_axes, -1), ("input", input_axes, -2)):
+            if grouping in (kind, "both"):
+                norms = group_norms(w, axes)
+                limit = threshold * jnp.max(norms) if relative else threshold
+                alive = norms >= limit
+                shape = [1] * w.ndim
+                shape[kept_axis] = w.shape[kept_axis]
+                mask = mask & alive.reshape(shape)
+        return _never_empty(name, w, mask)
+
+    return _map_selected(per_layer, params, where)
+
+
+def apply_masks(params, masks):
+    """Zeroes the pruned entries: ``where(mask, param, 0)`` leaf by leaf."""
+    if jax.tree.structure(masks) != jax.tree.structure(params):
+        raise ValueError("masks must have the same pytree structure as params.")
+    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """Sparsity of one Dense/Conv layer (counts are of kernel weights; biases are not pruned)."""
+
+    name: str
+    shape: tuple[int, ...]
+    weights: int
+    kept_weights: int
+    kept_fraction: float
+    inputs_alive: int
+    inputs: int
+    outputs_alive: int
+    outputs: int
+    dense_flops: int
+    sparse_flops: int
+    structured_flops: int
+
+
+@dataclasses.dataclass
+class SparsityReport:
+    """Per-layer `LayerReport`s plus totals.
+
+    FLOPs are per example, 2 per multiply-add of the kernels: ``dense_flops`` of the unpruned
+    network, ``sparse_flops`` counting only nonzero weights (a sparse kernel), and
+    ``structured_flops`` of the smaller dense network left after removing dead input and output
+    units (what a structured method like Group-HS saves without sparse kernels).
+    """
+
+    layers: list[LayerReport]
+
+    @property
+    def weights(self) -> int:
+        return sum(layer.weights for layer in self.layers)
+
+    @property
+    def kept_weights(self) -> int:
+        return sum(layer.kept_weights for layer in self.layers)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept_weights / self.weights
+
+    @property
+    def compression(self) -> float:
+        """Total weights / nonzero weights."""
+        return self.weights / max(self.kept_weights, 1)
+
+    def flops(self, kind: str = "dense") -> int:
+        return sum(getattr(layer, f"{kind}_flops") for layer in self.layers)
+
+    @property
+    def architecture(self) -> str:
+        """Alive units as in the literature: filters of conv layers, inputs of dense layers."""
+        return "-".join(str(l.outputs_alive if len(l.shape) == 4 else l.inputs_alive)
+                        for l in self.layers)
+
+    def as_dict(self) -> dict:
+        return {"layers": [dataclasses.asdict(l) for l in self.layers],
+                "weights": self.weights, "kept_weights": self.kept_weights,
+                "kept_fraction": self.kept_fraction, "compression": self.compression,
+                "architecture": self.architecture, "dense_flops": self.flops("dense"),
+                "sparse_flops": self.flops("sparse"),
+                "structured_flops": self.flops("structured")}
+
+    def markdown(self) -> str:
+        rows = ["| layer | shape | kept / weights | kept % | inputs alive | outputs alive | "
+                "FLOPs dense | FLOPs sparse | FLOPs structured |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for l in self.layers:
+            rows.append(f"| {l.name} | {'x'.join(map(str, l.shape))} | {l.kept_weights:,} / "
+                        f"{l.weights:,} | {100 * l.kept_fraction:.2f} | {l.inputs_alive}/{l.inputs}"
+                        f" | {l.outputs_alive}/{l.outputs} | {l.dense_flops:,} | "
+                        f"{l.sparse_flops:,} | {l.structured_flops:,} |")
+        rows.append(f"| total | | {self.kept_weights:,} / {self.weights:,} | "
+                    f"{100 * self.kept_fraction:.2f} | | | {self.flops('dense'):,} | "
+                    f"{self.flops('sparse'):,} | {self.flops('structured'):,} |")
+        return "\n".join(rows) + (f"\n\nCompression {self.compression:.1f}x, alive units "
+                                  f"{self.architecture}.\n")
+
+
+def output_positions(model: nn.Module, variables: Mapping, input_shape: tuple[int, ...]
+                     ) -> dict[str, int]:
+    """Spatial positions each submodule's output has per example (H·W for convs, 1 for Dense).
+
+    Found by tracing the model once with ``capture_intermediates``, so it works for any Flax
+    model without per-model plumbing.
+    """
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+
+    def run(v, x):
+        return model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+
+    _, state = jax.eval_shape(run, variables, x)
+    positions = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
+        # Paths look like (DictKey('conv0'), DictKey('__call__'), SequenceKey(0)).
+        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if keys and keys[-1] == "__call__":
+            positions["/".join(keys[:-1])] = math.prod(leaf.shape[1:-1]) if leaf.ndim > 2 else 1
+    return positions
+
+
+def sparsity_report(params, model: nn.Module | None = None, input_shape=None, *,
+                    model_state: Mapping | None = None,
+                    where: LeafFilter = is_kernel) -> SparsityReport:
+    """Per-layer sparsity of ``params`` (zeros count as pruned).
+
+    Args:
+      params: (pruned) params pytree.
+      model, input_shape: used to find each conv layer's output positions for FLOPs; without
+        them every layer counts as applied once (right for MLPs).
+      model_state: the model's other collections (e.g. batch_stats), for tracing.
+    """
+    positions = {}
+    if model is not None:
+        positions = output_positions(model, {"params": params, **(model_state or {})},
+                                     input_shape)
+    layers = []
+    for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not where(path, w):
+            continue
+        name = layer_name(path)
+        w = np.asarray(w)
+        nonzero = w != 0
+        inputs_alive = int(np.any(nonzero, axis=tuple(a for a in range(w.ndim) if a != w.ndim - 2)
+                                  ).sum())
+        outputs_alive = int(np.any(nonzero, axis=tuple(range(w.ndim - 1))).sum())
+        receptive = math.prod(w.shape[:-2])
+        reps = positions.get(name, 1)
+        layers.append(LayerReport(
+            name=name, shape=tuple(w.shape), weights=int(w.size), kept_weights=int(nonzero.sum()),
+            kept_fraction=float(nonzero.mean()), inputs_alive=inputs_alive, inputs=w.shape[-2],
+            outputs_alive=outputs_alive, outputs=w.shape[-1], dense_flops=2 * w.size * reps,
+            sparse_flops=2 * int(nonzero.sum()) * reps,
+            structured_flops=2 * receptive * inputs_alive * outputs_alive * reps))
+    return SparsityReport(layers)

@@ -1,0 +1,151 @@
+"""Optax transforms for sparse training: penalty gradients and fixed pruning masks.
+
+Ordering rules (tested in tests/test_transforms.py):
+
+* Penalty transforms go *before* the optimizer::
+
+      tx = optax.chain(hoyer_square_regularization(1e-4), optax.adam(1e-3))
+
+  `add_penalty_gradient` adds ``strength * ∇R(params)`` to the incoming gradients, so the
+  optimizer sees the gradient of ``loss + strength * R`` — exactly the paper's objective. Chained
+  after the optimizer it would bypass Adam's normalization and mean something else.
+
+* `keep_masked` goes *last*, after the optimizer (and after any weight decay)::
+
+      tx = masked_fine_tuning(optax.adam(1e-4), masks)
+      # == optax.chain(zero_masked_gradients(masks), optax.adam(1e-4), keep_masked(masks))
+
+  It sets the update of every pruned weight to ``-param``, so after `optax.apply_updates` pruned
+  weights are exactly 0 whatever the optimizer's momentum or decoupled weight decay produced.
+  `zero_masked_gradients` in front keeps the optimizer's moments of pruned weights at 0 too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hoyertrim import penalties
+from hoyertrim.penalties import Penalty, is_kernel, tree_penalty
+
+LeafFilter = Callable[[tuple, jax.Array], bool]
+
+
+class PenaltyState(NamedTuple):
+    """Step count, to evaluate a strength schedule."""
+
+    count: jax.Array
+
+
+def add_penalty_gradient(penalty: Penalty, strength: float | optax.Schedule,
+                         where: LeafFilter = is_kernel) -> optax.GradientTransformation:
+    """Adds ``strength * ∇_params Σ_leaves penalty(leaf)`` to the updates.
+
+    Args:
+      penalty: a function of one array returning a scalar (see `hoyertrim.penalties`).
+      strength: the coefficient α, a float or an optax schedule of the step count.
+      where: ``where(path, leaf)`` selects the regularized leaves (default: Dense/Conv kernels).
+
+    Returns:
+      A `GradientTransformation` whose ``update`` requires ``params``.
+    """
+
+    def init(params):
+        del params
+        return PenaltyState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_penalty_gradient needs params: call tx.update(grads, state, "
+                             "params).")
+        alpha = strength(state.count) if callable(strength) else strength
+        penalty_grads = jax.grad(lambda p: tree_penalty(penalty, p, where))(params)
+        updates = jax.tree.map(lambda u, g: u + alpha * g.astype(u.dtype), updates, penalty_grads)
+        return updates, PenaltyState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def hoyer_square_regularization(strength, where: LeafFilter = is_kernel):
+    """DeepHoyer's element-wise Hoyer-Square penalty gradient (chain before the optimizer)."""
+    return add_penalty_gradient(penalties.hoyer_square, strength, where)
+
+
+def group_hoyer_square_regularization(strength, where: LeafFilter = is_kernel, groupings=None):
+    """DeepHoyer's Group-HS penalty gradient (output + input groups of each kernel by default)."""
+    return add_penalty_gradient(lambda w: penalties.group_hoyer_square(w, groupings), strength,
+                                where)
+
+
+def hoyer_regularization(strength, where: LeafFilter = is_kernel):
+    """Plain Hoyer ‖w‖₁/‖w‖₂ penalty gradient."""
+    return add_penalty_gradient(penalties.hoyer, strength, where)
+
+
+def l1_regularization(strength, where: LeafFilter = is_kernel):
+    """L1 penalty (sub)gradient ``strength * sign(w)``."""
+    return add_penalty_gradient(penalties.l1, strength, where)
+
+
+def group_lasso_regularization(strength, where: LeafFilter = is_kernel, groupings=None):
+    """Group lasso penalty gradient (output + input groups of each kernel by default)."""
+    return add_penalty_gradient(lambda w: penalties.group_lasso(w, groupings), strength, where)
+
+
+def transformed_l1_regularization(strength, where: LeafFilter = is_kernel, a: float = 1.0):
+    """Transformed L1 Σ (a+1)|w|/(a+|w|) penalty gradient."""
+    return add_penalty_gradient(lambda w: penalties.transformed_l1(w, a), strength, where)
+
+
+REGULARIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "hoyer_square": hoyer_square_regularization,
+    "group_hoyer_square": group_hoyer_square_regularization,
+    "hoyer": hoyer_regularization,
+    "l1": l1_regularization,
+    "group_lasso": group_lasso_regularization,
+    "transformed_l1": transformed_l1_regularization,
+}
+
+
+def _check_masks(masks: Any, tree: Any) -> None:
+    if jax.tree.structure(masks) != jax.tree.structure(tree):
+        raise ValueError(
+            "masks must be a pytree with the same structure as params (one boolean array per "
+            f"leaf; use hoyertrim.masks.full_masks for unpruned leaves).\n  masks:  "
+            f"{jax.tree.structure(masks)}\n  params: {jax.tree.structure(tree)}")
+
+
+def zero_masked_gradients(masks: Any) -> optax.GradientTransformation:
+    """Zeroes the gradients of pruned weights (``masks`` False); chain before the optimizer."""
+
+    def update(updates, state, params=None):
+        del params
+        _check_masks(masks, updates)
+        return jax.tree.map(lambda u, m: jnp.where(m, u, 0), updates, masks), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def keep_masked(masks: Any) -> optax.GradientTransformation:
+    """Makes pruned weights exactly 0 after the update; chain *last*.
+
+    The update of a pruned weight becomes ``-param``, so ``param + update == 0`` exactly, even if
+    ``params`` were not masked yet or an earlier transform (momentum, weight decay) moved them.
+    """
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("keep_masked needs params: call tx.update(grads, state, params).")
+        _check_masks(masks, updates)
+        return jax.tree.map(lambda u, m, p: jnp.where(m, u, -p), updates, masks, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def masked_fine_tuning(optimizer: optax.GradientTransformation,
+                       masks: Any) -> optax.GradientTransformation:
+    """``chain(zero_masked_gradients(masks), optimizer, keep_masked(masks))``."""
+    return optax.chain(zero_masked_gradients(masks), optimizer, keep_masked(masks))

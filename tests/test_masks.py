@@ -1,0 +1,87 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hoyertrim import masks as masks_lib
+from hoyertrim.models import create_model
+
+
+def _params():
+    key = jax.random.PRNGKey(0)
+    return {"dense0": {"kernel": jax.random.normal(key, (20, 10)), "bias": jnp.ones(10)},
+            "dense1": {"kernel": jax.random.normal(jax.random.fold_in(key, 1), (10, 5)),
+                       "bias": jnp.ones(5)}}
+
+
+def test_threshold_and_std_rules():
+    params = _params()
+    m = masks_lib.threshold_masks(params, 1.0)
+    np.testing.assert_array_equal(m["dense0"]["kernel"], jnp.abs(params["dense0"]["kernel"]) >= 1)
+    assert bool(jnp.all(m["dense0"]["bias"]))  # biases untouched by default
+    s = masks_lib.std_threshold_masks(params, 0.5)
+    w = params["dense1"]["kernel"]
+    np.testing.assert_array_equal(s["dense1"]["kernel"], jnp.abs(w) >= 0.5 * jnp.std(w))
+
+
+def test_magnitude_layer_global_and_per_layer_mapping():
+    params = _params()
+    m = masks_lib.magnitude_masks(params, 0.75)
+    assert int(m["dense0"]["kernel"].sum()) == 50 and int(m["dense1"]["kernel"].sum()) == 12 or \
+        int(m["dense1"]["kernel"].sum()) == 13
+    g = masks_lib.magnitude_masks(params, 0.5, scope="global")
+    assert int(g["dense0"]["kernel"].sum() + g["dense1"]["kernel"].sum()) == 125
+    kept = jnp.concatenate([params["dense0"]["kernel"][g["dense0"]["kernel"]],
+                            params["dense1"]["kernel"][g["dense1"]["kernel"]]])
+    dropped = jnp.concatenate([params["dense0"]["kernel"][~g["dense0"]["kernel"]],
+                               params["dense1"]["kernel"][~g["dense1"]["kernel"]]])
+    assert float(jnp.abs(kept).min()) >= float(jnp.abs(dropped).max())
+    p = masks_lib.magnitude_masks(params, {"dense0": 0.9})
+    assert int(p["dense0"]["kernel"].sum()) == 20 and bool(jnp.all(p["dense1"]["kernel"]))
+    with pytest.raises(ValueError, match="sparsity"):
+        masks_lib.magnitude_masks(params, 1.0)
+
+
+def test_count_masks_keep_exact_counts():
+    m = masks_lib.count_masks(_params(), {"dense0": 7, "dense1": 0})
+    assert int(m["dense0"]["kernel"].sum()) == 7 and int(m["dense1"]["kernel"].sum()) == 0
+
+
+def test_group_masks_remove_whole_units():
+    w = jnp.ones((4, 3)).at[:, 1].set(1e-3).at[2, :].set(1e-3)
+    m = masks_lib.group_masks({"l": {"kernel": w}}, 0.1)["l"]["kernel"]
+    assert not bool(jnp.any(m[:, 1])) and not bool(jnp.any(m[2, :]))
+    assert int(m.sum()) == 3 * 2
+    conv = jnp.ones((3, 3, 2, 4)).at[..., 3].set(0.0)
+    mc = masks_lib.group_masks({"c": {"kernel": conv}}, 0.1, grouping="output")["c"]["kernel"]
+    assert not bool(jnp.any(mc[..., 3])) and bool(jnp.all(mc[..., :3]))
+
+
+def test_pruning_everything_keeps_largest_weight_and_warns():
+    params = _params()
+    with pytest.warns(UserWarning, match="every weight of layer 'dense1'"):
+        m = masks_lib.threshold_masks(params, 100.0)
+    w = params["dense1"]["kernel"]
+    assert int(m["dense1"]["kernel"].sum()) == 1
+    assert bool(m["dense1"]["kernel"].reshape(-1)[jnp.argmax(jnp.abs(w))])
+
+
+def test_sparsity_report_counts_and_flops():
+    model = create_model("lenet5")
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    dense = masks_lib.sparsity_report(params, model, (28, 28, 1))
+    # conv0 24·24 positions, conv1 8·8: 2·(500·576 + 25000·64 + 400000 + 5000).
+    assert dense.flops("dense") == 2 * (500 * 576 + 25000 * 64 + 400000 + 5000)
+    assert dense.compression == pytest.approx(1.0)
+    # Kill filters 10..19 of conv0: they are dead outputs of conv0 and dead inputs of conv1.
+    pruned = jax.tree.map(lambda x: x, params)
+    pruned["conv0"]["kernel"] = params["conv0"]["kernel"].at[..., 10:].set(0)
+    pruned["conv1"]["kernel"] = params["conv1"]["kernel"].at[:, :, 10:, :].set(0)
+    report = masks_lib.sparsity_report(pruned, model, (28, 28, 1))
+    conv0, conv1 = report.layers[0], report.layers[1]
+    assert (conv0.outputs_alive, conv1.inputs_alive) == (10, 10)
+    assert conv1.structured_flops == 2 * 25 * 10 * 50 * 64
+    assert conv1.sparse_flops == 2 * 12500 * 64
+    assert report.architecture.startswith("10-50-")
+    assert report.compression == pytest.approx(430500 / (430500 - 250 - 12500))
+    assert "| conv0 | 5x5x1x20 |" in report.markdown()

@@ -1,0 +1,109 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hoyertrim import penalties, transforms
+from hoyertrim.masks import apply_masks, full_masks, magnitude_masks
+from hoyertrim.models import create_model
+from hoyertrim.train import create_train_state, cross_entropy, fit, make_train_step
+
+
+@pytest.mark.parametrize("name", sorted(transforms.REGULARIZERS))
+def test_penalty_transform_in_chain_equals_penalty_in_loss(name):
+    """chain(regularizer(α), opt) on the loss == opt on loss + α·R, over several steps."""
+    model = create_model("lenet300100")
+    alpha, x = 3e-3, jax.random.uniform(jax.random.PRNGKey(1), (16, 28, 28, 1))
+    y = jnp.arange(16) % 10
+    penalty = penalties.PENALTIES[name]
+    # SGD with momentum: Adam would amplify float rounding in near-zero gradients.
+    chained = optax.chain(transforms.REGULARIZERS[name](alpha), optax.sgd(0.1, momentum=0.9))
+    state_a = create_train_state(model, chained, jax.random.PRNGKey(0), (28, 28, 1))
+    step_a = jax.jit(make_train_step(model, chained))
+
+    def loss_with_penalty(logits, labels, params):
+        return cross_entropy(logits, labels) + alpha * penalties.tree_penalty(penalty, params)
+
+    plain = optax.sgd(0.1, momentum=0.9)
+    state_b = create_train_state(model, plain, jax.random.PRNGKey(0), (28, 28, 1))
+
+    @jax.jit
+    def step_b(state):
+        def objective(params):
+            logits = model.apply({"params": params}, x)
+            return loss_with_penalty(logits, y, params)
+        grads = jax.grad(objective)(state.params)
+        updates, opt_state = plain.update(grads, state.opt_state, state.params)
+        return state.replace(params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state)
+
+    for _ in range(3):
+        state_a, _ = step_a(state_a, x, y)
+        state_b = step_b(state_b)
+    for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_strength_schedule_is_followed():
+    tx = transforms.l1_regularization(optax.linear_schedule(0.0, 1.0, 10))
+    params = {"layer": {"kernel": jnp.ones((2, 2))}}
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    first, state = tx.update(zeros, state, params)
+    assert float(first["layer"]["kernel"][0, 0]) == 0.0  # α(0) = 0
+    for _ in range(4):
+        upd, state = tx.update(zeros, state, params)
+    assert float(upd["layer"]["kernel"][0, 0]) == pytest.approx(0.4)  # α(4) = 0.4
+
+
+def test_penalty_transform_without_params_is_a_clear_error():
+    tx = transforms.hoyer_square_regularization(1e-4)
+    params = {"kernel": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize("optimizer", [
+    optax.adam(1e-2),
+    optax.sgd(0.1, momentum=0.9),
+    optax.adamw(1e-2, weight_decay=0.1),
+])
+def test_masked_fine_tuning_keeps_every_pruned_weight_exactly_zero(small_mnist, optimizer):
+    model = create_model("lenet300100")
+    dense = create_train_state(model, optax.adam(1e-3), jax.random.PRNGKey(0), (28, 28, 1))
+    masks = magnitude_masks(dense.params, 0.9)
+    # Start from *unmasked* params: keep_masked must zero them on the first step, too.
+    tx = transforms.masked_fine_tuning(optimizer, masks)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1),
+                               params=dense.params)
+    state, history = fit(model, tx, small_mnist, epochs=2, batch_size=200, state=state,
+                         progress=False)
+    for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(masks)):
+        assert bool(jnp.all(p[~m] == 0.0))
+        assert bool(jnp.all(p[m] != 0.0))  # kept weights still train
+    assert history[-1]["val_accuracy"] > 0.5  # it still learns
+
+
+def test_keep_masked_after_optimizer_vs_before():
+    """keep_masked must come last: before Adam, its -param update gets rescaled."""
+    params = {"kernel": jnp.array([[0.5, 1.0]])}  # the first weight is pruned but not yet zero
+    masks = {"kernel": jnp.array([[False, True]])}
+    grads = {"kernel": jnp.array([[1.0, 1.0]])}
+    right = optax.chain(optax.adam(0.1), transforms.keep_masked(masks))
+    wrong = optax.chain(transforms.keep_masked(masks), optax.adam(0.1))
+    for tx, stays_zero in ((right, True), (wrong, False)):
+        p, state = params, tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        assert (float(p["kernel"][0, 0]) == 0.0) == stays_zero
+
+
+def test_mask_structure_mismatch_is_a_clear_error():
+    params = {"a": {"kernel": jnp.ones((2, 2))}, "b": {"kernel": jnp.ones((2, 2))}}
+    tx = transforms.keep_masked({"a": {"kernel": jnp.ones((2, 2), bool)}})
+    with pytest.raises(ValueError, match="same structure as params"):
+        tx.update(params, tx.init(params), params)
+    assert jax.tree.structure(full_masks(params)) == jax.tree.structure(params)
+    assert float(apply_masks(params, full_masks(params))["a"]["kernel"].sum()) == 4.0
