@@ -1,0 +1,570 @@
+"""Net-Trim: convex, layer-wise pruning of trained networks with a certified per-layer error.
+
+Aghasi, Abdi, Nguyen & Romberg, "Net-Trim: Convex Pruning of Deep Neural Networks with Performance
+Guarantee", NIPS 2017 (journal version SIMODS 2020). For one trained layer with inputs ``X``
+(P samples × N features, a ones column appended for the bias), outputs ``Y = relu(X W)`` and active
+set Ω = {Y > 0}, Net-Trim finds the sparsest ``U`` with
+
+    ‖(X U − Y)_Ω‖_F ≤ ε      and      (X U)_{Ωᶜ} ≤ V_{Ωᶜ}      (V = 0 in the parallel scheme)
+
+so that ‖relu(X U) − Y‖_F ≤ ε: the pruned layer provably stays within ε of the trained one.
+
+How `solve_layer` solves it. The Lagrangian of the layer-wide ε-ball separates over output neurons
+with a single shared multiplier, so for one λ each neuron m solves
+
+    min_u  ½‖(X u − y_m)_{Ω_m}‖² + ½‖relu(X u − v_m)_{Ω_mᶜ}‖² + λ‖u_{:N}‖₁
+
+(the inactive constraint becomes a squared hinge; the bias is not penalized) with
+`jaxopt.ProximalGradient` (FISTA, `prox_lasso`, fixed step 1/‖X‖₂²), `vmap`ped over neurons and
+`jit`ted. The λ that meets ε is found by a monotone search on log λ (geometric descent from the
+λ that zeroes every weight, then bisection), each solve warm-started from the nearest previous
+solution. The reported discrepancy is measured on the returned weights, so the certificate holds
+whatever the solver's convergence; zeros are exact because they come from the prox.
+
+`solve_layer_admm` is the paper's constrained-form ADMM (reference and cross-check), and
+`prune_network` applies either to every Dense/Conv layer of a Flax model in the parallel or the
+cascade scheme.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jaxopt
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from hoyertrim.models import PatchConv, image_patches
+
+
+@dataclasses.dataclass
+class LayerSolution:
+    """Result of pruning one layer.
+
+    Attributes:
+      kernel: (N, M) pruned weights; exact zeros where pruned.
+      bias: (M,) bias.
+      discrepancy: achieved ‖act(x·kernel + bias) − y‖_F / ‖y‖_F.
+      epsilon: the requested relative discrepancy.
+      feasible: whether ``discrepancy ≤ epsilon``.
+      lam: the shared ℓ1 multiplier that was selected (units of the normalized problem).
+      iterations: solver iterations, summed over the λ search.
+      converged: whether every neuron of the final solve met ``tol`` before ``maxiter``.
+      inactive_violation: ‖relu(x·kernel + bias − v)_{Ωᶜ}‖_F / ‖y‖_F (0 when the inactive
+        constraint holds exactly).
+      kept_fraction: nonzero fraction of ``kernel``.
+      solves: number of (warm-started) solves the λ search made.
+      seconds: wall time.
+    """
+
+    kernel: np.ndarray
+    bias: np.ndarray
+    discrepancy: float
+    epsilon: float
+    feasible: bool
+    lam: float
+    iterations: int
+    converged: bool
+    inactive_violation: float
+    kept_fraction: float
+    solves: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        """The scalar fields, JSON-ready."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("kernel", "bias")}
+
+
+def _validate(x, y, epsilon, v):
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim != 2 or y.ndim != 2:
+        raise ValueError(f"x must be (P, N) and y (P, M); got shapes {x.shape} and {y.shape}.")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same number of samples P; got {x.shape[0]} "
+                         f"and {y.shape[0]}.")
+    if v is not None and np.shape(v) != y.shape:
+        raise ValueError(f"v must have y's shape {y.shape}, got {np.shape(v)}.")
+    for name, a in (("x", x), ("y", y), ("v", v)):
+        if a is not None and not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contains NaN or inf values; clean the layer's signals first.")
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon is relative (‖error‖_F / ‖y‖_F) and must be in (0, 1), "
+                         f"got {epsilon}.")
+    if not np.any(y != 0):
+        raise ValueError("y has no active (nonzero) outputs: the layer is dead on these samples, "
+                         "so there is nothing to preserve. Use more or other samples, or drop "
+                         "the layer.")
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def _residual(z, y, v, active):
+    """Active entries: z − y; inactive: the hinge relu(z − v). Its square is the smooth loss."""
+    return jnp.where(active, z - y, jax.nn.relu(z - v))
+
+
+def _value_and_grad(u, x, y, v, active):
+    r = _residual(x @ u, y, v, active)
+    return 0.5 * jnp.vdot(r, r), x.T @ r
+
+
+def _solver(maxiter, tol):
+    # The data is normalized to ‖X‖₂ = 1, which bounds the smooth part's Lipschitz constant by 1.
+    return jaxopt.ProximalGradient(fun=_value_and_grad, value_and_grad=True,
+                                   prox=jaxopt.prox.prox_lasso, stepsize=1.0,
+                                   maxiter=maxiter, tol=tol, acceleration=True, jit=True)
+
+
+@functools.partial(jax.jit, static_argnames=("maxiter", "tol"))
+def _solve_at(xa, y, v, active, u0, penalty_weights, maxiter, tol):
+    """All neurons at one λ: returns U (N+1, M), per-neuron iterations and errors."""
+    solver = _solver(maxiter, tol)
+
+    def one(u0, y, v, active):
+        params, state = solver.run(u0, penalty_weights, xa, y, v, active)
+        return params, state.iter_num, state.error
+
+    return jax.vmap(one, in_axes=(1, 1, 1, 1), out_axes=(1, 0, 0))(u0, y, v, active)
+
+
+@jax.jit
+def _measure(xa, u, y, v, active, relu):
+    z = xa @ u
+    out = jnp.where(relu, jax.nn.relu(z), z)
+    error = jnp.sum(jnp.square(out - y))
+    violation = jnp.sum(jnp.square(jnp.where(active, 0.0, jax.nn.relu(z - v))))
+    return error, violation
+
+
+def _neuron_sharding(num_neurons: int):
+    """A 1-D mesh over all devices for the neuron axis, or None on one device."""
+    devices = jax.devices()
+    if len(devices) == 1:
+        return None, num_neurons
+    mesh = Mesh(np.array(devices), ("neurons",))
+    padded = -(-num_neurons // len(devices)) * len(devices)
+    return mesh, padded
+
+
+def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int = 300,
+                tol: float = 1e-4, search_tol: float = 0.03, max_solves: int = 30,
+                lam_range: float = 1e-6, init_kernel=None, init_bias=None,
+                shard: bool = True) -> LayerSolution:
+    """Prunes one layer: the sparsest kernel whose outputs stay within ``epsilon`` of ``y``.
+
+    Args:
+      x: (P, N) layer inputs.
+      y: (P, M) the trained layer's outputs, post-ReLU (``relu=True``) or the pre-activation
+        logits of a linear layer (``relu=False``: every entry is active).
+      epsilon: relative discrepancy in (0, 1): ‖act(x·kernel + bias) − y‖_F ≤ epsilon·‖y‖_F.
+      relu: whether the layer has a ReLU.
+      v: (P, M) inactive-set bound for the cascade scheme (default 0).
+      maxiter: FISTA iterations per solve (per λ).
+      tol: stopping tolerance of each solve, relative to the largest gradient at zero.
+      search_tol: the λ search stops once ``(1 − search_tol)·epsilon ≤ discrepancy ≤ epsilon``.
+      max_solves: limit of the λ search.
+      lam_range: smallest λ tried, relative to the λ that prunes everything.
+      init_kernel, init_bias: warm start for the first solve (e.g. the trained weights).
+      shard: spread the neuron axis over all devices when there are several.
+
+    Returns:
+      A `LayerSolution`. If epsilon cannot be met it has ``feasible=False`` and a warning is
+      issued; it then holds the best (lowest-discrepancy) solution found.
+    """
+    started = time.perf_counter()
+    x, y = _validate(x, y, epsilon, v)
+    num_samples, num_inputs = x.shape
+    num_neurons = y.shape[1]
+    v = np.zeros_like(y) if v is None else np.asarray(v, np.float32)
+    active = (y > 0) if relu else np.ones(y.shape, bool)
+    xa = np.concatenate([x, np.ones((num_samples, 1), np.float32)], axis=1)
+    y_norm = float(np.linalg.norm(y))
+
+    # Normalize so that λ and tol are scale-free (‖Y‖_F → √M) and precondition: scale each input
+    # column by s_i (Jacobi, then ‖X diag(s)‖₂ = 1 so step 1 is exact). Solving for ũ = u / s
+    # with ℓ1 weights λ·s_i is the same problem, far better conditioned on image data whose pixel
+    # columns differ in norm by orders of magnitude. Zero columns get s_i = 0, hence u_i = 0.
+    y_scale = y_norm / math.sqrt(num_neurons)
+    gram = xa.T.astype(np.float64) @ xa
+    column_norms = np.sqrt(np.diag(gram))
+    inverse_norms = np.where(column_norms > 0, 1.0 / np.maximum(column_norms, 1e-30), 0.0)
+    lipschitz = float(np.linalg.eigvalsh(gram * np.outer(inverse_norms, inverse_norms)).max())
+    column_scale = (inverse_norms / math.sqrt(lipschitz)).astype(np.float32)
+    xa_n = jnp.asarray(xa * column_scale)
+    y_n, v_n = y / y_scale, v / y_scale
+    u0 = np.zeros((num_inputs + 1, num_neurons), np.float32)
+    if init_kernel is not None:
+        u0[:num_inputs] = np.asarray(init_kernel) / y_scale
+        if init_bias is not None:
+            u0[num_inputs] = np.asarray(init_bias) / y_scale
+        u0 = np.where(column_scale[:, None] > 0, u0 / np.maximum(column_scale, 1e-30)[:, None], 0)
+
+    def to_real(u):
+        return np.asarray(u)[:, :num_neurons] * column_scale[:, None] * y_scale
+
+    mesh, padded = _neuron_sharding(num_neurons) if shard else (None, num_neurons)
+    pad = padded - num_neurons
+
+    def prepare(a, fill=0):
+        a = np.pad(a, ((0, 0), (0, pad)), constant_values=fill) if pad else a
+        if mesh is None:
+            return jnp.asarray(a)
+        return jax.device_put(a, NamedSharding(mesh, PartitionSpec(None, "neurons")))
+
+    y_d, v_d, active_d = prepare(y_n), prepare(v_n), prepare(active, False)
+    if mesh is not None:
+        xa_n = jax.device_put(xa_n, NamedSharding(mesh, PartitionSpec()))
+    u_current = prepare(u0.astype(np.float32))
+    penalty_mask = jnp.asarray(column_scale).at[num_inputs].set(0.0)
+
+    # λ that makes u = 0 optimal (for every neuron): the largest gradient entry at zero.
+    grad0 = np.asarray(xa_n[:, :num_inputs].T @ np.asarray(
+        _residual(jnp.zeros_like(y_d), y_d, v_d, active_d)))
+    lam_max = float(np.max(np.abs(grad0) / np.maximum(column_scale[:num_inputs, None], 1e-30)))
+    abs_tol = tol * float(np.abs(grad0).max())  # in the units of the solver's gradient
+    target = epsilon * y_norm
+
+    def evaluate(lam, start):
+        u, iters, errors = _solve_at(xa_n, y_d, v_d, active_d, start, lam * penalty_mask,
+                                     maxiter, abs_tol)
+        u_real = to_real(u)
+        error, violation = _measure(jnp.asarray(xa), jnp.asarray(u_real), jnp.asarray(y),
+                                    jnp.asarray(v), jnp.asarray(active), relu)
+        return {"u": u, "u_real": u_real, "lam": lam, "error": math.sqrt(float(error)),
+                "violation": math.sqrt(float(violation)),
+                "iterations": int(np.max(iters)), "converged": bool(np.all(errors <= abs_tol))}
+
+    solves, total_iterations = [], 0
+    feasible = infeasible = None
+    lam = lam_max
+    # Descend geometrically (warm starts along the path) until feasible; then interpolate
+    # log(error) against log(λ) inside the bracket (safeguarded secant), warm-starting from the
+    # bracket end nearest the new λ.
+    while len(solves) < max_solves:
+        start = u_current
+        if feasible is not None or infeasible is not None:
+            ends = [r for r in (feasible, infeasible) if r is not None]
+            start = min(ends, key=lambda r: abs(math.log(r["lam"] / lam)))["u"]
+        result = evaluate(lam, start)
+        solves.append(result)
+        total_iterations += result["iterations"]
+        if result["error"] <= target:
+            if feasible is None or result["lam"] > feasible["lam"]:
+                feasible = result
+            if result["error"] >= (1 - search_tol) * target:
+                break
+        elif infeasible is None or result["lam"] < infeasible["lam"]:
+            infeasible = result
+        if feasible is None:
+            if lam <= lam_max * lam_range:
+                break
+            lam = max(lam / 8.0, lam_max * lam_range)
+        elif infeasible is None:
+            break  # feasible at λ_max: the layer can be pruned away entirely
+        else:
+            lo, hi = math.log(feasible["lam"]), math.log(infeasible["lam"])
+            if hi - lo < 1e-3:
+                break
+            e_lo = math.log(max(feasible["error"], 1e-30))
+            e_hi = math.log(infeasible["error"])
+            t = (math.log(target * (1 - search_tol / 2)) - e_lo) / max(e_hi - e_lo, 1e-12)
+            lam = math.exp(lo + min(max(t, 0.1), 0.9) * (hi - lo))
+    best = feasible or min(solves, key=lambda r: r["error"])
+    if feasible is None:
+        warnings.warn(f"Net-Trim could not meet epsilon={epsilon:g} for this layer: the best "
+                      f"discrepancy reached is {best['error'] / y_norm:.4g} (at λ={best['lam']:.3g},"
+                      f" the smallest tried). Raise epsilon, maxiter, or lower lam_range.",
+                      stacklevel=2)
+    kernel = best["u_real"][:num_inputs]
+    return LayerSolution(
+        kernel=kernel, bias=best["u_real"][num_inputs], discrepancy=best["error"] / y_norm,
+        epsilon=epsilon, feasible=feasible is not None, lam=best["lam"],
+        iterations=total_iterations, converged=best["converged"],
+        inactive_violation=best["violation"] / y_norm,
+        kept_fraction=float(np.mean(kernel != 0)), solves=len(solves),
+        seconds=time.perf_counter() - started)
+
+
+def solve_layer_admm(x, y, *, epsilon: float, relu: bool = True, v=None, rho: float = 100.0,
+                     maxiter: int = 1000, tol: float = 1e-4) -> LayerSolution:
+    """The paper's ADMM on the constrained form (reference solver).
+
+    Solves min ‖U‖₁ s.t. ‖(XU − Y)_Ω‖_F ≤ ε‖Y‖_F, (XU)_{Ωᶜ} ≤ V_{Ωᶜ} by splitting W1 = XU (projected
+    onto the constraint set), W2 = U (soft-thresholded, so zeros are exact) and solving the U step
+    with a cached Cholesky factor of XᵀX + I, as the official code does. The bias column is
+    penalized like the weights here, as in the paper. Data is normalized as in `solve_layer`.
+    """
+    started = time.perf_counter()
+    x, y = _validate(x, y, epsilon, v)
+    num_samples, num_inputs = x.shape
+    v = np.zeros_like(y) if v is None else np.asarray(v, np.float32)
+    active = (y > 0) if relu else np.ones(y.shape, bool)
+    xa = np.concatenate([x, np.ones((num_samples, 1), np.float32)], axis=1)
+    y_norm = float(np.linalg.norm(y))
+    y_scale = y_norm / math.sqrt(y.shape[1])
+    x_scale = math.sqrt(float(np.linalg.eigvalsh(xa.T @ xa.astype(np.float64)).max()))
+    xa_n, y_n, v_n = xa / x_scale, y / y_scale, v / y_scale
+    radius = epsilon * math.sqrt(y.shape[1])
+    result = _admm(jnp.asarray(xa_n), jnp.asarray(y_n), jnp.asarray(v_n), jnp.asarray(active),
+                   radius, rho, maxiter, tol)
+    u, iters, primal = result
+    u_real = np.asarray(u) * (y_scale / x_scale)
+    error, violation = _measure(jnp.asarray(xa), jnp.asarray(u_real), jnp.asarray(y),
+                                jnp.asarray(v), jnp.asarray(active), relu)
+    discrepancy = math.sqrt(float(error)) / y_norm
+    kernel = u_real[:num_inputs]
+    return LayerSolution(
+        kernel=kernel, bias=u_real[num_inputs], discrepancy=discrepancy, epsilon=epsilon,
+        feasible=discrepancy <= epsilon * (1 + 1e-3), lam=1.0 / rho, iterations=int(iters),
+        converged=bool(primal <= tol), inactive_violation=math.sqrt(float(violation)) / y_norm,
+        kept_fraction=float(np.mean(kernel != 0)), solves=1,
+        seconds=time.perf_counter() - started)
+
+
+@functools.partial(jax.jit, static_argnames=("maxiter",))
+def _admm(xa, y, v, active, radius, rho, maxiter, tol):
+    n = xa.shape[1]
+    chol = jax.scipy.linalg.cho_factor(xa.T @ xa + jnp.eye(n))
+
+    def project(w1):
+        """Onto {‖(W1 − Y)_Ω‖_F ≤ radius, W1_{Ωᶜ} ≤ V}: the two parts are separable."""
+        d = jnp.where(active, w1 - y, 0.0)
+        norm = jnp.linalg.norm(d)
+        shrink = jnp.where(norm > radius, radius / jnp.maximum(norm, 1e-30), 1.0)
+        return jnp.where(active, y + shrink * d, jnp.minimum(w1, v))
+
+    def step(carry):
+        it, u, w1, w2, l1, l2, _ = carry
+        u = jax.scipy.linalg.cho_solve(chol, xa.T @ (w1 - l1) + (w2 - l2))
+        xu = xa @ u
+        w1 = project(xu + l1)
+        w2 = jnp.sign(u + l2) * jax.nn.relu(jnp.abs(u + l2) - 1.0 / rho)
+        l1 = l1 + xu - w1
+        l2 = l2 + u - w2
+        primal = jnp.maximum(jnp.linalg.norm(xu - w1), jnp.linalg.norm(u - w2)) / (
+            jnp.linalg.norm(w2) + 1e-12)
+        return it + 1, u, w1, w2, l1, l2, primal
+
+    def keep_going(carry):
+        return (carry[0] < maxiter) & (carry[-1] > tol)
+
+    u0 = jnp.zeros((n, y.shape[1]))
+    init = (0, u0, xa @ u0, u0, jnp.zeros_like(y), u0, jnp.inf)
+    it, _, _, w2, _, _, primal = jax.lax.while_loop(keep_going, step, init)
+    return w2, it, primal
+
+
+# ----------------------------------------------------------------------------- network level
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    name: str  # module path, e.g. "dense0"
+    kind: str  # "dense" or "conv"
+    kernel_size: tuple[int, ...]
+
+
+def _module_path(module: nn.Module) -> str:
+    return "/".join(module.path)
+
+
+def _prunable_layer(module: nn.Module):
+    if isinstance(module, nn.Dense):
+        return "dense", ()
+    if isinstance(module, PatchConv):
+        return "conv", tuple(module.kernel_size)
+    if isinstance(module, nn.Conv):
+        strides = module.strides or 1
+        if module.padding != "VALID" or any(s != 1 for s in np.atleast_1d(strides)) or (
+                module.kernel_dilation not in (None, 1)) or module.feature_group_count != 1:
+            raise NotImplementedError(
+                f"Net-Trim supports VALID, stride-1, undilated, ungrouped convolutions; layer "
+                f"{_module_path(module)!r} is not one.")
+        return "conv", tuple(module.kernel_size)
+    return None
+
+
+def capture_layers(model: nn.Module, variables: Mapping, images) -> dict[str, tuple]:
+    """Runs ``model`` on ``images`` and returns ``{layer: (inputs, pre_activations, layer)}`` for
+    every Dense/Conv layer, in call order, by intercepting the modules' ``__call__``.
+
+    No per-model plumbing: any linen model built from these modules works.
+    """
+    captured = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__":
+            kind = _prunable_layer(context.module)
+            if kind is not None:
+                name = _module_path(context.module)
+                captured[name] = (args[0], out, _Layer(name, *kind))
+        return out
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, images)
+    return captured
+
+
+def _as_matrix(layer: _Layer, inputs, outputs, sample_rows: np.ndarray | None):
+    """(P, N) inputs and (P, M) outputs; conv layers as patches (one row per output position)."""
+    if layer.kind == "conv":
+        inputs = image_patches(inputs, layer.kernel_size)
+    x = np.asarray(inputs).reshape(-1, np.shape(inputs)[-1])
+    z = np.asarray(outputs).reshape(-1, np.shape(outputs)[-1])
+    if sample_rows is not None:
+        x, z = x[sample_rows], z[sample_rows]
+    return x, z
+
+
+def _get(tree, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path: str, leaf_name: str, value):
+    node = tree
+    for key in path.split("/"):
+        node = node[key]
+    node[leaf_name] = value
+
+
+@dataclasses.dataclass
+class PrunedNetwork:
+    """Output of `prune_network`: pruned params, masks (True = kept) and per-layer reports."""
+
+    params: Any
+    masks: Any
+    layers: dict[str, dict]
+    scheme: str
+
+    def report(self) -> dict:
+        total = sum(r["weights"] for r in self.layers.values())
+        kept = sum(r["kept_weights"] for r in self.layers.values())
+        return {"scheme": self.scheme, "layers": self.layers, "weights": total,
+                "kept_weights": kept, "kept_fraction": kept / total}
+
+
+def prune_network(model: nn.Module, params, images, *, epsilon: float | Sequence[float],
+                  scheme: str = "parallel", gamma: float = 1.1, layers: Sequence[str] | None = None,
+                  max_rows: int = 20000, key=None, solver: Callable = solve_layer,
+                  progress: bool = True, **solver_kwargs) -> PrunedNetwork:
+    """Net-Trim over a Flax model's Dense/Conv layers.
+
+    Args:
+      model: a linen model whose hidden layers are followed by ReLU and whose last layer is linear
+        (the Net-Trim setting: MLPs, LeNet-5).
+      params: the trained ``params``.
+      images: (P, ...) samples whose layer signals define the problems (e.g. training images).
+      epsilon: relative discrepancy, one for all layers or one per layer. In the cascade scheme
+        it is used for the first layer; later layers use the γ rule below.
+      scheme: ``"parallel"`` (every layer sees the trained network's signals; layers independent)
+        or ``"cascade"`` (each layer sees the already-pruned layers' outputs, its target is the
+        trained output, ``v = x̂·W`` and ε_ℓ² = γ·‖(x̂W − y)_Ω‖², so the trained weights stay
+        feasible).
+      gamma: the cascade inflation γ > 1.
+      layers: names of the layers to prune (default: all Dense/Conv layers).
+      max_rows: conv layers give P·H·W patch rows; a random subset of this size is used.
+      key: PRNG key for that subset.
+      solver: `solve_layer` or `solve_layer_admm`.
+      **solver_kwargs: passed to the solver.
+
+    Returns:
+      A `PrunedNetwork`; every layer's report holds its `LayerSolution.summary()`, weight counts
+      and solve time.
+    """
+    if scheme not in ("parallel", "cascade"):
+        raise ValueError(f"scheme must be 'parallel' or 'cascade', got {scheme!r}.")
+    if scheme == "cascade" and gamma <= 1:
+        raise ValueError(f"gamma must be > 1 so the trained weights stay feasible, got {gamma}.")
+    key = jax.random.PRNGKey(0) if key is None else key
+    variables = {"params": params}
+    original = capture_layers(model, variables, images)
+    names = list(original) if layers is None else list(layers)
+    unknown = sorted(set(names) - set(original))
+    if unknown:
+        raise ValueError(f"Unknown layers {unknown}; prunable layers are {list(original)}.")
+    epsilons = [epsilon] * len(names) if np.isscalar(epsilon) else list(epsilon)
+    if len(epsilons) != len(names):
+        raise ValueError(f"Got {len(epsilons)} epsilons for {len(names)} layers.")
+    last = list(original)[-1]
+    pruned = jax.tree.map(np.array, params)  # mutable numpy copy
+    reports = {}
+    bar = tqdm(names, desc=f"Net-Trim ({scheme})", unit="layer", disable=not progress)
+    for index, (name, eps) in enumerate(zip(bar, epsilons)):
+        inputs, z, layer = original[name]
+        relu = name != last
+        rows = np.prod(np.shape(z)[:-1])
+        sample_rows = None
+        if rows > max_rows:
+            sample_rows = np.sort(np.asarray(jax.random.choice(
+                jax.random.fold_in(key, index), rows, (max_rows,), replace=False)))
+        x, z = _as_matrix(layer, inputs, z, sample_rows)
+        y = np.maximum(z, 0) if relu else z
+        kernel = np.asarray(_get(params, name)["kernel"])
+        bias = np.asarray(_get(params, name)["bias"])
+        flat_kernel = kernel.reshape(-1, kernel.shape[-1])
+        v = None
+        if scheme == "cascade" and index > 0:
+            current = capture_layers(model, {"params": pruned}, images)
+            x_hat, _ = _as_matrix(layer, current[name][0], current[name][1], sample_rows)
+            v = x_hat @ flat_kernel + bias
+            residual = (np.maximum(v, 0) if relu else v) - y
+            eps = math.sqrt(gamma) * float(np.linalg.norm(
+                np.where(y > 0, residual, 0) if relu else residual)) / float(np.linalg.norm(y))
+            eps = min(max(eps, 1e-6), 0.999)
+            x = x_hat
+            v = v if relu else None
+        solution = solver(x, y, epsilon=eps, relu=relu, v=v, **solver_kwargs)
+        _set(pruned, name, "kernel", solution.kernel.reshape(kernel.shape).astype(kernel.dtype))
+        _set(pruned, name, "bias", solution.bias.astype(bias.dtype))
+        reports[name] = {**solution.summary(), "samples": int(x.shape[0]),
+                         "weights": int(kernel.size),
+                         "kept_weights": int(np.count_nonzero(solution.kernel))}
+        bar.set_postfix(layer=name, kept=f"{solution.kept_fraction:.3f}",
+                        disc=f"{solution.discrepancy:.3f}")
+    pruned = jax.tree.map(jnp.asarray, pruned)
+    masks = jax.tree_util.tree_map_with_path(
+        lambda path, p: (p != 0) if getattr(path[-1], "key", None) == "kernel"
+        else jnp.ones(p.shape, bool), pruned)
+    return PrunedNetwork(params=pruned, masks=masks, layers=reports, scheme=scheme)
+
+
+def save_pruned(directory, network: PrunedNetwork) -> None:
+    """Writes ``params`` and ``masks`` (orbax) and the per-layer report (JSON) to ``directory``."""
+    import orbax.checkpoint as ocp
+    import pathlib
+    path = pathlib.Path(directory).expanduser().absolute()
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, ocp.args.Composite(
+            params=ocp.args.StandardSave(network.params),
+            masks=ocp.args.StandardSave(network.masks),
+            report=ocp.args.JsonSave(network.report())), force=True)
+
+
+def load_pruned(directory, params_template) -> PrunedNetwork:
+    """Restores what `save_pruned` wrote, into the structure of ``params_template``."""
+    import orbax.checkpoint as ocp
+    import pathlib
+    path = pathlib.Path(directory).expanduser().absolute()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params_template)
+    mask_abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.bool_),
+                                 params_template)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(path, ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract),
+            masks=ocp.args.StandardRestore(mask_abstract),
+            report=ocp.args.JsonRestore()))
+    report = restored["report"]
+    return PrunedNetwork(params=restored["params"], masks=restored["masks"],
+                         layers=report["layers"], scheme=report["scheme"])
