@@ -40,3 +40,34 @@ def environment() -> dict:
 def write_json(path: pathlib.Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     print(f"wrote {path}")
+
+
+def restore_dense(args, model, dataset):
+    """Best-validation dense params from train_dense.py's checkpoints (trains them if absent).
+
+    Uses ``args.model``, ``args.dense_workdir`` (default runs/dense_<model>), ``args.seed`` and
+    ``args.data_dir``.
+    """
+    import jax
+
+    from hoyertrim.checkpoint import Checkpointer
+    from hoyertrim.train import create_train_state, make_optimizer
+
+    workdir = args.dense_workdir or f"runs/dense_{args.model}"
+    checkpointer = Checkpointer(f"{workdir}/checkpoints")
+    if checkpointer.latest_step() is None:
+        import train_dense  # noqa: PLC0415 (sibling script)
+        train_dense.main(["--model", args.model, "--workdir", workdir, "--seed", str(args.seed)]
+                         + (["--data-dir", args.data_dir] if args.data_dir else []))
+        checkpointer = Checkpointer(f"{workdir}/checkpoints")
+    step = checkpointer.best_step()
+    config = checkpointer.config(step)
+    steps = config["epochs"] * (len(dataset.train) // config["batch_size"])
+    tx = make_optimizer(config["optimizer"], config["learning_rate"], total_steps=steps,
+                        schedule=config["schedule"], weight_decay=config["weight_decay"])
+    template = create_train_state(model, tx, jax.random.PRNGKey(0), dataset.image_shape)
+    state, _, _ = checkpointer.restore(template, step)
+    checkpointer.close()
+    return state.params
+
+

@@ -56,26 +56,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def restore_dense(args, model, dataset):
-    """Best-validation dense params from train_dense.py's checkpoints (trains them if absent)."""
-    workdir = args.dense_workdir or f"runs/dense_{args.model}"
-    checkpointer = Checkpointer(f"{workdir}/checkpoints")
-    if checkpointer.latest_step() is None:
-        import train_dense
-        train_dense.main(["--model", args.model, "--workdir", workdir, "--seed", str(args.seed)]
-                         + (["--data-dir", args.data_dir] if args.data_dir else []))
-        checkpointer = Checkpointer(f"{workdir}/checkpoints")
-    step = checkpointer.best_step()
-    config = checkpointer.config(step)
-    steps = config["epochs"] * (len(dataset.train) // config["batch_size"])
-    tx = make_optimizer(config["optimizer"], config["learning_rate"], total_steps=steps,
-                        schedule=config["schedule"], weight_decay=config["weight_decay"])
-    template = create_train_state(model, tx, jax.random.PRNGKey(0), dataset.image_shape)
-    state, _, _ = checkpointer.restore(template, step)
-    checkpointer.close()
-    return state.params
-
-
 def run_stage(model, tx, dataset, params, epochs, directory, args, config, masks=None):
     """Trains from ``params`` with ``tx``; resumable; returns the best-validation params."""
     state = create_train_state(model, tx, jax.random.PRNGKey(args.seed), dataset.image_shape,
@@ -116,7 +96,7 @@ def main(argv=None):
     out = common.workdir(args, name)
     dataset = load_dataset("mnist", args.data_dir)
     model = create_model(args.model)
-    dense = restore_dense(args, model, dataset)
+    dense = common.restore_dense(args, model, dataset)
     results_path = out / "results.json"
     points = json.loads(results_path.read_text())["points"] if results_path.exists() else []
     done = {(p["method"], p.get("strength"), p.get("threshold_scale")) for p in points}

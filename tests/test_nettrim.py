@@ -1,0 +1,178 @@
+import json
+import os
+import subprocess
+import sys
+
+import cvxpy as cp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hoyertrim import nettrim
+from hoyertrim.models import MLP
+
+
+def _layer(seed=0, samples=300, inputs=30, outputs=6, density=0.3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, inputs)).astype(np.float32)
+    w = rng.normal(size=(inputs, outputs)) * (rng.random((inputs, outputs)) < density)
+    y = np.maximum(x @ w + 0.1 * rng.normal(size=outputs), 0).astype(np.float32)
+    return x, y
+
+
+def _cvxpy_optimum(x, y, epsilon):
+    """min ‖K‖₁ s.t. ‖(XK+b − Y)_Ω‖² + ‖relu(XK+b)_{Ωᶜ}‖² ≤ ε²‖Y‖², the program solve_layer solves.
+
+    It equals the paper's program with the inactive constraint relaxed to the certificate itself:
+    every feasible point still satisfies ‖relu(XK+b) − Y‖_F ≤ ε‖Y‖_F.
+    """
+    active = (y > 0).astype(float)
+    kernel, bias = cp.Variable((x.shape[1], y.shape[1])), cp.Variable(y.shape[1])
+    z = x @ kernel + np.ones((x.shape[0], 1)) @ cp.reshape(bias, (1, y.shape[1]), order="C")
+    discrepancy = (cp.sum_squares(cp.multiply(active, z - y))
+                   + cp.sum_squares(cp.pos(cp.multiply(1 - active, z))))
+    problem = cp.Problem(cp.Minimize(cp.sum(cp.abs(kernel))),
+                         [discrepancy <= (epsilon * np.linalg.norm(y)) ** 2])
+    problem.solve(solver=cp.CLARABEL)
+    return problem.value
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.2])
+def test_solve_layer_matches_cvxpy_optimum(epsilon):
+    x, y = _layer()
+    solution = nettrim.solve_layer(x, y, epsilon=epsilon, maxiter=2000, tol=1e-6,
+                                   search_tol=0.005)
+    assert solution.feasible and solution.discrepancy <= epsilon
+    exact = _cvxpy_optimum(x.astype(np.float64), y.astype(np.float64), epsilon)
+    ours = float(np.abs(solution.kernel).sum())
+    assert ours <= 1.02 * exact
+    assert ours >= 0.98 * exact  # nothing below the optimum: the search really met epsilon
+
+
+def test_solution_is_certified_and_exactly_sparse():
+    x, y = _layer(1, outputs=8)
+    solution = nettrim.solve_layer(x, y, epsilon=0.1)
+    out = np.maximum(x @ solution.kernel + solution.bias, 0)
+    achieved = np.linalg.norm(out - y) / np.linalg.norm(y)
+    assert achieved == pytest.approx(solution.discrepancy, rel=1e-4)
+    assert achieved <= 0.1
+    assert 0 < solution.kept_fraction < 0.6
+    assert solution.kept_fraction == pytest.approx(np.mean(solution.kernel != 0))
+
+
+def test_admm_reference_agrees():
+    x, y = _layer(2)
+    admm = nettrim.solve_layer_admm(x, y, epsilon=0.1, maxiter=5000, tol=1e-5)
+    fista = nettrim.solve_layer(x, y, epsilon=0.1, maxiter=2000, tol=1e-6, search_tol=0.005)
+    assert admm.feasible and admm.discrepancy <= 0.1 * 1.001
+    assert admm.inactive_violation < 1e-3  # the paper's hard inactive constraint
+    # ADMM solves the paper's program (a subset of ours, and it penalizes the bias): our ℓ1 can
+    # only be lower, and both prune to a similar support.
+    assert np.abs(fista.kernel).sum() <= 1.02 * np.abs(admm.kernel).sum()
+    assert abs(fista.kept_fraction - admm.kept_fraction) < 0.15
+
+
+def test_linear_layer_and_unreachable_epsilon_warns():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 10)).astype(np.float32)
+    logits = x @ rng.normal(size=(10, 4)).astype(np.float32)
+    solution = nettrim.solve_layer(x, logits, epsilon=0.05, relu=False)
+    assert solution.feasible
+    assert np.linalg.norm(x @ solution.kernel + solution.bias - logits) <= 0.05 * np.linalg.norm(
+        logits) * (1 + 1e-5)
+    noise = rng.normal(size=(200, 4)).astype(np.float32)  # not explainable by x at all
+    with pytest.warns(UserWarning, match="could not meet epsilon"):
+        bad = nettrim.solve_layer(x, noise, epsilon=0.01, relu=False, maxiter=50, max_solves=4)
+    assert not bad.feasible
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(x=np.ones((10, 3)), y=np.ones((9, 2)), epsilon=0.1), "same number of samples"),
+    (dict(x=np.full((10, 3), np.nan), y=np.ones((10, 2)), epsilon=0.1), "NaN"),
+    (dict(x=np.ones((10, 3)), y=np.ones((10, 2)), epsilon=0.0), "epsilon"),
+    (dict(x=np.ones((10, 3)), y=np.ones((10, 2)), epsilon=1.0), "epsilon"),
+    (dict(x=np.ones((10, 3)), y=np.zeros((10, 2)), epsilon=0.1), "no active"),
+    (dict(x=np.ones((10,)), y=np.ones((10, 2)), epsilon=0.1), "must be"),
+])
+def test_bad_inputs_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nettrim.solve_layer(**kwargs)
+
+
+def _small_net():
+    model = MLP(hidden=(24, 16), num_classes=5, input_shape=(12,))
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12)))["params"]
+    images = jax.random.normal(jax.random.PRNGKey(1), (400, 12))
+    return model, params, images
+
+
+@pytest.mark.parametrize("scheme", ["parallel", "cascade"])
+def test_network_schemes_stay_within_theorem_bounds(scheme, tmp_path):
+    model, params, images = _small_net()
+    epsilon = 0.05
+    pruned = nettrim.prune_network(model, params, images, epsilon=epsilon, scheme=scheme,
+                                   progress=False)
+    assert set(pruned.layers) == {"dense0", "dense1", "dense2"}
+    for name, layer in pruned.layers.items():
+        assert layer["feasible"] and layer["discrepancy"] <= layer["epsilon"]
+    original = model.apply({"params": params}, images)
+    new = model.apply({"params": pruned.params}, images)
+    relative = float(jnp.linalg.norm(new - original) / jnp.linalg.norm(original))
+    if scheme == "parallel":
+        # Theorem 1: errors add up along the layers, amplified by the layers' norms.
+        gains = [float(jnp.linalg.norm(pruned.params[n]["kernel"], 2)) for n in ("dense1",
+                                                                                  "dense2")]
+        bound = epsilon * (1 + gains[1] + gains[0] * gains[1]) * 3
+        assert relative <= bound
+    else:
+        # Cascade: the last layer's discrepancy is measured against the trained logits directly.
+        assert relative <= pruned.layers["dense2"]["discrepancy"] * (1 + 1e-4)
+    kept = [layer["kept_weights"] / layer["weights"] for layer in pruned.layers.values()]
+    assert min(kept) < 1.0
+    for name in pruned.layers:  # masks mark exactly the nonzero kernel entries
+        np.testing.assert_array_equal(pruned.masks[name]["kernel"],
+                                      pruned.params[name]["kernel"] != 0)
+    nettrim.save_pruned(tmp_path / "pruned", pruned)
+    restored = nettrim.load_pruned(tmp_path / "pruned", params)
+    np.testing.assert_array_equal(restored.params["dense0"]["kernel"],
+                                  pruned.params["dense0"]["kernel"])
+    assert restored.layers["dense1"]["kept_weights"] == pruned.layers["dense1"]["kept_weights"]
+
+
+def test_conv_layers_are_pruned_on_patches():
+    from hoyertrim.models import LeNet5
+    model = LeNet5()
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    images = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
+    pruned = nettrim.prune_network(model, params, images, epsilon=0.1, layers=["conv0", "conv1"],
+                                   max_rows=600, progress=False, maxiter=100)
+    assert pruned.params["conv1"]["kernel"].shape == (5, 5, 20, 50)
+    assert pruned.layers["conv0"]["samples"] == 600
+    assert all(layer["discrepancy"] <= 0.1 for layer in pruned.layers.values())
+    with pytest.raises(ValueError, match="Unknown layers"):
+        nettrim.prune_network(model, params, images, epsilon=0.1, layers=["conv7"])
+
+
+_SHARDED_SCRIPT = """
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import jax, numpy as np
+from hoyertrim import nettrim
+rng = np.random.default_rng(0)
+x = rng.normal(size=(200, 20)).astype(np.float32)
+y = np.maximum(x @ (rng.normal(size=(20, 7)) * (rng.random((20, 7)) < 0.3)), 0).astype(np.float32)
+s = nettrim.solve_layer(x, y, epsilon=0.1, shard=sys.argv[1] == "1")
+print(json.dumps({"devices": jax.device_count(), "kernel": s.kernel.tolist(), "lam": s.lam}))
+"""
+
+
+def test_sharded_over_four_devices_equals_single_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, flag], env=env,
+                                      capture_output=True, text=True, check=True).stdout)
+            for flag in ("1", "0")]
+    assert runs[0]["devices"] == 4
+    np.testing.assert_allclose(runs[0]["kernel"], runs[1]["kernel"], atol=1e-5)
+    assert runs[0]["lam"] == pytest.approx(runs[1]["lam"])
