@@ -80,9 +80,11 @@ class Checkpointer:
             policies.append(checkpoint_managers.BestN(
                 get_metric_fn=lambda metrics: metrics[best_metric],
                 reverse=best_mode == "min", n=1))
+        # best_fn is what makes orbax write the metrics file next to each checkpoint.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-            create=True)
+            best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
+            best_mode=best_mode, keep_checkpoints_without_metrics=True, create=True)
         # Registering the handlers up front lets a fresh manager read metadata of old runs.
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler(),

@@ -57,13 +57,14 @@ class LayerSolution:
       epsilon: the requested relative discrepancy.
       feasible: whether ``discrepancy ≤ epsilon``.
       lam: the shared ℓ1 multiplier that was selected (units of the normalized problem).
-      iterations: solver iterations, summed over the λ search.
+      iterations: solver iterations on the full data, summed over the λ search.
       converged: whether every neuron of the final solve met ``tol`` before ``maxiter``.
       inactive_violation: ‖relu(x·kernel + bias − v)_{Ωᶜ}‖_F / ‖y‖_F (0 when the inactive
         constraint holds exactly).
       kept_fraction: nonzero fraction of ``kernel``.
       solves: number of (warm-started) solves the λ search made.
       seconds: wall time.
+      presolve_iterations: iterations of the subsampled presolve (see ``presolve_samples``).
     """
 
     kernel: np.ndarray
@@ -78,6 +79,7 @@ class LayerSolution:
     kept_fraction: float
     solves: int = 0
     seconds: float = 0.0
+    presolve_iterations: int = 0
 
     def summary(self) -> dict:
         """The scalar fields, JSON-ready."""
@@ -158,7 +160,7 @@ def _neuron_sharding(num_neurons: int):
 def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int = 300,
                 tol: float = 1e-4, search_tol: float = 0.03, max_solves: int = 30,
                 lam_range: float = 1e-6, init_kernel=None, init_bias=None,
-                shard: bool = True) -> LayerSolution:
+                presolve_samples: int | None = 2000, shard: bool = True) -> LayerSolution:
     """Prunes one layer: the sparsest kernel whose outputs stay within ``epsilon`` of ``y``.
 
     Args:
@@ -174,6 +176,10 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
       max_solves: limit of the λ search.
       lam_range: smallest λ tried, relative to the λ that prunes everything.
       init_kernel, init_bias: warm start for the first solve (e.g. the trained weights).
+      presolve_samples: when P exceeds twice this, first run the whole λ search on this many
+        random samples (cheap), then start the full search at the λ it found (scaled by
+        √(P / presolve_samples), the normalization's P-dependence) from its solution, so the
+        expensive full-size search needs only a few solves. None disables it.
       shard: spread the neuron axis over all devices when there are several.
 
     Returns:
@@ -188,6 +194,18 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
     active = (y > 0) if relu else np.ones(y.shape, bool)
     xa = np.concatenate([x, np.ones((num_samples, 1), np.float32)], axis=1)
     y_norm = float(np.linalg.norm(y))
+    presolved = None
+    if presolve_samples and num_samples > 2 * presolve_samples:
+        rows = np.sort(np.random.default_rng(0).choice(num_samples, presolve_samples, False))
+        if np.any(y[rows] != 0):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                presolved = solve_layer(
+                    x[rows], y[rows], epsilon=epsilon, relu=relu, v=v[rows], maxiter=maxiter,
+                    tol=tol, search_tol=search_tol, max_solves=max_solves, lam_range=lam_range,
+                    init_kernel=init_kernel, init_bias=init_bias, presolve_samples=None,
+                    shard=shard)
+            init_kernel, init_bias = presolved.kernel, presolved.bias
 
     # Normalize so that λ and tol are scale-free (‖Y‖_F → √M) and precondition: scale each input
     # column by s_i (Jacobi, then ‖X diag(s)‖₂ = 1 so step 1 is exact). Solving for ũ = u / s
@@ -243,12 +261,16 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
                 "violation": math.sqrt(float(violation)),
                 "iterations": int(np.max(iters)), "converged": bool(np.all(errors <= abs_tol))}
 
-    solves, total_iterations = [], 0
+    solves = []
+    total_iterations = 0
     feasible = infeasible = None
-    lam = lam_max
-    # Descend geometrically (warm starts along the path) until feasible; then interpolate
-    # log(error) against log(λ) inside the bracket (safeguarded secant), warm-starting from the
-    # bracket end nearest the new λ.
+    lam, factor = lam_max, 8.0
+    if presolved is not None:
+        lam = min(presolved.lam * math.sqrt(num_samples / presolve_samples), lam_max)
+        factor = 2.0
+    # Move geometrically (warm starts along the path) until feasible and infeasible λ bracket
+    # epsilon; then interpolate log(error) against log(λ) inside the bracket (safeguarded secant),
+    # warm-starting from the bracket end nearest the new λ.
     while len(solves) < max_solves:
         start = u_current
         if feasible is not None or infeasible is not None:
@@ -267,9 +289,11 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
         if feasible is None:
             if lam <= lam_max * lam_range:
                 break
-            lam = max(lam / 8.0, lam_max * lam_range)
+            lam = max(lam / factor, lam_max * lam_range)
         elif infeasible is None:
-            break  # feasible at λ_max: the layer can be pruned away entirely
+            if lam >= lam_max:
+                break  # feasible at λ_max: the layer can be pruned away entirely
+            lam = min(lam * factor, lam_max)
         else:
             lo, hi = math.log(feasible["lam"]), math.log(infeasible["lam"])
             if hi - lo < 1e-3:
@@ -291,7 +315,8 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
         iterations=total_iterations, converged=best["converged"],
         inactive_violation=best["violation"] / y_norm,
         kept_fraction=float(np.mean(kernel != 0)), solves=len(solves),
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started,
+        presolve_iterations=presolved.iterations if presolved is not None else 0)
 
 
 def solve_layer_admm(x, y, *, epsilon: float, relu: bool = True, v=None, rho: float = 100.0,
