@@ -48,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--finetune-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="β of the β‖W‖² term added during regularized training")
     parser.add_argument("--dense-workdir", default=None,
                         help="train_dense.py workdir to start from (default runs/dense_<model>)")
     parser.add_argument("--baseline", action="store_true",
@@ -106,7 +108,8 @@ def main(argv=None):
     for strength in args.strength:
         reg_steps = args.reg_epochs * (len(dataset.train) // args.batch_size)
         tx = optax.chain(REGULARIZERS[args.penalty](strength),
-                         make_optimizer("adam", args.learning_rate, total_steps=reg_steps))
+                         make_optimizer("adam", args.learning_rate, total_steps=reg_steps,
+                                        weight_decay=args.weight_decay))
         reg_dir = out / f"reg_a{strength:g}"
         config = {"stage": "regularize", "penalty": args.penalty, "strength": strength,
                   **{k: v for k, v in vars(args).items() if k not in ("strength",

@@ -14,11 +14,18 @@ with a single shared multiplier, so for one λ each neuron m solves
 
     min_u  ½‖(X u − y_m)_{Ω_m}‖² + ½‖relu(X u − v_m)_{Ω_mᶜ}‖² + λ‖u_{:N}‖₁
 
-(the inactive constraint becomes a squared hinge; the bias is not penalized) with
-`jaxopt.ProximalGradient` (FISTA, `prox_lasso`, fixed step 1/‖X‖₂²), `vmap`ped over neurons and
-`jit`ted. The λ that meets ε is found by a monotone search on log λ (geometric descent from the
-λ that zeroes every weight, then bisection), each solve warm-started from the nearest previous
-solution. The reported discrepancy is measured on the returned weights, so the certificate holds
+(the inactive constraint becomes a squared hinge; the bias is not penalized). With one λ for all
+neurons this is exactly the Lagrangian of the convex program
+
+    min ‖U‖₁   s.t.   ‖(X U − Y)_Ω‖² + ‖relu(X U − V)_{Ωᶜ}‖² ≤ ε²
+
+whose feasible set contains the paper's and which (for V = 0) *is* the certificate
+‖relu(X U) − Y‖_F ≤ ε, so it can only prune more at the same ε. Each λ is solved
+by `jaxopt.ProximalGradient` (FISTA, `prox_lasso`, fixed step 1/‖X‖₂² after Jacobi scaling of
+the columns), `vmap`ped over neurons and `jit`ted. The λ that meets ε is found by a monotone
+search on log λ (geometric steps to bracket ε, then a safeguarded secant on log error), each solve
+warm-started from the nearest previous solution, optionally started from a cheap search on a
+subsample. The reported discrepancy is measured on the returned weights, so the certificate holds
 whatever the solver's convergence; zeros are exact because they come from the prox.
 
 `solve_layer_admm` is the paper's constrained-form ADMM (reference and cross-check), and
