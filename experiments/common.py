@@ -50,21 +50,19 @@ def restore_dense(args, model, dataset):
     """
     import jax
 
+    import train_dense
     from hoyertrim.checkpoint import Checkpointer
-    from hoyertrim.train import create_train_state, make_optimizer
+    from hoyertrim.train import create_train_state
 
     workdir = args.dense_workdir or f"runs/dense_{args.model}"
     checkpointer = Checkpointer(f"{workdir}/checkpoints")
     if checkpointer.latest_step() is None:
-        import train_dense  # noqa: PLC0415 (sibling script)
         train_dense.main(["--model", args.model, "--workdir", workdir, "--seed", str(args.seed)]
                          + (["--data-dir", args.data_dir] if args.data_dir else []))
         checkpointer = Checkpointer(f"{workdir}/checkpoints")
     step = checkpointer.best_step()
     config = checkpointer.config(step)
-    steps = config["epochs"] * (len(dataset.train) // config["batch_size"])
-    tx = make_optimizer(config["optimizer"], config["learning_rate"], total_steps=steps,
-                        schedule=config["schedule"], weight_decay=config["weight_decay"])
+    tx = train_dense.make_tx(config, len(dataset.train) // config["batch_size"])
     template = create_train_state(model, tx, jax.random.PRNGKey(0), dataset.image_shape)
     state, _, _ = checkpointer.restore(template, step)
     checkpointer.close()

@@ -11,12 +11,14 @@ import argparse
 import time
 
 import jax
+import optax
 
 import common
 from hoyertrim.checkpoint import Checkpointer
 from hoyertrim.data import DATASETS, load_dataset
 from hoyertrim.models import MODELS, count_params, create_model
 from hoyertrim.train import create_train_state, fit, make_optimizer, predict_accuracy
+from hoyertrim.transforms import l1_regularization
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,8 +33,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="dropout rate on hidden activations (MLP models only)")
+    parser.add_argument("--l1", type=float, default=0.0,
+                        help="strength of an L1 penalty on the kernels (Net-Trim's training)")
     common.add_common_args(parser)
     return parser.parse_args(argv)
+
+
+def make_tx(config: dict, steps_per_epoch: int):
+    """The run's optax transformation, rebuilt from its config (also used to restore it)."""
+    tx = make_optimizer(config["optimizer"], config["learning_rate"],
+                        total_steps=config["epochs"] * steps_per_epoch,
+                        schedule=config["schedule"], weight_decay=config["weight_decay"])
+    if config.get("l1"):
+        tx = optax.chain(l1_regularization(config["l1"]), tx)
+    return tx
 
 
 def main(argv=None) -> dict:
@@ -41,10 +55,8 @@ def main(argv=None) -> dict:
     dataset = load_dataset(args.dataset, args.data_dir)
     model_kwargs = {"dropout_rate": args.dropout} if args.dropout else {}
     model = create_model(args.model, **model_kwargs)
-    steps = args.epochs * (len(dataset.train) // args.batch_size)
-    tx = make_optimizer(args.optimizer, args.learning_rate, total_steps=steps,
-                        schedule=args.schedule, weight_decay=args.weight_decay)
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
+    tx = make_tx(config, len(dataset.train) // args.batch_size)
     started = time.perf_counter()
     checkpointer = Checkpointer(out / "checkpoints")
     state, _ = fit(model, tx, dataset, epochs=args.epochs, batch_size=args.batch_size,

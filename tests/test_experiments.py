@@ -1,0 +1,61 @@
+"""End-to-end runs of the experiment scripts on real MNIST with tiny budgets."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "experiments"))
+
+import deephoyer_mnist  # noqa: E402
+import nettrim_mnist  # noqa: E402
+import train_dense  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory, data_root):
+    workdir = tmp_path_factory.mktemp("dense")
+    results = train_dense.main(["--model", "lenet300100", "--epochs", "2", "--data-dir",
+                                str(data_root), "--workdir", str(workdir), "--no-progress"])
+    return workdir, results
+
+
+def test_train_dense_writes_results_and_checkpoints(dense_run):
+    workdir, results = dense_run
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["parameters"] == 266_610
+    assert saved["test_accuracy"] == results["test_accuracy"] > 0.95
+    assert (workdir / "checkpoints").is_dir()
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_deephoyer_pipeline_runs_and_reports(dense_run, data_root, tmp_path):
+    dense_dir, _ = dense_run
+    points = deephoyer_mnist.main([
+        "--model", "lenet300100", "--strength", "1e-4", "--threshold-scale", "0.3",
+        "--reg-epochs", "1", "--finetune-epochs", "1", "--baseline", "--data-dir",
+        str(data_root), "--dense-workdir", str(dense_dir), "--workdir", str(tmp_path),
+        "--no-progress"])
+    methods = [p["method"] for p in points]
+    assert methods == ["hoyer_square", "magnitude"]
+    hs, magnitude = points
+    assert hs["compression"] > 1.5
+    # The baseline keeps exactly the same number of weights in every layer.
+    assert [l["kept_weights"] for l in hs["report"]["layers"]] == [
+        l["kept_weights"] for l in magnitude["report"]["layers"]]
+    assert (tmp_path / "results.json").exists()
+
+
+def test_nettrim_experiment_runs(dense_run, data_root, tmp_path):
+    dense_dir, _ = dense_run
+    points = nettrim_mnist.main([
+        "--model", "lenet300100", "--epsilon", "0.3", "--scheme", "parallel", "--samples", "600",
+        "--maxiter", "50", "--finetune-epochs", "1", "--data-dir", str(data_root),
+        "--dense-workdir", str(dense_dir), "--workdir", str(tmp_path), "--no-progress"])
+    (point,) = points
+    assert 0 < point["kept_fraction"] < 1
+    assert all(layer["discrepancy"] <= 0.3 for layer in point["layers"].values())
+    assert (tmp_path / "accuracy_vs_kept.png").exists()
+    assert (tmp_path / "pruned" / "parallel_eps0.3").is_dir()
