@@ -25,7 +25,7 @@ from hoyertrim.checkpoint import Checkpointer
 from hoyertrim.data import load_dataset
 from hoyertrim.models import create_model
 from hoyertrim.train import create_train_state, fit, make_optimizer, predict_accuracy
-from hoyertrim.transforms import REGULARIZERS, masked_fine_tuning
+from hoyertrim.transforms import REGULARIZERS, gradual_magnitude_pruning, masked_fine_tuning
 
 PUBLISHED = {  # design.md: (test error %, compression) of element-wise methods on MNIST
     "lenet300100": {"Han 2015": (1.59, 12), "DNS": (1.99, 56), "Sparse VD": (1.92, 68)},
@@ -49,24 +49,33 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--finetune-learning-rate", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=0.0,
-                        help="β of the β‖W‖² term added during regularized training")
+                        help="β of the β‖W‖² term (L2, in the gradient) during regularized "
+                             "training and fine-tuning")
     parser.add_argument("--dense-workdir", default=None,
                         help="train_dense.py workdir to start from (default runs/dense_<model>)")
     parser.add_argument("--baseline", action="store_true",
-                        help="also run magnitude pruning to the same per-layer counts")
+                        help="also run one-shot magnitude pruning of the dense model to the same "
+                             "per-layer counts, fine-tuned the same way")
+    parser.add_argument("--gradual-baseline", action="store_true",
+                        help="also run Zhu-Gupta gradual magnitude pruning to the same per-layer "
+                             "sparsity (in place of the regularized stage), then the same "
+                             "fine-tune")
     common.add_common_args(parser)
     return parser.parse_args(argv)
 
 
-def run_stage(model, tx, dataset, params, epochs, directory, args, config, masks=None):
-    """Trains from ``params`` with ``tx``; resumable; returns the best-validation params."""
+def run_stage(model, tx, dataset, params, epochs, directory, args, config, masks=None,
+              select_best=True):
+    """Trains from ``params`` with ``tx``; resumable; returns the best-validation params (or the
+    last ones when ``select_best`` is False)."""
     state = create_train_state(model, tx, jax.random.PRNGKey(args.seed), dataset.image_shape,
                                params=params)
     checkpointer = Checkpointer(directory)
     fit(model, tx, dataset, epochs=epochs, batch_size=args.batch_size, state=state,
         checkpointer=checkpointer, config=config, masks=masks,
         metrics_log=f"{directory}/metrics.jsonl", progress=not args.no_progress)
-    best, _, _ = checkpointer.restore(state, checkpointer.best_step())
+    step = checkpointer.best_step() if select_best else checkpointer.latest_step()
+    best, _, _ = checkpointer.restore(state, step)
     checkpointer.close()
     return best.params
 
@@ -74,10 +83,31 @@ def run_stage(model, tx, dataset, params, epochs, directory, args, config, masks
 def finetune(model, dataset, params, masks, directory, args, config):
     steps = args.finetune_epochs * (len(dataset.train) // args.batch_size)
     tx = masked_fine_tuning(make_optimizer("adam", args.finetune_learning_rate,
-                                           total_steps=steps), masks)
+                                           total_steps=steps, weight_decay=args.weight_decay),
+                            masks)
     params = masks_lib.apply_masks(params, masks)
     return run_stage(model, tx, dataset, params, args.finetune_epochs, directory, args, config,
                      masks=masks)
+
+
+def gradual_baseline(model, dataset, dense, point, args, config, directory):
+    """Zhu-Gupta gradual magnitude pruning from the dense model to ``point``'s per-layer
+    sparsity over the regularized stage's epochs (pruning ends at 75%), then the same fine-tune."""
+    steps_per_epoch = len(dataset.train) // args.batch_size
+    total = args.reg_epochs * steps_per_epoch
+    sparsity = {l["name"]: 1 - l["kept_fraction"] for l in point["report"]["layers"]}
+    tx = optax.chain(make_optimizer("adam", args.learning_rate, total_steps=total,
+                                    weight_decay=args.weight_decay),
+                     gradual_magnitude_pruning(sparsity, begin_step=0, end_step=int(0.75 * total),
+                                               frequency=max(steps_per_epoch // 2, 1)))
+    pruned = run_stage(model, tx, dataset, dense, args.reg_epochs, directory / "prune", args,
+                       {**config, "stage": "gradual"}, select_best=False)
+    masks = masks_lib.nonzero_masks(pruned)
+    tuned = finetune(model, dataset, pruned, masks, directory / "finetune", args,
+                     {**config, "stage": "gradual_finetune"})
+    return evaluate_point(model, dataset, tuned, "gradual_magnitude",
+                          {"strength": point["strength"], "threshold_scale":
+                           point["threshold_scale"]})
 
 
 def evaluate_point(model, dataset, params, label, extra):
@@ -145,6 +175,11 @@ def main(argv=None):
                 points.append(base_point)
                 print(f"  magnitude, same per-layer counts: test error "
                       f"{base_point['test_error']:.2f}%")
+            if args.gradual_baseline:
+                points.append(gradual_baseline(model, dataset, dense, point, args, config,
+                                               out / f"gradual_a{strength:g}_s{scale:g}"))
+                print(f"  gradual magnitude, same per-layer sparsity: test error "
+                      f"{points[-1]['test_error']:.2f}%")
             common.write_json(results_path, {"model": args.model, "penalty": args.penalty,
                                              "dense": dense_point, "points": points,
                                              "environment": common.environment()})

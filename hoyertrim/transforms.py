@@ -22,13 +22,14 @@ Ordering rules (tested in tests/test_transforms.py):
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from hoyertrim import penalties
+from hoyertrim.masks import layer_name, polynomial_sparsity
 from hoyertrim.penalties import Penalty, is_kernel, tree_penalty
 
 LeafFilter = Callable[[tuple, jax.Array], bool]
@@ -149,3 +150,64 @@ def masked_fine_tuning(optimizer: optax.GradientTransformation,
                        masks: Any) -> optax.GradientTransformation:
     """``chain(zero_masked_gradients(masks), optimizer, keep_masked(masks))``."""
     return optax.chain(zero_masked_gradients(masks), optimizer, keep_masked(masks))
+
+
+class GradualPruningState(NamedTuple):
+    """Step count and the current masks (a pytree shaped like params)."""
+
+    count: jax.Array
+    masks: Any
+
+
+def gradual_magnitude_pruning(final_sparsity: float | Mapping[str, float], begin_step: int,
+                              end_step: int, frequency: int = 100,
+                              initial_sparsity: float = 0.0,
+                              where: LeafFilter = is_kernel) -> optax.GradientTransformation:
+    """Zhu & Gupta's gradual magnitude pruning as a transform; chain it *last*.
+
+    Every ``frequency`` steps between ``begin_step`` and ``end_step`` each selected leaf is
+    re-masked to keep its largest-magnitude weights at the sparsity of `polynomial_sparsity`;
+    in between, pruned weights are held at exactly 0 as by `keep_masked`. The masks live in the
+    state, so the whole schedule runs inside a jitted training loop.
+
+    Args:
+      final_sparsity: removed fraction at the end, one number or ``{layer_name: sparsity}``.
+      begin_step, end_step: the pruning window, in optimizer steps.
+      frequency: steps between mask updates.
+      initial_sparsity: sparsity at ``begin_step``.
+    """
+    if frequency < 1:
+        raise ValueError(f"frequency must be >= 1, got {frequency}.")
+
+    def target(path):
+        if isinstance(final_sparsity, Mapping):
+            return final_sparsity.get(layer_name(path), 0.0)
+        return final_sparsity
+
+    def init(params):
+        return GradualPruningState(count=jnp.zeros((), jnp.int32),
+                                   masks=jax.tree.map(lambda p: jnp.ones(p.shape, bool), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("gradual_magnitude_pruning needs params.")
+        step = state.count
+        in_window = (step >= begin_step) & (step <= end_step)
+        prune_now = in_window & ((step - begin_step) % frequency == 0)
+
+        def new_mask(path, candidate, mask):
+            if not where(path, candidate):
+                return mask
+            sparsity = polynomial_sparsity(step, target(path), begin_step, end_step,
+                                           initial_sparsity)
+            magnitudes = jnp.sort(jnp.abs(candidate).reshape(-1))
+            drop = jnp.floor(sparsity * magnitudes.size).astype(jnp.int32)
+            threshold = jnp.where(drop > 0, magnitudes[jnp.maximum(drop - 1, 0)], -1.0)
+            return jnp.where(prune_now, jnp.abs(candidate) > threshold, mask)
+
+        candidates = jax.tree.map(lambda p, u: p + u, params, updates)
+        masks = jax.tree_util.tree_map_with_path(new_mask, candidates, state.masks)
+        updates = jax.tree.map(lambda u, m, p: jnp.where(m, u, -p), updates, masks, params)
+        return updates, GradualPruningState(count=optax.safe_increment(step), masks=masks)
+
+    return optax.GradientTransformation(init, update)

@@ -107,3 +107,33 @@ def test_mask_structure_mismatch_is_a_clear_error():
         tx.update(params, tx.init(params), params)
     assert jax.tree.structure(full_masks(params)) == jax.tree.structure(params)
     assert float(apply_masks(params, full_masks(params))["a"]["kernel"].sum()) == 4.0
+
+
+def test_polynomial_sparsity_schedule():
+    from hoyertrim.masks import polynomial_sparsity
+    assert float(polynomial_sparsity(0, 0.9, 10, 110)) == 0.0
+    assert float(polynomial_sparsity(110, 0.9, 10, 110)) == pytest.approx(0.9)
+    assert float(polynomial_sparsity(60, 0.9, 10, 110)) == pytest.approx(0.9 * (1 - 0.5 ** 3))
+    assert float(polynomial_sparsity(500, 0.9, 10, 110)) == pytest.approx(0.9)
+
+
+def test_gradual_magnitude_pruning_reaches_target_and_holds_zeros():
+    key = jax.random.PRNGKey(0)
+    params = {"dense0": {"kernel": jax.random.normal(key, (40, 25)), "bias": jnp.ones(25)},
+              "dense1": {"kernel": jax.random.normal(jax.random.fold_in(key, 1), (25, 4)),
+                         "bias": jnp.ones(4)}}
+    tx = optax.chain(optax.sgd(1e-2, momentum=0.9), transforms.gradual_magnitude_pruning(
+        {"dense0": 0.8, "dense1": 0.5}, begin_step=2, end_step=12, frequency=2))
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    sparsities = []
+    for step in range(20):
+        grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01 * ((-1) ** step)), params)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        sparsities.append(float(jnp.mean(params["dense0"]["kernel"] == 0)))
+    assert sparsities[0] == 0.0
+    assert all(b >= a - 1e-9 for a, b in zip(sparsities[2:13], sparsities[3:13]))  # monotone
+    assert float(jnp.mean(params["dense0"]["kernel"] == 0)) == pytest.approx(0.8)
+    assert float(jnp.mean(params["dense1"]["kernel"] == 0)) == pytest.approx(0.5)
+    assert bool(jnp.all(params["dense0"]["bias"] != 0))
