@@ -144,8 +144,10 @@ def main(argv=None):
         config = {"stage": "regularize", "penalty": args.penalty, "strength": strength,
                   **{k: v for k, v in vars(args).items() if k not in ("strength",
                                                                       "threshold_scale")}}
+        # The last regularized epoch, not the best-validation one: sparsity is the point of
+        # this stage and accuracy is recovered by the fine-tune, where selection happens.
         regularized = run_stage(model, tx, dataset, dense, args.reg_epochs, reg_dir, args,
-                                config)
+                                config, select_best=False)
         for scale in args.threshold_scale:
             key = (args.penalty, strength, scale)
             if key in done:
