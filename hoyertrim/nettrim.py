@@ -448,14 +448,37 @@ def capture_layers(model: nn.Module, variables: Mapping, images) -> dict[str, tu
 
 
 def _as_matrix(layer: _Layer, inputs, outputs, sample_rows: np.ndarray | None):
-    """(P, N) inputs and (P, M) outputs; conv layers as patches (one row per output position)."""
-    if layer.kind == "conv":
-        inputs = image_patches(inputs, layer.kernel_size)
-    x = np.asarray(inputs).reshape(-1, np.shape(inputs)[-1])
+    """(P, N) inputs and (P, M) outputs; conv layers as patches (one row per output position).
+
+    For conv layers only the sampled patches are extracted, so memory stays bounded by
+    ``len(sample_rows)`` rows however many images and positions there are.
+    """
     z = np.asarray(outputs).reshape(-1, np.shape(outputs)[-1])
-    if sample_rows is not None:
-        x, z = x[sample_rows], z[sample_rows]
-    return x, z
+    if layer.kind == "conv":
+        if sample_rows is None:
+            x = np.asarray(image_patches(jnp.asarray(inputs), layer.kernel_size))
+            x = x.reshape(z.shape[0], -1)
+        else:
+            x = np.asarray(_sampled_patches(jnp.asarray(inputs), layer.kernel_size,
+                                            jnp.asarray(sample_rows)))
+    else:
+        x = np.asarray(inputs).reshape(z.shape[0], -1)
+        x = x if sample_rows is None else x[sample_rows]
+    return x, (z if sample_rows is None else z[sample_rows])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _sampled_patches(images, kernel_size, rows):
+    """Patches of the output positions ``rows`` (flat indices over (B, H', W')), (kh·kw·C) each,
+    in the (kh, kw, C) order of `image_patches`."""
+    _, height, width, channels = images.shape
+    kh, kw = kernel_size
+    out_w = width - kw + 1
+    positions = (height - kh + 1) * out_w
+    b, rest = rows // positions, rows % positions
+    i, j = rest // out_w, rest % out_w
+    return jax.vmap(lambda b, i, j: jax.lax.dynamic_slice(
+        images, (b, i, j, 0), (1, kh, kw, channels)).reshape(-1))(b, i, j)
 
 
 def _get(tree, path: str):

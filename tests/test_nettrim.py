@@ -176,3 +176,11 @@ def test_sharded_over_four_devices_equals_single_device():
     assert runs[0]["devices"] == 4
     np.testing.assert_allclose(runs[0]["kernel"], runs[1]["kernel"], atol=1e-5)
     assert runs[0]["lam"] == pytest.approx(runs[1]["lam"])
+
+
+def test_sampled_patches_match_full_patches():
+    from hoyertrim.models import image_patches
+    images = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 8, 2))
+    full = image_patches(images, (3, 2)).reshape(-1, 3 * 2 * 2)
+    rows = jnp.array([0, 5, 17, 3 * 7 * 7 - 1])
+    np.testing.assert_allclose(nettrim._sampled_patches(images, (3, 2), rows), full[rows])
