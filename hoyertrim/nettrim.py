@@ -116,6 +116,15 @@ def _validate(x, y, epsilon, v):
     return x.astype(np.float32), y.astype(np.float32)
 
 
+def _problem(x, y, epsilon, v, relu):
+    """Validated float32 ``x, y, v``, the active set, ``x`` with a ones column, and ‖y‖_F."""
+    x, y = _validate(x, y, epsilon, v)
+    v = np.zeros_like(y) if v is None else np.asarray(v, np.float32)
+    active = (y > 0) if relu else np.ones(y.shape, bool)
+    xa = np.concatenate([x, np.ones((x.shape[0], 1), np.float32)], axis=1)
+    return x, y, v, active, xa, float(np.linalg.norm(y))
+
+
 def _residual(z, y, v, active):
     """Active entries: z − y; inactive: the hinge relu(z − v). Its square is the smooth loss."""
     return jnp.where(active, z - y, jax.nn.relu(z - v))
@@ -194,13 +203,9 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
       issued; it then holds the best (lowest-discrepancy) solution found.
     """
     started = time.perf_counter()
-    x, y = _validate(x, y, epsilon, v)
+    x, y, v, active, xa, y_norm = _problem(x, y, epsilon, v, relu)
     num_samples, num_inputs = x.shape
     num_neurons = y.shape[1]
-    v = np.zeros_like(y) if v is None else np.asarray(v, np.float32)
-    active = (y > 0) if relu else np.ones(y.shape, bool)
-    xa = np.concatenate([x, np.ones((num_samples, 1), np.float32)], axis=1)
-    y_norm = float(np.linalg.norm(y))
     presolved = None
     if presolve_samples and num_samples > 2 * presolve_samples:
         rows = np.sort(np.random.default_rng(0).choice(num_samples, presolve_samples, False))
@@ -336,12 +341,8 @@ def solve_layer_admm(x, y, *, epsilon: float, relu: bool = True, v=None, rho: fl
     penalized like the weights here, as in the paper. Data is normalized as in `solve_layer`.
     """
     started = time.perf_counter()
-    x, y = _validate(x, y, epsilon, v)
-    num_samples, num_inputs = x.shape
-    v = np.zeros_like(y) if v is None else np.asarray(v, np.float32)
-    active = (y > 0) if relu else np.ones(y.shape, bool)
-    xa = np.concatenate([x, np.ones((num_samples, 1), np.float32)], axis=1)
-    y_norm = float(np.linalg.norm(y))
+    x, y, v, active, xa, y_norm = _problem(x, y, epsilon, v, relu)
+    num_inputs = x.shape[1]
     y_scale = y_norm / math.sqrt(y.shape[1])
     x_scale = math.sqrt(float(np.linalg.eigvalsh(xa.T @ xa.astype(np.float64)).max()))
     xa_n, y_n, v_n = xa / x_scale, y / y_scale, v / y_scale
