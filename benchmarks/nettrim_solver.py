@@ -59,7 +59,7 @@ def main():
           f"{jax.default_backend()}")
 
     nettrim.solve_layer(x[:500], y[:500], epsilon=args.epsilon, maxiter=5)  # compile
-    fista = nettrim.solve_layer(x, y, epsilon=args.epsilon)
+    fista = nettrim.solve_layer(x, y, epsilon=args.epsilon, progress=True)
     admm = nettrim.solve_layer_admm(x, y, epsilon=args.epsilon, maxiter=args.admm_maxiter)
     rows = [("solve_layer (FISTA)", fista), ("ADMM (paper)", admm)]
     print(f"{'solver':<22} {'seconds':>8} {'iters':>6} {'nonzeros':>9} {'kept %':>7} "

@@ -176,7 +176,8 @@ def _neuron_sharding(num_neurons: int):
 def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int = 300,
                 tol: float = 1e-4, search_tol: float = 0.03, max_solves: int = 30,
                 lam_range: float = 1e-6, init_kernel=None, init_bias=None,
-                presolve_samples: int | None = 2000, shard: bool = True) -> LayerSolution:
+                presolve_samples: int | None = 2000, shard: bool = True,
+                progress: bool = False) -> LayerSolution:
     """Prunes one layer: the sparsest kernel whose outputs stay within ``epsilon`` of ``y``.
 
     Args:
@@ -197,6 +198,7 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
         √(P / presolve_samples), the normalization's P-dependence) from its solution, so the
         expensive full-size search needs only a few solves. None disables it.
       shard: spread the neuron axis over all devices when there are several.
+      progress: show a progress bar of the λ search (one tick per full-size solve).
 
     Returns:
       A `LayerSolution`. If epsilon cannot be met it has ``feasible=False`` and a warning is
@@ -283,6 +285,8 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
     # Move geometrically (warm starts along the path) until feasible and infeasible λ bracket
     # epsilon; then interpolate log(error) against log(λ) inside the bracket (safeguarded secant),
     # warm-starting from the bracket end nearest the new λ.
+    bar = tqdm(total=max_solves, desc="Net-Trim λ search", unit="solve", leave=False,
+               disable=not progress)
     while len(solves) < max_solves:
         start = u_current
         if feasible is not None or infeasible is not None:
@@ -291,6 +295,8 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
         result = evaluate(lam, start)
         solves.append(result)
         total_iterations += result["iterations"]
+        bar.update()
+        bar.set_postfix(lam=f"{lam:.3g}", discrepancy=f"{result['error'] / y_norm:.4f}")
         if result["error"] <= target:
             if feasible is None or result["lam"] > feasible["lam"]:
                 feasible = result
@@ -314,6 +320,7 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
             e_hi = math.log(infeasible["error"])
             t = (math.log(target * (1 - search_tol / 2)) - e_lo) / max(e_hi - e_lo, 1e-12)
             lam = math.exp(lo + min(max(t, 0.1), 0.9) * (hi - lo))
+    bar.close()
     best = feasible or min(solves, key=lambda r: r["error"])
     if feasible is None:
         warnings.warn(f"Net-Trim could not meet epsilon={epsilon:g} for this layer: the best "
@@ -581,6 +588,8 @@ def prune_network(model: nn.Module, params, images, *, epsilon: float | Sequence
             eps = min(max(eps, 1e-6), 0.999)
             x = x_hat
             v = v if relu else None
+        if solver is solve_layer:
+            solver_kwargs.setdefault("progress", progress)
         solution = solver(x, y, epsilon=eps, relu=relu, v=v, **solver_kwargs)
         _set(pruned, name, "kernel", solution.kernel.reshape(kernel.shape).astype(kernel.dtype))
         _set(pruned, name, "bias", solution.bias.astype(bias.dtype))
