@@ -48,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--finetune-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout on hidden activations during regularized training and "
+                             "fine-tuning (lenet300100 only)")
     parser.add_argument("--weight-decay", type=float, default=0.0,
                         help="β of the β‖W‖² term (L2, in the gradient) during regularized "
                              "training and fine-tuning")
@@ -127,8 +130,8 @@ def main(argv=None):
     name = f"deephoyer_{args.model}_{args.penalty}"
     out = common.workdir(args, name)
     dataset = load_dataset("mnist", args.data_dir)
-    model = create_model(args.model)
-    dense = common.restore_dense(args, model, dataset)
+    model = create_model(args.model, **({"dropout_rate": args.dropout} if args.dropout else {}))
+    dense = common.restore_dense(args, create_model(args.model), dataset)
     results_path = out / "results.json"
     points = json.loads(results_path.read_text())["points"] if results_path.exists() else []
     done = {(p["method"], p.get("strength"), p.get("threshold_scale")) for p in points}
