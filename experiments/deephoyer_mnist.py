@@ -134,7 +134,6 @@ def main(argv=None):
     dense = common.restore_dense(args, create_model(args.model), dataset)
     results_path = out / "results.json"
     points = json.loads(results_path.read_text())["points"] if results_path.exists() else []
-    done = {(p["method"], p.get("strength"), p.get("threshold_scale")) for p in points}
     started = time.perf_counter()
     dense_point = evaluate_point(model, dataset, dense, "dense", {})
 
@@ -152,35 +151,37 @@ def main(argv=None):
         regularized = run_stage(model, tx, dataset, dense, args.reg_epochs, reg_dir, args,
                                 config, select_best=False)
         for scale in args.threshold_scale:
-            key = (args.penalty, strength, scale)
-            if key in done:
-                continue
-            if args.prune_rule == "std":
-                masks = masks_lib.std_threshold_masks(regularized, scale)
-            else:
-                masks = masks_lib.group_masks(regularized, scale, grouping="both")
-            ft_dir = out / f"ft_a{strength:g}_s{scale:g}"
-            tuned = finetune(model, dataset, regularized, masks, ft_dir, args,
-                             {**config, "stage": "finetune", "threshold_scale": scale})
-            point = evaluate_point(model, dataset, tuned, args.penalty,
-                                   {"strength": strength, "threshold_scale": scale})
-            points.append(point)
+            def existing(method):
+                return next((p for p in points if (p["method"], p.get("strength"),
+                                                   p.get("threshold_scale")) ==
+                             (method, strength, scale)), None)
+
+            point = existing(args.penalty)
+            if point is None:
+                if args.prune_rule == "std":
+                    masks = masks_lib.std_threshold_masks(regularized, scale)
+                else:
+                    masks = masks_lib.group_masks(regularized, scale, grouping="both")
+                tuned = finetune(model, dataset, regularized, masks,
+                                 out / f"ft_a{strength:g}_s{scale:g}", args,
+                                 {**config, "stage": "finetune", "threshold_scale": scale})
+                point = evaluate_point(model, dataset, tuned, args.penalty,
+                                       {"strength": strength, "threshold_scale": scale})
+                points.append(point)
             print(f"{args.penalty} α={strength:g} s={scale:g}: test error {point['test_error']:.2f}%"
                   f" at {point['compression']:.1f}x ({point['architecture']}), FLOPs /"
                   f"{point['flops_reduction_structured']:.1f} structured, "
                   f"/{point['flops_reduction_sparse']:.1f} sparse")
-            if args.baseline:
+            if args.baseline and existing("magnitude") is None:
                 counts = {l["name"]: l["kept_weights"] for l in point["report"]["layers"]}
-                base_masks = masks_lib.count_masks(dense, counts)
-                base = finetune(model, dataset, dense, base_masks,
+                base = finetune(model, dataset, dense, masks_lib.count_masks(dense, counts),
                                 out / f"magnitude_a{strength:g}_s{scale:g}", args,
                                 {**config, "stage": "magnitude", "threshold_scale": scale})
-                base_point = evaluate_point(model, dataset, base, "magnitude",
-                                            {"strength": strength, "threshold_scale": scale})
-                points.append(base_point)
-                print(f"  magnitude, same per-layer counts: test error "
-                      f"{base_point['test_error']:.2f}%")
-            if args.gradual_baseline:
+                points.append(evaluate_point(model, dataset, base, "magnitude",
+                                             {"strength": strength, "threshold_scale": scale}))
+                print(f"  magnitude (one-shot), same per-layer counts: test error "
+                      f"{points[-1]['test_error']:.2f}%")
+            if args.gradual_baseline and existing("gradual_magnitude") is None:
                 points.append(gradual_baseline(model, dataset, dense, point, args, config,
                                                out / f"gradual_a{strength:g}_s{scale:g}"))
                 print(f"  gradual magnitude, same per-layer sparsity: test error "
