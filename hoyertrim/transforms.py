@@ -198,12 +198,17 @@ def gradual_magnitude_pruning(final_sparsity: float | Mapping[str, float], begin
         def new_mask(path, candidate, mask):
             if not where(path, candidate):
                 return mask
-            sparsity = polynomial_sparsity(step, target(path), begin_step, end_step,
-                                           initial_sparsity)
-            magnitudes = jnp.sort(jnp.abs(candidate).reshape(-1))
-            drop = jnp.floor(sparsity * magnitudes.size).astype(jnp.int32)
-            threshold = jnp.where(drop > 0, magnitudes[jnp.maximum(drop - 1, 0)], -1.0)
-            return jnp.where(prune_now, jnp.abs(candidate) > threshold, mask)
+
+            def remask(candidate):
+                sparsity = polynomial_sparsity(step, target(path), begin_step, end_step,
+                                               initial_sparsity)
+                magnitudes = jnp.sort(jnp.abs(candidate).reshape(-1))
+                drop = jnp.floor(sparsity * magnitudes.size).astype(jnp.int32)
+                threshold = jnp.where(drop > 0, magnitudes[jnp.maximum(drop - 1, 0)], -1.0)
+                return jnp.abs(candidate) > threshold
+
+            # The sort runs only on pruning steps, not on every step of training.
+            return jax.lax.cond(prune_now, remask, lambda _: mask, candidate)
 
         candidates = jax.tree.map(lambda p, u: p + u, params, updates)
         masks = jax.tree_util.tree_map_with_path(new_mask, candidates, state.masks)
