@@ -14,6 +14,7 @@ import pathlib
 import shutil
 
 from deephoyer_mnist import PUBLISHED
+from hoyertrim.penalties import PENALTIES as PENALTY_NAMES
 
 
 def dense_table(runs: pathlib.Path) -> list[str]:
@@ -50,9 +51,9 @@ def deephoyer_plot(all_results: list[dict], path: pathlib.Path) -> None:
             for method in sorted({p["method"] for p in r["points"]}):
                 pts = sorted((p for p in r["points"] if p["method"] == method),
                              key=lambda p: p["compression"])
-                ax.plot([p["compression"] for p in pts], [p["test_error"] for p in pts], "o-"
-                        if method != "magnitude" else "x--", label=f"{method} ({r['penalty']})"
-                        if method == "magnitude" else method)
+                run = r["run"].replace("deephoyer_", "")
+                ax.plot([p["compression"] for p in pts], [p["test_error"] for p in pts],
+                        "o-" if method in PENALTY_NAMES else "x--", label=f"{method} [{run}]")
         for label, (error, compression) in PUBLISHED[model].items():
             ax.scatter([compression], [error], marker="*", s=120, zorder=5)
             ax.annotate(label, (compression, error), fontsize=8, xytext=(4, 4),
@@ -79,6 +80,7 @@ def main():
     deephoyer = []
     for path in sorted(runs.glob("deephoyer_*/results.json")):
         results = json.loads(path.read_text())
+        results["run"] = path.parent.name
         deephoyer.append(results)
         for p in results["points"]:
             p.pop("markdown", None)
