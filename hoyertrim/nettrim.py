@@ -265,12 +265,15 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
     abs_tol = tol * float(np.abs(grad0).max())  # in the units of the solver's gradient
     target = epsilon * y_norm
 
+    # The unnormalized signals the certificate is measured on, moved to the device once.
+    measure_data = tuple(jnp.asarray(a) for a in (xa, y, v, active))
+
     def evaluate(lam, start):
         u, iters, errors = _solve_at(xa_n, y_d, v_d, active_d, start, lam * penalty_mask,
                                      maxiter, abs_tol)
         u_real = to_real(u)
-        error, violation = _measure(jnp.asarray(xa), jnp.asarray(u_real), jnp.asarray(y),
-                                    jnp.asarray(v), jnp.asarray(active), relu)
+        error, violation = _measure(*measure_data[:1], jnp.asarray(u_real), *measure_data[1:],
+                                    relu)
         return {"u": u, "u_real": u_real, "lam": lam, "error": math.sqrt(float(error)),
                 "violation": math.sqrt(float(violation)),
                 "iterations": int(np.max(iters)), "converged": bool(np.all(errors <= abs_tol))}
