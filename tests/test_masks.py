@@ -27,8 +27,8 @@ def test_threshold_and_std_rules():
 def test_magnitude_layer_global_and_per_layer_mapping():
     params = _params()
     m = masks_lib.magnitude_masks(params, 0.75)
-    assert int(m["dense0"]["kernel"].sum()) == 50 and int(m["dense1"]["kernel"].sum()) == 12 or \
-        int(m["dense1"]["kernel"].sum()) == 13
+    assert int(m["dense0"]["kernel"].sum()) == 50  # 25% of 200
+    assert int(m["dense1"]["kernel"].sum()) == round(0.25 * 50)  # 12 (round half to even)
     g = masks_lib.magnitude_masks(params, 0.5, scope="global")
     assert int(g["dense0"]["kernel"].sum() + g["dense1"]["kernel"].sum()) == 125
     kept = jnp.concatenate([params["dense0"]["kernel"][g["dense0"]["kernel"]],
