@@ -69,3 +69,47 @@ def restore_dense(args, model, dataset):
     return state.params
 
 
+
+
+def train_stage(model, tx, dataset, params, epochs, directory, *, batch_size, seed, config=None,
+                masks=None, teacher=None, select_best=True, progress=True):
+    """Trains from ``params`` with ``tx`` for ``epochs`` epochs, checkpointing into ``directory``
+    (a rerun resumes, or skips a finished stage). Returns the best-validation params, or the last
+    ones when ``select_best`` is False."""
+    import jax
+
+    from hoyertrim.checkpoint import Checkpointer
+    from hoyertrim.train import create_train_state, fit
+
+    state = create_train_state(model, tx, jax.random.PRNGKey(seed), dataset.image_shape,
+                               params=params)
+    checkpointer = Checkpointer(directory)
+    fit(model, tx, dataset, epochs=epochs, batch_size=batch_size, state=state,
+        checkpointer=checkpointer, config=config, masks=masks, teacher=teacher,
+        metrics_log=f"{directory}/metrics.jsonl", progress=progress)
+    step = checkpointer.best_step() if select_best else checkpointer.latest_step()
+    best, _, _ = checkpointer.restore(state, step)
+    checkpointer.close()
+    return best.params
+
+
+def masked_finetune(model, dataset, params, masks, directory, *, epochs, learning_rate,
+                    batch_size, seed, weight_decay=0.0, teacher=None, config=None, progress=True):
+    """Adam with a cosine schedule under `masked_fine_tuning` (pruned weights stay exactly 0),
+    optionally distilling from ``teacher``; returns the best-validation params."""
+    from hoyertrim.masks import apply_masks
+    from hoyertrim.train import make_optimizer
+    from hoyertrim.transforms import masked_fine_tuning
+
+    steps = epochs * (len(dataset.train) // batch_size)
+    tx = masked_fine_tuning(make_optimizer("adam", learning_rate, total_steps=steps,
+                                           weight_decay=weight_decay), masks)
+    return train_stage(model, tx, dataset, apply_masks(params, masks), epochs, directory,
+                       batch_size=batch_size, seed=seed, config=config, masks=masks,
+                       teacher=teacher, progress=progress)
+
+
+def add_distill_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--distill", action="store_true",
+                        help="fine-tune with knowledge distillation from the dense model "
+                             "(hoyertrim.train.distillation_loss) instead of plain cross-entropy")

@@ -21,11 +21,10 @@ import optax
 
 import common
 from hoyertrim import masks as masks_lib
-from hoyertrim.checkpoint import Checkpointer
 from hoyertrim.data import load_dataset
 from hoyertrim.models import create_model
-from hoyertrim.train import create_train_state, fit, make_optimizer, predict_accuracy
-from hoyertrim.transforms import REGULARIZERS, gradual_magnitude_pruning, masked_fine_tuning
+from hoyertrim.train import frozen_teacher, make_optimizer, predict_accuracy
+from hoyertrim.transforms import REGULARIZERS, gradual_magnitude_pruning
 
 PUBLISHED = {  # design.md: (test error %, compression) of element-wise methods on MNIST
     "lenet300100": {"Han 2015": (1.59, 12), "DNS": (1.99, 56), "Sparse VD": (1.92, 68)},
@@ -39,8 +38,12 @@ def parse_args(argv=None):
     parser.add_argument("--penalty", choices=sorted(REGULARIZERS), default="hoyer_square")
     parser.add_argument("--strength", type=float, nargs="+", default=[1e-4],
                         help="regularization strengths α to sweep")
-    parser.add_argument("--prune-rule", choices=["std", "group"], default="std",
-                        help="std: |w| < s·std(w) per tensor; group: units with norm < s·max")
+    parser.add_argument("--prune-rule", choices=["std", "group", "group_std"], default="std",
+                        help="std: |w| < s·std(w) per tensor; group: units with norm < s·max; "
+                             "group_std: units with norm < --group-threshold·max, then the std "
+                             "rule with s on what is left")
+    parser.add_argument("--group-threshold", type=float, default=0.2,
+                        help="relative group-norm threshold of the group_std rule")
     parser.add_argument("--threshold-scale", type=float, nargs="+", default=[0.03],
                         help="pruning thresholds s to sweep")
     parser.add_argument("--reg-epochs", type=int, default=30)
@@ -63,37 +66,28 @@ def parse_args(argv=None):
                         help="also run Zhu-Gupta gradual magnitude pruning to the same per-layer "
                              "sparsity (in place of the regularized stage), then the same "
                              "fine-tune")
+    common.add_distill_args(parser)
     common.add_common_args(parser)
     return parser.parse_args(argv)
 
 
 def run_stage(model, tx, dataset, params, epochs, directory, args, config, masks=None,
               select_best=True):
-    """Trains from ``params`` with ``tx``; resumable; returns the best-validation params (or the
-    last ones when ``select_best`` is False)."""
-    state = create_train_state(model, tx, jax.random.PRNGKey(args.seed), dataset.image_shape,
-                               params=params)
-    checkpointer = Checkpointer(directory)
-    fit(model, tx, dataset, epochs=epochs, batch_size=args.batch_size, state=state,
-        checkpointer=checkpointer, config=config, masks=masks,
-        metrics_log=f"{directory}/metrics.jsonl", progress=not args.no_progress)
-    step = checkpointer.best_step() if select_best else checkpointer.latest_step()
-    best, _, _ = checkpointer.restore(state, step)
-    checkpointer.close()
-    return best.params
+    return common.train_stage(model, tx, dataset, params, epochs, directory,
+                              batch_size=args.batch_size, seed=args.seed, config=config,
+                              masks=masks, select_best=select_best,
+                              progress=not args.no_progress)
 
 
-def finetune(model, dataset, params, masks, directory, args, config):
-    steps = args.finetune_epochs * (len(dataset.train) // args.batch_size)
-    tx = masked_fine_tuning(make_optimizer("adam", args.finetune_learning_rate,
-                                           total_steps=steps, weight_decay=args.weight_decay),
-                            masks)
-    params = masks_lib.apply_masks(params, masks)
-    return run_stage(model, tx, dataset, params, args.finetune_epochs, directory, args, config,
-                     masks=masks)
+def finetune(model, dataset, params, masks, directory, args, config, teacher):
+    return common.masked_finetune(
+        model, dataset, params, masks, directory, epochs=args.finetune_epochs,
+        learning_rate=args.finetune_learning_rate, batch_size=args.batch_size, seed=args.seed,
+        weight_decay=args.weight_decay, teacher=teacher, config=config,
+        progress=not args.no_progress)
 
 
-def gradual_baseline(model, dataset, dense, point, args, config, directory):
+def gradual_baseline(model, dataset, dense, point, args, config, directory, teacher):
     """Zhu-Gupta gradual magnitude pruning from the dense model to ``point``'s per-layer
     sparsity over the regularized stage's epochs (pruning ends at 75%), then the same fine-tune."""
     steps_per_epoch = len(dataset.train) // args.batch_size
@@ -107,10 +101,22 @@ def gradual_baseline(model, dataset, dense, point, args, config, directory):
                        {**config, "stage": "gradual"}, select_best=False)
     masks = masks_lib.nonzero_masks(pruned)
     tuned = finetune(model, dataset, pruned, masks, directory / "finetune", args,
-                     {**config, "stage": "gradual_finetune"})
+                     {**config, "stage": "gradual_finetune"}, teacher)
     return evaluate_point(model, dataset, tuned, "gradual_magnitude",
-                          {"strength": point["strength"], "threshold_scale":
-                           point["threshold_scale"]})
+                          {"strength": point["strength"],
+                           "threshold_scale": point["threshold_scale"],
+                           "prune_rule": point.get("prune_rule", "std"),
+                           "distill": point.get("distill", False)})
+
+
+def prune_masks(params, rule, scale, group_threshold):
+    """The masks of one pruning rule (see ``--prune-rule``)."""
+    if rule == "std":
+        return masks_lib.std_threshold_masks(params, scale)
+    if rule == "group":
+        return masks_lib.group_masks(params, scale, grouping="both")
+    structured = masks_lib.group_masks(params, group_threshold, grouping="both")
+    return masks_lib.std_threshold_masks(masks_lib.apply_masks(params, structured), scale)
 
 
 def evaluate_point(model, dataset, params, label, extra):
@@ -137,6 +143,10 @@ def main(argv=None):
     started = time.perf_counter()
     dense_point = evaluate_point(model, dataset, dense, "dense", {})
 
+    # Directory suffixes keep runs of other pruning rules / fine-tunes from resuming each other.
+    rule_suffix = ("" if args.prune_rule == "std" else f"_{args.prune_rule}") + (
+        "_distill" if args.distill else "")
+    teacher = frozen_teacher(create_model(args.model), dense) if args.distill else None
     for strength in args.strength:
         reg_steps = args.reg_epochs * (len(dataset.train) // args.batch_size)
         tx = optax.chain(REGULARIZERS[args.penalty](strength),
@@ -153,20 +163,22 @@ def main(argv=None):
         for scale in args.threshold_scale:
             def existing(method):
                 return next((p for p in points if (p["method"], p.get("strength"),
-                                                   p.get("threshold_scale")) ==
-                             (method, strength, scale)), None)
+                                                   p.get("threshold_scale"),
+                                                   p.get("prune_rule", "std"),
+                                                   p.get("distill", False)) ==
+                             (method, strength, scale, args.prune_rule, args.distill)), None)
 
             point = existing(args.penalty)
             if point is None:
-                if args.prune_rule == "std":
-                    masks = masks_lib.std_threshold_masks(regularized, scale)
-                else:
-                    masks = masks_lib.group_masks(regularized, scale, grouping="both")
+                masks = prune_masks(regularized, args.prune_rule, scale, args.group_threshold)
                 tuned = finetune(model, dataset, regularized, masks,
-                                 out / f"ft_a{strength:g}_s{scale:g}", args,
-                                 {**config, "stage": "finetune", "threshold_scale": scale})
+                                 out / f"ft_a{strength:g}_s{scale:g}{rule_suffix}", args,
+                                 {**config, "stage": "finetune", "threshold_scale": scale},
+                                 teacher)
                 point = evaluate_point(model, dataset, tuned, args.penalty,
-                                       {"strength": strength, "threshold_scale": scale})
+                                       {"strength": strength, "threshold_scale": scale,
+                                        "prune_rule": args.prune_rule,
+                                        "distill": args.distill})
                 points.append(point)
             print(f"{args.penalty} α={strength:g} s={scale:g}: test error {point['test_error']:.2f}%"
                   f" at {point['compression']:.1f}x ({point['architecture']}), FLOPs /"
@@ -175,15 +187,19 @@ def main(argv=None):
             if args.baseline and existing("magnitude") is None:
                 counts = {l["name"]: l["kept_weights"] for l in point["report"]["layers"]}
                 base = finetune(model, dataset, dense, masks_lib.count_masks(dense, counts),
-                                out / f"magnitude_a{strength:g}_s{scale:g}", args,
-                                {**config, "stage": "magnitude", "threshold_scale": scale})
+                                out / f"magnitude_a{strength:g}_s{scale:g}{rule_suffix}", args,
+                                {**config, "stage": "magnitude", "threshold_scale": scale},
+                                teacher)
                 points.append(evaluate_point(model, dataset, base, "magnitude",
-                                             {"strength": strength, "threshold_scale": scale}))
+                                             {"strength": strength, "threshold_scale": scale,
+                                              "prune_rule": args.prune_rule,
+                                              "distill": args.distill}))
                 print(f"  magnitude (one-shot), same per-layer counts: test error "
                       f"{points[-1]['test_error']:.2f}%")
             if args.gradual_baseline and existing("gradual_magnitude") is None:
+                gradual_dir = out / f"gradual_a{strength:g}_s{scale:g}{rule_suffix}"
                 points.append(gradual_baseline(model, dataset, dense, point, args, config,
-                                               out / f"gradual_a{strength:g}_s{scale:g}"))
+                                               gradual_dir, teacher))
                 print(f"  gradual magnitude, same per-layer sparsity: test error "
                       f"{points[-1]['test_error']:.2f}%")
             common.write_json(results_path, {"model": args.model, "penalty": args.penalty,

@@ -21,11 +21,9 @@ import jax
 import common
 from hoyertrim import masks as masks_lib
 from hoyertrim import nettrim
-from hoyertrim.checkpoint import Checkpointer
 from hoyertrim.data import load_dataset
 from hoyertrim.models import create_model
-from hoyertrim.train import create_train_state, fit, make_optimizer, predict_accuracy
-from hoyertrim.transforms import masked_fine_tuning
+from hoyertrim.train import frozen_teacher, predict_accuracy
 
 
 def parse_args(argv=None):
@@ -42,22 +40,17 @@ def parse_args(argv=None):
     parser.add_argument("--finetune-learning-rate", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--dense-workdir", default=None)
+    common.add_distill_args(parser)
     common.add_common_args(parser)
     return parser.parse_args(argv)
 
 
-def finetune(model, dataset, params, masks, args, directory):
-    steps = args.finetune_epochs * (len(dataset.train) // args.batch_size)
-    tx = masked_fine_tuning(make_optimizer("adam", args.finetune_learning_rate,
-                                           total_steps=steps), masks)
-    state = create_train_state(model, tx, jax.random.PRNGKey(args.seed), dataset.image_shape,
-                               params=params)
-    checkpointer = Checkpointer(directory)
-    fit(model, tx, dataset, epochs=args.finetune_epochs, batch_size=args.batch_size, state=state,
-        checkpointer=checkpointer, masks=masks, progress=False)
-    best, _, _ = checkpointer.restore(state, checkpointer.best_step())
-    checkpointer.close()
-    return best.params
+def finetune(model, dataset, params, masks, args, directory, teacher):
+    return common.masked_finetune(model, dataset, params, masks, directory,
+                                  epochs=args.finetune_epochs,
+                                  learning_rate=args.finetune_learning_rate,
+                                  batch_size=args.batch_size, seed=args.seed, teacher=teacher,
+                                  progress=False)
 
 
 def accuracies(model, dataset, params):
@@ -115,33 +108,45 @@ def main(argv=None):
     dense = common.restore_dense(args, model, dataset)
     dense_acc = accuracies(model, dataset, dense)
     images = dataset.train.images[: args.samples]
+    teacher = frozen_teacher(model, dense) if args.distill else None
     results_path = out / "results.json"
     points = json.loads(results_path.read_text())["points"] if results_path.exists() else []
+    if any(p.get("distill", False) != args.distill for p in points):
+        raise SystemExit(f"{out} holds results fine-tuned {'without' if args.distill else 'with'} "
+                         "--distill; pass another --workdir (its pruned/ checkpoints can be "
+                         "copied there to skip the solves).")
     done = {(p["scheme"], p["epsilon"]) for p in points}
     for scheme in args.scheme:
         for epsilon in args.epsilon:
             if (scheme, epsilon) in done:
                 continue
             tag = f"{scheme}_eps{epsilon:g}"
-            started = time.perf_counter()
-            pruned = nettrim.prune_network(model, dense, images, epsilon=epsilon, scheme=scheme,
-                                           maxiter=args.maxiter, progress=not args.no_progress)
-            solve_seconds = time.perf_counter() - started
-            nettrim.save_pruned(out / "pruned" / tag, pruned)
+            if (out / "pruned" / tag).exists():  # solved by an earlier run of this workdir
+                pruned = nettrim.load_pruned(out / "pruned" / tag, dense)
+                solve_seconds = sum(layer["seconds"] for layer in pruned.layers.values())
+            else:
+                started = time.perf_counter()
+                pruned = nettrim.prune_network(model, dense, images, epsilon=epsilon,
+                                               scheme=scheme, maxiter=args.maxiter,
+                                               progress=not args.no_progress)
+                solve_seconds = time.perf_counter() - started
+                nettrim.save_pruned(out / "pruned" / tag, pruned)
             report = pruned.report()
             counts = {name: layer["kept_weights"] for name, layer in pruned.layers.items()}
             magnitude_params = masks_lib.apply_masks(dense, masks_lib.count_masks(dense, counts))
             point = {"scheme": scheme, "epsilon": epsilon, "kept_fraction": report["kept_fraction"],
+                     "distill": args.distill,
                      "layers": report["layers"], "solve_seconds": solve_seconds,
                      "nettrim": accuracies(model, dataset, pruned.params),
                      "magnitude": accuracies(model, dataset, magnitude_params)}
             if args.finetune_epochs:
                 point["nettrim_finetuned"] = accuracies(model, dataset, finetune(
-                    model, dataset, pruned.params, pruned.masks, args, out / "ft" / tag))
+                    model, dataset, pruned.params, pruned.masks, args, out / "ft" / tag,
+                    teacher))
                 magnitude_masks = masks_lib.nonzero_masks(magnitude_params)
                 point["magnitude_finetuned"] = accuracies(model, dataset, finetune(
                     model, dataset, magnitude_params, magnitude_masks, args,
-                    out / "ft" / f"magnitude_{tag}"))
+                    out / "ft" / f"magnitude_{tag}", teacher))
             points.append(point)
             print(f"{scheme} ε={epsilon:g}: kept {100 * point['kept_fraction']:.2f}%, test "
                   f"{point['nettrim']['test']:.2f}% (magnitude {point['magnitude']['test']:.2f}%)"

@@ -76,6 +76,46 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def distillation_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array, *,
+                      temperature: float = 4.0, label_weight: float = 0.5) -> jax.Array:
+    """Knowledge distillation (Hinton et al., 2015) mixed with the label cross-entropy.
+
+    ``label_weight · CE(logits, labels) + (1 − label_weight) · T² · CE(softmax(teacher/T),
+    softmax(logits/T))``, averaged over the batch. The T² keeps the soft term's gradient scale
+    independent of the temperature T. Used to fine-tune a pruned network towards its dense
+    original: the soft targets carry what the dense model knows about every example, which a
+    sparse network that can reach 100% training accuracy would otherwise overfit away.
+
+    Args:
+      logits, teacher_logits: (batch, classes).
+      labels: int (batch,).
+      temperature: T > 0.
+      label_weight: weight in [0, 1] of the hard-label term.
+    """
+    soft_targets = jax.nn.softmax(teacher_logits / temperature)
+    soft = optax.softmax_cross_entropy(logits / temperature, soft_targets).mean()
+    return (label_weight * cross_entropy(logits, labels)
+            + (1.0 - label_weight) * temperature ** 2 * soft)
+
+
+def frozen_teacher(model: nn.Module, params, model_state: Mapping | None = None
+                   ) -> Callable[[jax.Array], jax.Array]:
+    """``images -> logits`` of a fixed trained model in evaluation mode (no dropout, BatchNorm
+    running statistics): the ``teacher`` argument of `fit` / `make_train_step`."""
+    variables = {"params": params, **(model_state or {})}
+
+    def teacher(images: jax.Array) -> jax.Array:
+        return model.apply(variables, images, train=False)
+
+    return teacher
+
+
+def _default_loss(loss_fn, teacher):
+    if loss_fn is None:
+        return cross_entropy if teacher is None else distillation_loss
+    return loss_fn
+
+
 def _forward(model, params, model_state, images, train, dropout_key):
     variables = {"params": params, **model_state}
     if train and model_state:
@@ -87,20 +127,31 @@ def _forward(model, params, model_state, images, train, dropout_key):
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy):
+                    loss_fn: Callable[..., jax.Array] | None = None,
+                    teacher: Callable[[jax.Array], jax.Array] | None = None):
     """Returns the pure function ``train_step(state, images, labels) -> (state, metrics)``.
+
+    Args:
+      model, tx: the Flax model and the optax transformation.
+      loss_fn: ``loss_fn(logits, labels)`` without a teacher (default `cross_entropy`),
+        ``loss_fn(logits, labels, teacher_logits)`` with one (default `distillation_loss`).
+      teacher: optional ``teacher(images) -> logits`` (e.g. the dense model before pruning);
+        evaluated on every batch, never differentiated.
 
     ``metrics`` holds the batch ``loss`` and the number of ``correct`` predictions. The returned
     function is not jitted, so it can be scanned; `make_train_epoch` and `fit` jit it.
     """
+    loss_fn = _default_loss(loss_fn, teacher)
 
     def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
         dropout_key = jax.random.fold_in(state.key, state.step)
+        targets = (labels,) if teacher is None else (
+            labels, jax.lax.stop_gradient(teacher(images)))
 
         def objective(params):
             logits, new_model_state = _forward(model, params, state.model_state, images, True,
                                                dropout_key)
-            return loss_fn(logits, labels), (logits, new_model_state)
+            return loss_fn(logits, *targets), (logits, new_model_state)
 
         (loss, (logits, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params)
@@ -115,15 +166,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_size: int,
-                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy):
+                     loss_fn: Callable[..., jax.Array] | None = None,
+                     teacher: Callable[[jax.Array], jax.Array] | None = None):
     """Returns jitted ``train_epoch(state, images, labels) -> (state, metrics)``.
+
+    ``loss_fn`` and ``teacher`` are as in `make_train_step`.
 
     One epoch is one `lax.scan` over ``len(images) // batch_size`` batches of a fresh permutation
     drawn from ``fold_in(state.key, state.epoch)``; the last partial batch is dropped (a different
     one every epoch). ``images``/``labels`` should already be on the device. ``metrics`` holds the
     mean training ``loss`` and ``accuracy`` over the epoch.
     """
-    train_step = make_train_step(model, tx, loss_fn)
+    train_step = make_train_step(model, tx, loss_fn, teacher)
 
     @jax.jit
     def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array):
@@ -192,7 +246,9 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
         epochs: int, batch_size: int = 128, seed: int = 0, state: TrainState | None = None,
         checkpointer=None, config: Mapping | None = None, masks: Any = None,
         metrics_log: str | os.PathLike | None = None, progress: bool = True,
-        on_epoch_end: Callable[[int, dict], None] | None = None) -> tuple[TrainState, list[dict]]:
+        on_epoch_end: Callable[[int, dict], None] | None = None,
+        loss_fn: Callable[..., jax.Array] | None = None,
+        teacher: Callable[[jax.Array], jax.Array] | None = None) -> tuple[TrainState, list[dict]]:
     """Trains for ``epochs`` epochs, evaluating on the validation split after each.
 
     Args:
@@ -209,6 +265,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
       metrics_log: path of a JSONL file; one line of metrics is appended per epoch.
       progress: show a progress bar with loss and accuracy.
       on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` after each epoch is saved.
+      loss_fn, teacher: the training loss and an optional distillation teacher, as in
+        `make_train_step` (``train_loss`` in the metrics is this loss).
 
     Returns:
       The final state and the list of per-epoch metric dicts of this call.
@@ -217,7 +275,7 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
         state = create_train_state(model, tx, jax.random.PRNGKey(seed), dataset.image_shape)
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state, _, _ = checkpointer.restore(state)
-    train_epoch = make_train_epoch(model, tx, batch_size)
+    train_epoch = make_train_epoch(model, tx, batch_size, loss_fn, teacher)
     evaluate = make_evaluate(model)
     train_x, train_y = jax.device_put(dataset.train.images), jax.device_put(dataset.train.labels)
     val_x = jax.device_put(dataset.validation.images)

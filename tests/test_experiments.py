@@ -1,6 +1,7 @@
 """End-to-end runs of the experiment scripts on real MNIST with tiny budgets."""
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -47,6 +48,20 @@ def test_deephoyer_pipeline_runs_and_reports(dense_run, data_root, tmp_path):
         l["kept_weights"] for l in magnitude["report"]["layers"]]
     assert (tmp_path / "results.json").exists()
 
+    # Another rule and a distilled fine-tune in the same workdir: the regularized stage is reused,
+    # the new points are added beside the old ones, in their own directories.
+    points = deephoyer_mnist.main([
+        "--model", "lenet300100", "--strength", "1e-4", "--threshold-scale", "0.3",
+        "--prune-rule", "group_std", "--group-threshold", "0.05", "--distill",
+        "--reg-epochs", "1", "--finetune-epochs", "1", "--data-dir", str(data_root),
+        "--dense-workdir", str(dense_dir), "--workdir", str(tmp_path), "--no-progress"])
+    assert [(p["method"], p.get("prune_rule", "std"), p.get("distill", False))
+            for p in points] == [("hoyer_square", "std", False), ("magnitude", "std", False),
+                                 ("hoyer_square", "group_std", True)]
+    assert (tmp_path / "ft_a0.0001_s0.3_group_std_distill").is_dir()
+    # group_std prunes at least what the std rule alone prunes.
+    assert points[2]["compression"] >= hs["compression"]
+
 
 def test_nettrim_experiment_runs(dense_run, data_root, tmp_path):
     dense_dir, _ = dense_run
@@ -59,3 +74,18 @@ def test_nettrim_experiment_runs(dense_run, data_root, tmp_path):
     assert all(layer["discrepancy"] <= 0.3 for layer in point["layers"].values())
     assert (tmp_path / "accuracy_vs_kept.png").exists()
     assert (tmp_path / "pruned" / "parallel_eps0.3").is_dir()
+
+    with pytest.raises(SystemExit, match="--distill"):
+        nettrim_mnist.main([
+            "--model", "lenet300100", "--epsilon", "0.3", "--scheme", "parallel", "--distill",
+            "--data-dir", str(data_root), "--dense-workdir", str(dense_dir),
+            "--workdir", str(tmp_path), "--no-progress"])
+    # A workdir holding a solved network reuses it instead of solving again.
+    other = tmp_path / "distilled"
+    shutil.copytree(tmp_path / "pruned", other / "pruned")
+    (again,) = nettrim_mnist.main([
+        "--model", "lenet300100", "--epsilon", "0.3", "--scheme", "parallel", "--distill",
+        "--finetune-epochs", "1", "--data-dir", str(data_root), "--dense-workdir",
+        str(dense_dir), "--workdir", str(other), "--no-progress"])
+    assert again["kept_fraction"] == point["kept_fraction"] and again["distill"]
+    assert again["nettrim"] == point["nettrim"]

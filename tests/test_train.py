@@ -1,3 +1,4 @@
+import functools
 import json
 
 import jax
@@ -8,8 +9,9 @@ import pytest
 
 from hoyertrim.checkpoint import Checkpointer, CheckpointMismatchError
 from hoyertrim.models import create_model
-from hoyertrim.train import (create_train_state, fit, make_evaluate, make_optimizer,
-                             make_train_epoch, make_train_step)
+from hoyertrim.train import (create_train_state, cross_entropy, distillation_loss, fit,
+                             frozen_teacher, make_evaluate, make_optimizer, make_train_epoch,
+                             make_train_step)
 
 
 def _leaves_equal(a, b) -> bool:
@@ -142,3 +144,61 @@ def test_optimizer_errors():
         make_optimizer("adam", schedule="cosine")
     with pytest.raises(ValueError, match="Unknown optimizer"):
         make_optimizer("lion", schedule="constant")
+
+
+def test_distillation_loss_reduces_to_its_parts():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (8, 10))
+    teacher = jax.random.normal(jax.random.PRNGKey(1), (8, 10))
+    labels = jnp.arange(8) % 10
+    np.testing.assert_allclose(distillation_loss(logits, labels, teacher, label_weight=1.0),
+                               cross_entropy(logits, labels), rtol=1e-6)
+    soft = distillation_loss(logits, labels, teacher, temperature=3.0, label_weight=0.0)
+    expected = 9.0 * optax.softmax_cross_entropy(logits / 3.0,
+                                                 jax.nn.softmax(teacher / 3.0)).mean()
+    np.testing.assert_allclose(soft, expected, rtol=1e-6)
+    # The soft term alone is minimized by copying the teacher: zero gradient there.
+    grad = jax.grad(lambda z: distillation_loss(z, labels, teacher, label_weight=0.0))(teacher)
+    np.testing.assert_allclose(grad, 0.0, atol=1e-6)
+
+
+def test_train_step_with_teacher_fits_the_teacher_not_the_labels():
+    model = create_model("lenet300100")
+    tx = optax.sgd(0.1)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (16, 28, 28, 1))
+    y = jnp.arange(16) % 10
+    soft_only = functools.partial(distillation_loss, label_weight=0.0)
+    # A student identical to its teacher has nothing to learn from it, whatever the labels say.
+    same = frozen_teacher(model, state.params)
+    new_state, metrics = jax.jit(make_train_step(model, tx, soft_only, same))(state, x, y)
+    for before, after in zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params)):
+        np.testing.assert_allclose(after, before, atol=1e-6)
+    # A different teacher moves the student towards it.
+    other = create_train_state(model, tx, jax.random.PRNGKey(7), (28, 28, 1)).params
+    teacher = frozen_teacher(model, other)
+    step = jax.jit(make_train_step(model, tx, soft_only, teacher))
+
+    def divergence(params):  # T²·KL(teacher ‖ student): the soft loss minus its minimum
+        target = teacher(x)
+        return float(soft_only(model.apply({"params": params}, x), y, target)
+                     - soft_only(target, y, target))
+
+    before = divergence(state.params)
+    for _ in range(10):
+        state, metrics = step(state, x, y)
+    assert divergence(state.params) < 0.5 * before
+
+
+def test_fit_distills_with_the_default_loss(small_mnist):
+    model = create_model("lenet300100")
+    teacher_state, _ = fit(model, optax.adam(1e-3), small_mnist, epochs=2, batch_size=100,
+                           progress=False)
+    teacher = frozen_teacher(model, teacher_state.params)
+    state, history = fit(model, optax.adam(1e-3), small_mnist, epochs=2, batch_size=100,
+                         seed=1, teacher=teacher, progress=False)
+    assert history[-1]["val_accuracy"] > 0.85
+    # The logged loss is distillation_loss's, not plain cross-entropy's.
+    x, y = small_mnist.train.images[:500], small_mnist.train.labels[:500]
+    logits = model.apply({"params": state.params}, x)
+    assert abs(history[-1]["train_loss"] - float(distillation_loss(logits, y, teacher(x)))) < \
+        abs(history[-1]["train_loss"] - float(cross_entropy(logits, y)))
