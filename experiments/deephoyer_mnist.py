@@ -16,7 +16,6 @@ import argparse
 import json
 import time
 
-import jax
 import optax
 
 import common

@@ -16,8 +16,6 @@ import argparse
 import json
 import time
 
-import jax
-
 import common
 from hoyertrim import masks as masks_lib
 from hoyertrim import nettrim

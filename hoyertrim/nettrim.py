@@ -144,12 +144,35 @@ def _solver(maxiter, tol):
 
 @functools.partial(jax.jit, static_argnames=("maxiter", "tol"))
 def _solve_at(xa, y, v, active, u0, penalty_weights, maxiter, tol):
-    """All neurons at one λ: returns U (N+1, M), per-neuron iterations and errors."""
+    """All neurons at one λ: returns U (N+1, M), per-neuron iterations and errors.
+
+    jaxopt's FISTA iterations (`ProximalGradient.update`) with the gradient-based adaptive
+    restart of O'Donoghue & Candès (2015): when the momentum points uphill,
+    ⟨y_k − x_{k+1}, x_{k+1} − x_k⟩ > 0, the extrapolation is reset. On these lasso-like problems
+    that removes FISTA's oscillations and reaches a given accuracy (and sparsity) in fewer
+    iterations, at no extra matmul.
+    """
     solver = _solver(maxiter, tol)
 
     def one(u0, y, v, active):
-        params, state = solver.run(u0, penalty_weights, xa, y, v, active)
-        return params, state.iter_num, state.error
+        args = (xa, y, v, active)
+
+        def body(carry):
+            u, state = carry
+            u_next, next_state = solver.update(u, state, penalty_weights, *args)
+            restart = jnp.vdot(state.velocity - u_next, u_next - u) > 0
+            next_state = next_state._replace(
+                t=jnp.where(restart, 1.0, next_state.t),
+                velocity=jnp.where(restart, u_next, next_state.velocity))
+            return u_next, next_state
+
+        def keep_going(carry):
+            state = carry[1]
+            return (state.iter_num < maxiter) & ((state.iter_num == 0) | (state.error > tol))
+
+        state = solver.init_state(u0, penalty_weights, *args)
+        u, state = jax.lax.while_loop(keep_going, body, (u0, state))
+        return u, state.iter_num, state.error
 
     return jax.vmap(one, in_axes=(1, 1, 1, 1), out_axes=(1, 0, 0))(u0, y, v, active)
 
@@ -173,6 +196,199 @@ def _neuron_sharding(num_neurons: int):
     return mesh, padded
 
 
+class _NormalizedLayer:
+    """One layer's problem, normalized and on the device, solvable at any λ.
+
+    Normalization makes λ and tol scale-free (‖Y‖_F → √M) and preconditions: each input column
+    is scaled by s_i (Jacobi, then ‖X diag(s)‖₂ = 1 so step 1 is exact). Solving for ũ = u / s
+    with ℓ1 weights λ·s_i is the same problem, far better conditioned on image data whose pixel
+    columns differ in norm by orders of magnitude.
+    """
+
+    def __init__(self, x, y, v, active, xa, y_norm, *, relu, maxiter, tol, shard,
+                 init_kernel=None, init_bias=None):
+        num_inputs, num_neurons = x.shape[1], y.shape[1]
+        self.num_inputs, self.num_neurons, self.y_norm = num_inputs, num_neurons, y_norm
+        self.relu, self.maxiter = relu, maxiter
+        self.y_scale = y_norm / math.sqrt(num_neurons)
+        # Inputs that are zero on every sample (e.g. MNIST's border pixels) cannot affect the
+        # outputs, so their weights are 0 at the optimum: solve without those columns.
+        self.live = np.flatnonzero(np.any(xa != 0, axis=0))
+        xa_live = xa[:, self.live]
+        gram = xa_live.T.astype(np.float64) @ xa_live
+        inverse_norms = 1.0 / np.sqrt(np.diag(gram))
+        lipschitz = float(np.linalg.eigvalsh(gram * np.outer(inverse_norms, inverse_norms)).max())
+        self.column_scale = (inverse_norms / math.sqrt(lipschitz)).astype(np.float32)
+        xa_n = jnp.asarray(xa_live * self.column_scale)
+
+        self.mesh, padded = _neuron_sharding(num_neurons) if shard else (None, num_neurons)
+        pad = padded - num_neurons
+
+        def prepare(a, fill=0):
+            a = np.pad(a, ((0, 0), (0, pad)), constant_values=fill) if pad else a
+            if self.mesh is None:
+                return jnp.asarray(a)
+            return jax.device_put(a, NamedSharding(self.mesh, PartitionSpec(None, "neurons")))
+
+        self.prepare = prepare
+        self.y_d, self.v_d = prepare(y / self.y_scale), prepare(v / self.y_scale)
+        self.active_d = prepare(active, False)
+        if self.mesh is not None:
+            xa_n = jax.device_put(xa_n, NamedSharding(self.mesh, PartitionSpec()))
+        self.xa_n = xa_n
+        self.start = prepare(self.to_normalized(init_kernel, init_bias))
+        # The bias (the ones column, always live and last) is not penalized.
+        self.penalty_weights = jnp.asarray(self.column_scale).at[-1].set(0.0)
+        # λ that makes u = 0 optimal (for every neuron): the largest gradient entry at zero.
+        grad0 = np.asarray(xa_n[:, :-1].T @ np.asarray(
+            _residual(jnp.zeros_like(self.y_d), self.y_d, self.v_d, self.active_d)))
+        self.lam_max = float(np.max(np.abs(grad0) / self.column_scale[:-1, None]))
+        self.abs_tol = tol * float(np.abs(grad0).max())  # in the units of the solver's gradient
+        # The unnormalized signals the certificate is measured on, moved to the device once.
+        self.measure_data = tuple(jnp.asarray(a) for a in (xa, y, v, active))
+
+    def to_normalized(self, kernel, bias):
+        """(N+1, M) real weights (kernel rows, then bias) → the solver's variables."""
+        u = np.zeros((self.num_inputs + 1, self.num_neurons), np.float32)
+        if kernel is not None:
+            u[:self.num_inputs] = np.asarray(kernel)
+            if bias is not None:
+                u[self.num_inputs] = np.asarray(bias)
+        return (u[self.live] / (self.y_scale * self.column_scale[:, None])).astype(np.float32)
+
+    def to_real(self, u):
+        """The solver's variables → (N+1, M) real weights; dead inputs get exact zeros."""
+        real = np.zeros((self.num_inputs + 1, self.num_neurons), np.float32)
+        real[self.live] = (np.asarray(u)[:, :self.num_neurons] * self.column_scale[:, None]
+                           * self.y_scale)
+        return real
+
+    def solve(self, lam, start):
+        """Solves at ``lam`` from ``start`` (normalized, device); returns a result dict."""
+        u, iters, errors = _solve_at(self.xa_n, self.y_d, self.v_d, self.active_d, start,
+                                     lam * self.penalty_weights, self.maxiter, self.abs_tol)
+        u_real = self.to_real(u)
+        xa, y, v, active = self.measure_data
+        error, violation = _measure(xa, jnp.asarray(u_real), y, v, active, self.relu)
+        return {"u": u, "u_real": u_real, "lam": lam, "error": math.sqrt(float(error)),
+                "violation": math.sqrt(float(violation)),
+                "iterations": int(np.max(iters)), "converged": bool(np.all(errors <= self.abs_tol))}
+
+
+@dataclasses.dataclass
+class _Search:
+    """Outcome of a λ search: the largest feasible and smallest infeasible solves, all solves,
+    and the local slope d log(discrepancy) / d log(λ) between the last two solves."""
+
+    feasible: dict | None
+    infeasible: dict | None
+    solves: list
+    slope: float | None
+
+
+def _log_slope(a: dict, b: dict) -> float | None:
+    dlam = math.log(a["lam"]) - math.log(b["lam"])
+    if abs(dlam) < 1e-9 or min(a["error"], b["error"]) <= 0:
+        return None
+    slope = (math.log(a["error"]) - math.log(b["error"])) / dlam
+    return slope if slope > 1e-3 else None
+
+
+def _search_lambda(problem: _NormalizedLayer, lam: float, target: float, *, search_tol: float,
+                   max_solves: int, lam_range: float, factor: float,
+                   slope: float | None = None, bar=None) -> _Search:
+    """Finds the largest λ whose solution meets ``target`` (absolute discrepancy), to within
+    ``search_tol``.
+
+    Until feasible and infeasible λ bracket the target it steps in log λ — by the local log-log
+    slope of discrepancy vs λ when one is known (a secant step, clipped to ``factor``), else by
+    ``factor`` — and then interpolates log(error) against log(λ) inside the bracket
+    (safeguarded secant). Each solve is warm-started from the nearest previous solution in log λ.
+    """
+    solves, feasible, infeasible = [], None, None
+    lam_max, lam_min = problem.lam_max, problem.lam_max * lam_range
+    aim = math.log(target * (1 - search_tol / 2))
+    while len(solves) < max_solves:
+        start = problem.start
+        if solves:
+            start = min(solves, key=lambda r: abs(math.log(r["lam"] / lam)))["u"]
+        result = problem.solve(lam, start)
+        if solves:
+            slope = _log_slope(result, solves[-1]) or slope
+        solves.append(result)
+        if bar is not None:
+            bar.update()
+            bar.set_postfix(lam=f"{lam:.3g}",
+                            discrepancy=f"{result['error'] / problem.y_norm:.4f}")
+        if result["error"] <= target:
+            if feasible is None or result["lam"] > feasible["lam"]:
+                feasible = result
+            if result["error"] >= (1 - search_tol) * target:
+                break
+        elif infeasible is None or result["lam"] < infeasible["lam"]:
+            infeasible = result
+        if feasible is None or infeasible is None:
+            if (feasible is None and lam <= lam_min) or (infeasible is None and lam >= lam_max):
+                break  # infeasible at the smallest λ / feasible with everything pruned
+            if slope is not None:
+                step = (aim - math.log(max(result["error"], 1e-30))) / slope
+                step = min(max(step, -math.log(factor)), math.log(factor))
+            else:
+                step = math.log(factor) if feasible is not None else -math.log(factor)
+            lam = min(max(lam * math.exp(step), lam_min), lam_max)
+            # A slope step that lands back inside the known side only wastes a solve.
+            if feasible is not None and lam <= feasible["lam"]:
+                lam = min(feasible["lam"] * factor, lam_max)
+            if infeasible is not None and lam >= infeasible["lam"]:
+                lam = max(infeasible["lam"] / factor, lam_min)
+        else:
+            lo, hi = math.log(feasible["lam"]), math.log(infeasible["lam"])
+            if hi - lo < 1e-3:
+                break
+            e_lo = math.log(max(feasible["error"], 1e-30))
+            e_hi = math.log(infeasible["error"])
+            t = (aim - e_lo) / max(e_hi - e_lo, 1e-12)
+            lam = math.exp(lo + min(max(t, 0.1), 0.9) * (hi - lo))
+    return _Search(feasible, infeasible, solves, slope)
+
+
+def _multilevel_search(signals, epsilon, presolve_samples, init, options, search, bar=None):
+    """λ search on ``signals`` = (x, y, v, active, xa, ‖y‖_F), started from a search on a random
+    subsample of ``presolve_samples`` rows (itself started from one on a 4x smaller subsample,
+    down to `_SMALLEST_PRESOLVE` rows): each level hands the next its λ (scaled by √(P ratio),
+    the normalization's P-dependence), its solution as warm start and its measured slope, so
+    only the smallest level searches from λ_max and every larger one needs a few solves.
+
+    Returns the full-size `_Search` and the iterations spent on the subsamples.
+    """
+    x, y, v, active, xa, y_norm = signals
+    num_samples = x.shape[0]
+    init_kernel, init_bias = init
+    lam, slope, factor, presolve_iterations = None, None, 8.0, 0
+    if presolve_samples and num_samples > 2 * presolve_samples:
+        rows = np.sort(np.random.default_rng(0).choice(num_samples, presolve_samples, False))
+        if np.any(y[rows] != 0):
+            smaller = presolve_samples // 4
+            small, small_iterations = _multilevel_search(
+                (x[rows], y[rows], v[rows], active[rows], xa[rows],
+                 float(np.linalg.norm(y[rows]))), epsilon,
+                smaller if smaller >= _SMALLEST_PRESOLVE else None, init, options, search)
+            presolve_iterations = small_iterations + sum(r["iterations"] for r in small.solves)
+            best = small.feasible or min(small.solves, key=lambda r: r["error"])
+            init_kernel, init_bias = best["u_real"][:-1], best["u_real"][-1]
+            lam = best["lam"] * math.sqrt(num_samples / presolve_samples)
+            slope, factor = small.slope, 2.0
+    problem = _NormalizedLayer(x, y, v, active, xa, y_norm, init_kernel=init_kernel,
+                               init_bias=init_bias, **options)
+    lam = problem.lam_max if lam is None else min(lam, problem.lam_max)
+    found = _search_lambda(problem, lam, epsilon * y_norm, factor=factor, slope=slope, bar=bar,
+                           **search)
+    return found, presolve_iterations
+
+
+_SMALLEST_PRESOLVE = 400
+
+
 def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int = 300,
                 tol: float = 1e-4, search_tol: float = 0.03, max_solves: int = 30,
                 lam_range: float = 1e-6, init_kernel=None, init_bias=None,
@@ -193,10 +409,11 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
       max_solves: limit of the λ search.
       lam_range: smallest λ tried, relative to the λ that prunes everything.
       init_kernel, init_bias: warm start for the first solve (e.g. the trained weights).
-      presolve_samples: when P exceeds twice this, first run the whole λ search on this many
-        random samples (cheap), then start the full search at the λ it found (scaled by
-        √(P / presolve_samples), the normalization's P-dependence) from its solution, so the
-        expensive full-size search needs only a few solves. None disables it.
+      presolve_samples: when P exceeds twice this, first run the λ search on this many random
+        samples (cheap; itself presolved on 4x fewer, down to a few hundred), then start the full
+        search at the λ it found (scaled by √(P / presolve_samples), the normalization's
+        P-dependence) from its solution, stepping by the discrepancy-vs-λ slope it measured, so
+        the expensive full-size search needs only a few solves. None disables it.
       shard: spread the neuron axis over all devices when there are several.
       progress: show a progress bar of the λ search (one tick per full-size solve).
 
@@ -206,139 +423,27 @@ def solve_layer(x, y, *, epsilon: float, relu: bool = True, v=None, maxiter: int
     """
     started = time.perf_counter()
     x, y, v, active, xa, y_norm = _problem(x, y, epsilon, v, relu)
-    num_samples, num_inputs = x.shape
-    num_neurons = y.shape[1]
-    presolved = None
-    if presolve_samples and num_samples > 2 * presolve_samples:
-        rows = np.sort(np.random.default_rng(0).choice(num_samples, presolve_samples, False))
-        if np.any(y[rows] != 0):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                presolved = solve_layer(
-                    x[rows], y[rows], epsilon=epsilon, relu=relu, v=v[rows], maxiter=maxiter,
-                    tol=tol, search_tol=search_tol, max_solves=max_solves, lam_range=lam_range,
-                    init_kernel=init_kernel, init_bias=init_bias, presolve_samples=None,
-                    shard=shard)
-            init_kernel, init_bias = presolved.kernel, presolved.bias
-
-    # Normalize so that λ and tol are scale-free (‖Y‖_F → √M) and precondition: scale each input
-    # column by s_i (Jacobi, then ‖X diag(s)‖₂ = 1 so step 1 is exact). Solving for ũ = u / s
-    # with ℓ1 weights λ·s_i is the same problem, far better conditioned on image data whose pixel
-    # columns differ in norm by orders of magnitude. Zero columns get s_i = 0, hence u_i = 0.
-    y_scale = y_norm / math.sqrt(num_neurons)
-    gram = xa.T.astype(np.float64) @ xa
-    column_norms = np.sqrt(np.diag(gram))
-    inverse_norms = np.where(column_norms > 0, 1.0 / np.maximum(column_norms, 1e-30), 0.0)
-    lipschitz = float(np.linalg.eigvalsh(gram * np.outer(inverse_norms, inverse_norms)).max())
-    column_scale = (inverse_norms / math.sqrt(lipschitz)).astype(np.float32)
-    xa_n = jnp.asarray(xa * column_scale)
-    y_n, v_n = y / y_scale, v / y_scale
-    u0 = np.zeros((num_inputs + 1, num_neurons), np.float32)
-    if init_kernel is not None:
-        u0[:num_inputs] = np.asarray(init_kernel) / y_scale
-        if init_bias is not None:
-            u0[num_inputs] = np.asarray(init_bias) / y_scale
-        u0 = np.where(column_scale[:, None] > 0, u0 / np.maximum(column_scale, 1e-30)[:, None], 0)
-
-    def to_real(u):
-        return np.asarray(u)[:, :num_neurons] * column_scale[:, None] * y_scale
-
-    mesh, padded = _neuron_sharding(num_neurons) if shard else (None, num_neurons)
-    pad = padded - num_neurons
-
-    def prepare(a, fill=0):
-        a = np.pad(a, ((0, 0), (0, pad)), constant_values=fill) if pad else a
-        if mesh is None:
-            return jnp.asarray(a)
-        return jax.device_put(a, NamedSharding(mesh, PartitionSpec(None, "neurons")))
-
-    y_d, v_d, active_d = prepare(y_n), prepare(v_n), prepare(active, False)
-    if mesh is not None:
-        xa_n = jax.device_put(xa_n, NamedSharding(mesh, PartitionSpec()))
-    u_current = prepare(u0.astype(np.float32))
-    penalty_mask = jnp.asarray(column_scale).at[num_inputs].set(0.0)
-
-    # λ that makes u = 0 optimal (for every neuron): the largest gradient entry at zero.
-    grad0 = np.asarray(xa_n[:, :num_inputs].T @ np.asarray(
-        _residual(jnp.zeros_like(y_d), y_d, v_d, active_d)))
-    lam_max = float(np.max(np.abs(grad0) / np.maximum(column_scale[:num_inputs, None], 1e-30)))
-    abs_tol = tol * float(np.abs(grad0).max())  # in the units of the solver's gradient
-    target = epsilon * y_norm
-
-    # The unnormalized signals the certificate is measured on, moved to the device once.
-    measure_data = tuple(jnp.asarray(a) for a in (xa, y, v, active))
-
-    def evaluate(lam, start):
-        u, iters, errors = _solve_at(xa_n, y_d, v_d, active_d, start, lam * penalty_mask,
-                                     maxiter, abs_tol)
-        u_real = to_real(u)
-        error, violation = _measure(*measure_data[:1], jnp.asarray(u_real), *measure_data[1:],
-                                    relu)
-        return {"u": u, "u_real": u_real, "lam": lam, "error": math.sqrt(float(error)),
-                "violation": math.sqrt(float(violation)),
-                "iterations": int(np.max(iters)), "converged": bool(np.all(errors <= abs_tol))}
-
-    solves = []
-    total_iterations = 0
-    feasible = infeasible = None
-    lam, factor = lam_max, 8.0
-    if presolved is not None:
-        lam = min(presolved.lam * math.sqrt(num_samples / presolve_samples), lam_max)
-        factor = 2.0
-    # Move geometrically (warm starts along the path) until feasible and infeasible λ bracket
-    # epsilon; then interpolate log(error) against log(λ) inside the bracket (safeguarded secant),
-    # warm-starting from the bracket end nearest the new λ.
-    bar = tqdm(total=max_solves, desc="Net-Trim λ search", unit="solve", leave=False,
-               disable=not progress)
-    while len(solves) < max_solves:
-        start = u_current
-        if feasible is not None or infeasible is not None:
-            ends = [r for r in (feasible, infeasible) if r is not None]
-            start = min(ends, key=lambda r: abs(math.log(r["lam"] / lam)))["u"]
-        result = evaluate(lam, start)
-        solves.append(result)
-        total_iterations += result["iterations"]
-        bar.update()
-        bar.set_postfix(lam=f"{lam:.3g}", discrepancy=f"{result['error'] / y_norm:.4f}")
-        if result["error"] <= target:
-            if feasible is None or result["lam"] > feasible["lam"]:
-                feasible = result
-            if result["error"] >= (1 - search_tol) * target:
-                break
-        elif infeasible is None or result["lam"] < infeasible["lam"]:
-            infeasible = result
-        if feasible is None:
-            if lam <= lam_max * lam_range:
-                break
-            lam = max(lam / factor, lam_max * lam_range)
-        elif infeasible is None:
-            if lam >= lam_max:
-                break  # feasible at λ_max: the layer can be pruned away entirely
-            lam = min(lam * factor, lam_max)
-        else:
-            lo, hi = math.log(feasible["lam"]), math.log(infeasible["lam"])
-            if hi - lo < 1e-3:
-                break
-            e_lo = math.log(max(feasible["error"], 1e-30))
-            e_hi = math.log(infeasible["error"])
-            t = (math.log(target * (1 - search_tol / 2)) - e_lo) / max(e_hi - e_lo, 1e-12)
-            lam = math.exp(lo + min(max(t, 0.1), 0.9) * (hi - lo))
-    bar.close()
-    best = feasible or min(solves, key=lambda r: r["error"])
-    if feasible is None:
+    options = dict(relu=relu, maxiter=maxiter, tol=tol, shard=shard)
+    search = dict(search_tol=search_tol, max_solves=max_solves, lam_range=lam_range)
+    with tqdm(total=max_solves, desc="Net-Trim λ search", unit="solve", leave=False,
+              disable=not progress) as bar:
+        found, presolve_iterations = _multilevel_search(
+            (x, y, v, active, xa, y_norm), epsilon, presolve_samples, (init_kernel, init_bias),
+            options, search, bar)
+    best = found.feasible or min(found.solves, key=lambda r: r["error"])
+    if found.feasible is None:
         warnings.warn(f"Net-Trim could not meet epsilon={epsilon:g} for this layer: the best "
                       f"discrepancy reached is {best['error'] / y_norm:.4g} (at λ={best['lam']:.3g},"
                       f" the smallest tried). Raise epsilon, maxiter, or lower lam_range.",
                       stacklevel=2)
-    kernel = best["u_real"][:num_inputs]
+    kernel = best["u_real"][:-1]
     return LayerSolution(
-        kernel=kernel, bias=best["u_real"][num_inputs], discrepancy=best["error"] / y_norm,
-        epsilon=epsilon, feasible=feasible is not None, lam=best["lam"],
-        iterations=total_iterations, converged=best["converged"],
+        kernel=kernel, bias=best["u_real"][-1], discrepancy=best["error"] / y_norm,
+        epsilon=epsilon, feasible=found.feasible is not None, lam=best["lam"],
+        iterations=sum(r["iterations"] for r in found.solves), converged=best["converged"],
         inactive_violation=best["violation"] / y_norm,
-        kept_fraction=float(np.mean(kernel != 0)), solves=len(solves),
-        seconds=time.perf_counter() - started,
-        presolve_iterations=presolved.iterations if presolved is not None else 0)
+        kept_fraction=float(np.mean(kernel != 0)), solves=len(found.solves),
+        seconds=time.perf_counter() - started, presolve_iterations=presolve_iterations)
 
 
 def solve_layer_admm(x, y, *, epsilon: float, relu: bool = True, v=None, rho: float = 100.0,

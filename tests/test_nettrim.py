@@ -61,6 +61,28 @@ def test_solution_is_certified_and_exactly_sparse():
     assert solution.kept_fraction == pytest.approx(np.mean(solution.kernel != 0))
 
 
+def test_dead_inputs_get_zero_weights_and_change_nothing():
+    x, y = _layer(3)
+    padded = np.concatenate([np.zeros((len(x), 2), np.float32), x,
+                             np.zeros((len(x), 1), np.float32)], axis=1)
+    plain = nettrim.solve_layer(x, y, epsilon=0.1, init_kernel=np.ones((30, 6)))
+    solution = nettrim.solve_layer(padded, y, epsilon=0.1, init_kernel=np.ones((33, 6)))
+    assert solution.kernel.shape == (33, 6)
+    assert not np.any(solution.kernel[[0, 1, 32]])
+    np.testing.assert_allclose(solution.kernel[2:32], plain.kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(solution.bias, plain.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_presolve_levels_reach_the_same_solution_with_fewer_full_solves():
+    x, y = _layer(4, samples=4000, inputs=40, outputs=8)
+    direct = nettrim.solve_layer(x, y, epsilon=0.1, presolve_samples=None)
+    presolved = nettrim.solve_layer(x, y, epsilon=0.1, presolve_samples=1600)  # 1600 -> 400
+    assert presolved.feasible and presolved.discrepancy <= 0.1
+    assert presolved.discrepancy >= 0.97 * 0.1  # the same search band
+    assert presolved.presolve_iterations > 0 and presolved.solves < direct.solves
+    assert np.abs(presolved.kernel).sum() == pytest.approx(np.abs(direct.kernel).sum(), rel=0.02)
+
+
 def test_admm_reference_agrees():
     x, y = _layer(2)
     admm = nettrim.solve_layer_admm(x, y, epsilon=0.1, maxiter=5000, tol=1e-5)
