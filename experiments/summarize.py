@@ -28,13 +28,19 @@ def dense_table(runs: pathlib.Path) -> list[str]:
     return rows
 
 
+def _finetune(point: dict) -> str:
+    return "distill" if point.get("distill") else "CE"
+
+
 def deephoyer_table(results: dict) -> list[str]:
     rows = [f"**{results['model']}**, dense test error {results['dense']['test_error']:.2f}%.", "",
-            "| method | α | s | val error % | test error % | compression | alive units | "
-            "FLOPs ÷ (sparse) | FLOPs ÷ (structured) |", "|---|---|---|---|---|---|---|---|---|"]
+            "| method | α | prune rule, s | fine-tune | val error % | test error % | compression | "
+            "alive units | FLOPs ÷ (sparse) | FLOPs ÷ (structured) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for p in results["points"]:
-        rows.append(f"| {p['method']} | {p.get('strength', ''):g} | {p.get('threshold_scale', ''):g}"
-                    f" | {p['val_error']:.2f} | {p['test_error']:.2f} | {p['compression']:.1f}x | "
+        rows.append(f"| {p['method']} | {p.get('strength', ''):g} | "
+                    f"{p.get('prune_rule', 'std')}, {p.get('threshold_scale', ''):g} | "
+                    f"{_finetune(p)} | {p['val_error']:.2f} | {p['test_error']:.2f} | {p['compression']:.1f}x | "
                     f"{p['architecture']} | {p['flops_reduction_sparse']:.1f} | "
                     f"{p['flops_reduction_structured']:.1f} |")
     return rows
@@ -48,12 +54,14 @@ def deephoyer_plot(all_results: list[dict], path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         for r in (r for r in all_results if r["model"] == model):
-            for method in sorted({p["method"] for p in r["points"]}):
-                pts = sorted((p for p in r["points"] if p["method"] == method),
+            for method, finetune in sorted({(p["method"], _finetune(p)) for p in r["points"]}):
+                pts = sorted((p for p in r["points"]
+                              if (p["method"], _finetune(p)) == (method, finetune)),
                              key=lambda p: p["compression"])
                 run = r["run"].replace("deephoyer_", "")
                 ax.plot([p["compression"] for p in pts], [p["test_error"] for p in pts],
-                        "o-" if method in PENALTY_NAMES else "x--", label=f"{method} [{run}]")
+                        "o-" if method in PENALTY_NAMES else "x--",
+                        label=f"{method}, {finetune} fine-tune [{run}]")
         for label, (error, compression) in PUBLISHED[model].items():
             ax.scatter([compression], [error], marker="*", s=120, zorder=5)
             ax.annotate(label, (compression, error), fontsize=8, xytext=(4, 4),

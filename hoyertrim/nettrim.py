@@ -71,7 +71,8 @@ class LayerSolution:
       kept_fraction: nonzero fraction of ``kernel``.
       solves: number of (warm-started) solves the λ search made.
       seconds: wall time.
-      presolve_iterations: iterations of the subsampled presolve (see ``presolve_samples``).
+      presolve_iterations: iterations spent on the subsampled presolves (all levels; see
+        ``presolve_samples``).
     """
 
     kernel: np.ndarray

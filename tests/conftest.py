@@ -13,7 +13,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def _data_root() -> pathlib.Path | None:
     for candidate in (os.environ.get("HOYERTRIM_DATA"), REPO.parent / "shared" / "data"):
         if candidate and (pathlib.Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file():
-            return pathlib.Path(candidate)
+            return pathlib.Path(candidate).resolve()
     return None
 
 
