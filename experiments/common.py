@@ -69,8 +69,6 @@ def restore_dense(args, model, dataset):
     return state.params
 
 
-
-
 def train_stage(model, tx, dataset, params, epochs, directory, *, batch_size, seed, config=None,
                 masks=None, teacher=None, select_best=True, progress=True):
     """Trains from ``params`` with ``tx`` for ``epochs`` epochs, checkpointing into ``directory``

@@ -86,9 +86,10 @@ def finetune(model, dataset, params, masks, directory, args, config, teacher):
         progress=not args.no_progress)
 
 
-def gradual_baseline(model, dataset, dense, point, args, config, directory, teacher):
+def gradual_baseline(model, dataset, dense, point, key, args, config, directory, teacher):
     """Zhu-Gupta gradual magnitude pruning from the dense model to ``point``'s per-layer
-    sparsity over the regularized stage's epochs (pruning ends at 75%), then the same fine-tune."""
+    sparsity over the regularized stage's epochs (pruning ends at 75%), then the same fine-tune;
+    the result is labelled with ``key``."""
     steps_per_epoch = len(dataset.train) // args.batch_size
     total = args.reg_epochs * steps_per_epoch
     sparsity = {l["name"]: 1 - l["kept_fraction"] for l in point["report"]["layers"]}
@@ -101,11 +102,7 @@ def gradual_baseline(model, dataset, dense, point, args, config, directory, teac
     masks = masks_lib.nonzero_masks(pruned)
     tuned = finetune(model, dataset, pruned, masks, directory / "finetune", args,
                      {**config, "stage": "gradual_finetune"}, teacher)
-    return evaluate_point(model, dataset, tuned, "gradual_magnitude",
-                          {"strength": point["strength"],
-                           "threshold_scale": point["threshold_scale"],
-                           "prune_rule": point.get("prune_rule", "std"),
-                           "distill": point.get("distill", False)})
+    return evaluate_point(model, dataset, tuned, "gradual_magnitude", key)
 
 
 def prune_masks(params, rule, scale, group_threshold):
@@ -160,12 +157,14 @@ def main(argv=None):
         regularized = run_stage(model, tx, dataset, dense, args.reg_epochs, reg_dir, args,
                                 config, select_best=False)
         for scale in args.threshold_scale:
+            # What identifies a point of this sweep (older results lack the last two fields).
+            key = {"strength": strength, "threshold_scale": scale,
+                   "prune_rule": args.prune_rule, "distill": args.distill}
+            defaults = {"prune_rule": "std", "distill": False}
+
             def existing(method):
-                return next((p for p in points if (p["method"], p.get("strength"),
-                                                   p.get("threshold_scale"),
-                                                   p.get("prune_rule", "std"),
-                                                   p.get("distill", False)) ==
-                             (method, strength, scale, args.prune_rule, args.distill)), None)
+                return next((p for p in points if p["method"] == method and all(
+                    p.get(k, defaults.get(k)) == v for k, v in key.items())), None)
 
             point = existing(args.penalty)
             if point is None:
@@ -174,10 +173,7 @@ def main(argv=None):
                                  out / f"ft_a{strength:g}_s{scale:g}{rule_suffix}", args,
                                  {**config, "stage": "finetune", "threshold_scale": scale},
                                  teacher)
-                point = evaluate_point(model, dataset, tuned, args.penalty,
-                                       {"strength": strength, "threshold_scale": scale,
-                                        "prune_rule": args.prune_rule,
-                                        "distill": args.distill})
+                point = evaluate_point(model, dataset, tuned, args.penalty, key)
                 points.append(point)
             print(f"{args.penalty} α={strength:g} s={scale:g}: test error {point['test_error']:.2f}%"
                   f" at {point['compression']:.1f}x ({point['architecture']}), FLOPs /"
@@ -189,15 +185,12 @@ def main(argv=None):
                                 out / f"magnitude_a{strength:g}_s{scale:g}{rule_suffix}", args,
                                 {**config, "stage": "magnitude", "threshold_scale": scale},
                                 teacher)
-                points.append(evaluate_point(model, dataset, base, "magnitude",
-                                             {"strength": strength, "threshold_scale": scale,
-                                              "prune_rule": args.prune_rule,
-                                              "distill": args.distill}))
+                points.append(evaluate_point(model, dataset, base, "magnitude", key))
                 print(f"  magnitude (one-shot), same per-layer counts: test error "
                       f"{points[-1]['test_error']:.2f}%")
             if args.gradual_baseline and existing("gradual_magnitude") is None:
                 gradual_dir = out / f"gradual_a{strength:g}_s{scale:g}{rule_suffix}"
-                points.append(gradual_baseline(model, dataset, dense, point, args, config,
+                points.append(gradual_baseline(model, dataset, dense, point, key, args, config,
                                                gradual_dir, teacher))
                 print(f"  gradual magnitude, same per-layer sparsity: test error "
                       f"{points[-1]['test_error']:.2f}%")
