@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hoyertrim.nettrim import adapters as nettrim_adapters
+
 
 def _check_input(x: jax.Array, expected: tuple[int, ...], model: str) -> None:
     """Raises a clear ValueError when ``x`` is not a batch of ``expected``-shaped images."""
@@ -57,6 +59,12 @@ class PatchConv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         patches = image_patches(x, self.kernel_size)
         return patches @ kernel.reshape(-1, self.features) + bias
+
+
+# Net-Trim prunes PatchConv like the nn.Conv it stands for, through its own patches.
+nettrim_adapters.register_adapter(
+    PatchConv, nettrim_adapters.ConvAdapter(
+        patches=lambda module, images: image_patches(images, tuple(module.kernel_size))))
 
 
 class MLP(nn.Module):

@@ -1,0 +1,35 @@
+"""Net-Trim: convex, layer-wise pruning of trained networks with a certified, checked error.
+
+Aghasi, Abdi, Nguyen & Romberg, "Net-Trim: Convex Pruning of Deep Neural Networks with Performance
+Guarantee", NIPS 2017 (journal version SIMODS 2020). For one trained layer with inputs ``X``,
+outputs ``Y = relu(X W)`` and active set Ω = {Y > 0}, Net-Trim finds the sparsest ``U`` with
+
+    ‖(X U − Y)_Ω‖_F ≤ ε‖Y‖_F      and      (X U)_{Ωᶜ} ≤ V_{Ωᶜ}      (V = 0 in the parallel scheme)
+
+so that ‖relu(X U) − Y‖_F ≤ ε‖Y‖_F: the pruned layer provably stays within ε of the trained one.
+
+Modules, bottom to top:
+  problem   one layer's signals, validation, normalization, the measured certificate
+  fista     the restarted FISTA kernel (`jaxopt.ProximalGradient` steps, vmapped over neurons)
+  search    the λ search meeting ε or a kept fraction; `solve_layer`
+  admm      the paper's ADMM (reference)
+  adapters  how a Flax layer type is a matrix problem (Dense, Conv, user-registered)
+  capture   finding a model's layers and recording their signals
+  graph     what follows each layer (ReLU after folded affine steps, or not): which program
+  network   `prune_network` (parallel / cascade), the checked certificate, save / load
+"""
+
+from hoyertrim.nettrim.adapters import ConvAdapter, DenseAdapter, LayerAdapter, \
+    register_adapter, supported_types
+from hoyertrim.nettrim.admm import solve_layer_admm
+from hoyertrim.nettrim.capture import capture_layers
+from hoyertrim.nettrim.graph import Follower
+from hoyertrim.nettrim.network import CertificateError, PrunedNetwork, load_pruned, \
+    prune_network, save_pruned
+from hoyertrim.nettrim.problem import LayerSolution
+from hoyertrim.nettrim.search import KEPT_FRACTION_TOLERANCE, solve_layer
+
+__all__ = ["CertificateError", "ConvAdapter", "DenseAdapter", "Follower",
+           "KEPT_FRACTION_TOLERANCE", "LayerAdapter", "LayerSolution", "PrunedNetwork",
+           "capture_layers", "load_pruned", "prune_network", "register_adapter", "save_pruned",
+           "solve_layer", "solve_layer_admm", "supported_types"]

@@ -1,0 +1,417 @@
+"""Net-Trim over a whole Flax model: the parallel and cascade schemes, and the checked certificate.
+
+For every selected layer (in call order) the layer's signals are recorded on calibration inputs,
+what follows the layer decides the program (`graph`), per-channel affine steps before a ReLU are
+folded in, the layer is solved (`search.solve_layer`) and unfolded back into the params tree.
+Then the original and the pruned model are run (the real forward pass) and each layer's
+certified quantity is measured on its calibration rows; a value above the certificate raises
+`CertificateError`. Held-out inputs give the measured discrepancy, the logits' relative error
+and the top-1 agreement with the original model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from hoyertrim.nettrim import graph
+from hoyertrim.nettrim.capture import capture, find_layers, select_layers
+from hoyertrim.nettrim.search import solve_layer
+
+# The solver aims this much below the certified ε, so that float32 differences between the
+# layer matrices it measures on and the model's own forward pass cannot cross the bound.
+_SOLVE_MARGIN = 1e-3
+_FLOAT_SLACK = 1e-6  # relative: measured values within float32 resolution of ε pass
+
+
+class CertificateError(AssertionError):
+    """A measured discrepancy exceeds its certificate: a bug, never to pass silently."""
+
+
+@dataclasses.dataclass
+class PrunedNetwork:
+    """Output of `prune_network`.
+
+    Attributes:
+      params: pruned params, the input tree's exact structure.
+      masks: bool tree shaped like params (True = kept; kernels: their nonzeros).
+      layers: per-layer reports in call order (program, reason, certified ε, the solver's and the
+        forward pass's measured discrepancy, kept fraction, fallback, solver statistics).
+      scheme: "parallel" or "cascade".
+      variables: all collections (params replaced), when a variables dict was given.
+      heldout: on held-out inputs: samples, logits_relative_error, top1_agreement.
+    """
+
+    params: Any
+    masks: Any
+    layers: dict[str, dict]
+    scheme: str
+    variables: Any = None
+    heldout: dict | None = None
+
+    def report(self) -> dict:
+        """JSON-ready summary of the whole network."""
+        total = sum(r["weights"] for r in self.layers.values())
+        kept = sum(r["kept_weights"] for r in self.layers.values())
+        return {"scheme": self.scheme, "layers": self.layers, "weights": total,
+                "kept_weights": kept, "kept_fraction": kept / total, "heldout": self.heldout}
+
+
+def _split_variables(variables) -> tuple[Any, dict]:
+    """(params, the other collections) from a params tree or a full variables dict."""
+    if isinstance(variables, Mapping) and "params" in variables:
+        other = {k: v for k, v in variables.items() if k != "params"}
+        return variables["params"], other
+    return variables, {}
+
+
+def _get(tree, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _replace(tree, path: str, new: Mapping):
+    """``tree`` with the layer at ``path`` replaced by ``new`` (same keys), functionally."""
+    keys = path.split("/")
+
+    def rebuild(node, depth):
+        if depth == len(keys):
+            return type(node)(new) if isinstance(node, dict) else new
+        return {**node, keys[depth]: rebuild(node[keys[depth]], depth + 1)}
+
+    return rebuild(tree, 0)
+
+
+def _per_layer(value, names: Sequence[str], what: str) -> dict[str, float | None]:
+    if value is None:
+        return {n: None for n in names}
+    if isinstance(value, Mapping):
+        missing = [n for n in names if n not in value]
+        if missing:
+            raise ValueError(f"{what} has no value for layers {missing}.")
+        return {n: float(value[n]) for n in names}
+    if np.isscalar(value):
+        return {n: float(value) for n in names}
+    value = list(value)
+    if len(value) != len(names):
+        raise ValueError(f"Got {len(value)} values of {what} for {len(names)} layers {names}.")
+    return dict(zip(names, map(float, value)))
+
+
+def _quantity(follower: graph.Follower, z: np.ndarray) -> np.ndarray:
+    """What the layer's certificate bounds, from its output z: relu(scale·z + shift) for the
+    ReLU program, z itself for the linear one; as (rows, M)."""
+    z = np.asarray(z, np.float64).reshape(-1, np.shape(z)[-1])
+    if follower.program == "relu":
+        return np.maximum(follower.scale * z + follower.shift, 0)
+    return z
+
+
+def _relative(new: np.ndarray, old: np.ndarray) -> float:
+    norm = float(np.linalg.norm(old))
+    return float(np.linalg.norm(new - old)) / norm if norm > 0 else float(np.linalg.norm(new))
+
+
+def _sample_rows(num_rows: int, max_rows: int, key, index: int) -> np.ndarray | None:
+    if num_rows <= max_rows:
+        return None
+    return np.sort(np.asarray(jax.random.choice(jax.random.fold_in(key, index), num_rows,
+                                                (max_rows,), replace=False)))
+
+
+def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fraction=None,
+                  scheme: str = "parallel", gamma: float = 1.1,
+                  layers: Sequence[str] | None = None,
+                  activations: Mapping[str, str] | None = None,
+                  apply_kwargs: Mapping | None = None, heldout=0.1, max_rows: int = 20000,
+                  batch_size: int = 1000, key=None, solver: Callable = solve_layer,
+                  progress: bool = True, **solver_kwargs) -> PrunedNetwork:
+    """Net-Trim over a Flax model's Dense/Conv layers (and any registered layer type).
+
+    Args:
+      model: any linen model.
+      variables: its trained ``params`` tree, or the full variables dict (``params``,
+        ``batch_stats``, …; collections other than params come back unchanged).
+      images: (P, ...) inputs whose layer signals define the problems (e.g. training images).
+      epsilon: relative discrepancy: one for all layers, one per selected layer, or a mapping
+        {layer: ε}. In the cascade scheme it is used for the first layer; later layers use the
+        γ rule below.
+      kept_fraction: instead of epsilon, the fraction of each layer's weights to keep (one, one
+        per layer, or a mapping); each layer is certified at the discrepancy it reaches.
+      scheme: ``"parallel"`` (every layer sees the trained network's signals; layers independent)
+        or ``"cascade"`` (each layer sees the already-pruned layers' outputs, its target is the
+        trained output, ``v = x̂·W`` and ε_ℓ = √γ·‖act(x̂W) − y‖/‖y‖, so the trained weights are
+        feasible).
+      gamma: the cascade inflation γ > 1.
+      layers: module paths of the layers to prune (default: every layer with a kernel).
+      activations: per-layer override of the program, ``{"dense0": "relu" | "linear"}``
+        (default: read off the model's computation graph; see `graph`).
+      apply_kwargs: keyword arguments ``model.apply`` needs, e.g. ``{"train": False}``.
+      heldout: held-out inputs (array), or the fraction of ``images`` to hold out (default
+        0.1; 0 disables). Not used to solve; reported on.
+      max_rows: a layer with more signal rows (conv: images × positions) uses a random subset.
+      batch_size: images per forward pass.
+      key: PRNG key for the row subsets and the held-out split.
+      solver: `solve_layer`, or `solve_layer_admm` for Dense/Conv layers with bias and no
+        folding.
+      progress: progress bars (layers; each layer's λ search).
+      **solver_kwargs: passed to the solver.
+
+    Returns:
+      A `PrunedNetwork` whose every layer's certificate was measured by a real forward pass.
+
+    Raises:
+      CertificateError: a measured discrepancy exceeds its certificate (a bug).
+    """
+    if scheme not in ("parallel", "cascade"):
+        raise ValueError(f"scheme must be 'parallel' or 'cascade', got {scheme!r}.")
+    if scheme == "cascade" and gamma <= 1:
+        raise ValueError(f"gamma must be > 1 so the trained weights stay feasible, got {gamma}.")
+    if (epsilon is None) == (kept_fraction is None):
+        raise ValueError("Give exactly one of epsilon and kept_fraction.")
+    key = jax.random.PRNGKey(0) if key is None else key
+    apply_kwargs = dict(apply_kwargs or {})
+    params, collections = _split_variables(variables)
+    images = np.asarray(images)
+    calibration, held = _split_heldout(images, heldout, key)
+
+    def with_params(p):
+        return {"params": p, **collections}
+
+    found, shapes = find_layers(model, with_params(params), calibration[:2], apply_kwargs)
+    names = select_layers(found, layers)
+    epsilons = _per_layer(epsilon, names, "epsilon")
+    fractions = _per_layer(kept_fraction, names, "kept_fraction")
+    followers = graph.followers(model, with_params(params), calibration[:2], apply_kwargs,
+                                {n: shapes[n] for n in names})
+    followers = graph.override(followers, activations, lambda n: shapes[n].shape[-1])
+
+    _, original = capture(model, with_params(params), calibration, apply_kwargs, names,
+                          batch_size)
+    pruned, reports, sample_rows = params, {}, {}
+    bar = tqdm(names, desc=f"Net-Trim ({scheme})", unit="layer", disable=not progress)
+    for index, name in enumerate(bar):
+        layer, follower = found[name], followers[name]
+        inputs, z = original[name]
+        rows = _sample_rows(int(np.prod(np.shape(z)[:-1])), max_rows, key, index)
+        sample_rows[name] = rows
+        x_hat = None
+        if scheme == "cascade" and index > 0:
+            x_hat = capture(model, with_params(pruned), calibration, apply_kwargs, [name],
+                            batch_size)[1][name][0]
+        report, new_layer = _prune_layer(
+            layer, _get(params, name), follower, inputs, x_hat, z, rows,
+            epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma, solver=solver,
+            solver_kwargs={**solver_kwargs, **({"progress": progress}
+                                               if solver is solve_layer else {})})
+        pruned = _replace(pruned, name, new_layer)
+        reports[name] = report
+        bar.set_postfix(layer=name, kept=f"{report['kept_fraction']:.3f}",
+                        disc=f"{report['discrepancy']:.3f}")
+
+    network = _check(model, params, pruned, collections, apply_kwargs, names, followers,
+                     original, sample_rows, reports, calibration, held, scheme, batch_size)
+    return network
+
+
+def _split_heldout(images, heldout, key):
+    if not isinstance(heldout, (int, float)):
+        return images, np.asarray(heldout)
+    if not 0 <= heldout < 1:
+        raise ValueError(f"heldout must be a fraction in [0, 1) or an array, got {heldout}.")
+    count = int(round(heldout * len(images)))
+    if count == 0:
+        return images, None
+    if len(images) - count < 2:
+        raise ValueError(f"{len(images)} images leave too few for calibration after holding "
+                         f"out {count}; pass more images or heldout=0.")
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 7919), len(images)))
+    return images[np.sort(order[count:])], images[np.sort(order[:count])]
+
+
+def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsilon,
+                 kept_fraction, gamma, solver, solver_kwargs):
+    adapter, module = layer.adapter, layer.module
+    kernel = adapter.matrix(module, layer_params).astype(np.float64)
+    bias = adapter.bias(module, layer_params)
+    support = adapter.support(module, layer_params)
+    num_outputs = kernel.shape[1]
+    z_rows = np.asarray(z).reshape(-1, num_outputs)
+    z_rows = z_rows if rows is None else z_rows[rows]
+    x = adapter.input_rows(module, layer_params, inputs, rows)
+    relu = follower.program == "relu"
+    # Fold the per-channel affine map before the ReLU: relu(a⊙z + c) = relu(x·(W a) + (a b + c)).
+    scale = follower.scale if relu else np.ones(num_outputs)
+    shift = follower.shift if relu else np.zeros(num_outputs)
+    folded_kernel = kernel * scale
+    folded_bias = None if bias is None else scale * bias + shift
+    offset = shift if bias is None else np.zeros(num_outputs)
+    target = _quantity(follower, z_rows).astype(np.float32)
+    x_solve, v, certified, mode = x, None, epsilon, "epsilon"
+    if x_hat is not None:
+        x_solve = adapter.input_rows(module, layer_params, x_hat, rows)
+        v = x_solve @ folded_kernel + (offset if bias is None else folded_bias)
+        trained = np.maximum(v, 0) if relu else v
+        if kept_fraction is None:
+            certified = math.sqrt(gamma) * _relative(trained, target)
+            certified = min(max(certified, 1e-6), 0.999)
+        v = v.astype(np.float32) if relu else None
+    extra = {}
+    if bias is None:
+        extra["fit_bias"] = False
+    if np.any(offset != 0):
+        extra["offset"] = offset
+    if support is not None:
+        extra["support"] = support
+    if kept_fraction is not None:
+        extra["kept_fraction"], mode = kept_fraction, "kept_fraction"
+    else:
+        extra["epsilon"] = certified * (1 - _SOLVE_MARGIN)
+    solution = solver(x_solve, target, relu=relu, v=v, **extra, **solver_kwargs)
+    if kept_fraction is not None:
+        certified = solution.epsilon
+    fallback = None
+    if solution.discrepancy > certified * (1 - _SOLVE_MARGIN / 2) and kept_fraction is None:
+        # The trained weights are always feasible (exactly, in parallel; by √γ, in cascade).
+        fallback = (f"solve infeasible (discrepancy {solution.discrepancy:.4g} > ε "
+                    f"{certified:.4g}); kept the trained weights")
+        new_layer = dict(layer_params)
+    else:
+        a = np.where(scale != 0, scale, 1.0)
+        new_kernel = np.where(scale != 0, solution.kernel / a, 0.0)
+        new_bias = None
+        if bias is not None:
+            new_bias = np.where(scale != 0, (solution.bias - shift) / a, bias)
+        new_layer = adapter.with_matrix(module, layer_params, new_kernel, new_bias)
+    kept = int(np.count_nonzero(new_layer["kernel"]))
+    weights = int(np.size(new_layer["kernel"]))
+    report = {
+        **solution.summary(), "epsilon": certified, "mode": mode,
+        "program": follower.program, "reason": follower.reason,
+        "activation": follower.activation, "lipschitz": follower.lipschitz,
+        "bounds": ("‖relu(ẑ) − relu(z)‖_F ≤ ε‖relu(z)‖_F (post-activation"
+                   + (", batch-norm/affine folded" if np.any(scale != 1) or np.any(shift != 0)
+                      else "") + ")") if relu else "‖ẑ − z‖_F ≤ ε‖z‖_F (pre-activation)",
+        "samples": int(x.shape[0]), "weights": weights, "kept_weights": kept,
+        "kept_fraction": kept / weights, "fallback": fallback}
+    if fallback:
+        report["discrepancy"] = 0.0 if x_hat is None else certified / math.sqrt(gamma)
+    return report, new_layer
+
+
+def _measure_layers(model, params, pruned, collections, apply_kwargs, names, followers,
+                    images, rows, scheme, batch_size, reference):
+    """Per layer, the measured relative discrepancy of its certified quantity in the real
+    forward pass: the layer alone pruned (parallel) or the whole pruned network (cascade)."""
+    measured = {}
+    if scheme == "cascade":
+        _, signals = capture(model, {"params": pruned, **collections}, images, apply_kwargs,
+                             names, batch_size)
+    for name in names:
+        if scheme == "parallel":
+            alone = _replace(params, name, _get(pruned, name))
+            z = capture(model, {"params": alone, **collections}, images, apply_kwargs, [name],
+                        batch_size)[1][name][1]
+        else:
+            z = signals[name][1]
+        new, old = _quantity(followers[name], z), _quantity(followers[name], reference[name][1])
+        r = rows.get(name)
+        if r is not None:
+            new, old = new[r], old[r]
+        measured[name] = _relative(new, old)
+    return measured
+
+
+def _check(model, params, pruned, collections, apply_kwargs, names, followers, original,
+           sample_rows, reports, calibration, held, scheme, batch_size) -> PrunedNetwork:
+    measured = _measure_layers(model, params, pruned, collections, apply_kwargs, names,
+                               followers, calibration, sample_rows, scheme, batch_size, original)
+    for name in names:
+        report = reports[name]
+        report["measured"] = measured[name]
+        if measured[name] > report["epsilon"] * (1 + _FLOAT_SLACK) + _FLOAT_SLACK:
+            raise CertificateError(
+                f"Layer {name!r}: the forward pass measures a discrepancy of {measured[name]:.6g} "
+                f"on the calibration rows, above its certificate ε = {report['epsilon']:.6g} "
+                f"({report['bounds']}). This is a bug in hoyertrim; please report it.")
+        if report["lipschitz"] is not None:
+            # ‖σ(ẑ) − σ(z)‖ ≤ L‖ẑ − z‖ ≤ L·ε‖z‖: the bound the certificate implies on the output.
+            report["output_bound"] = report["lipschitz"] * report["epsilon"]
+    heldout = None
+    if held is not None and len(held):
+        reference_out, reference = capture(model, {"params": params, **collections}, held,
+                                           apply_kwargs, names, batch_size)
+        out, _ = capture(model, {"params": pruned, **collections}, held, apply_kwargs, [],
+                         batch_size)
+        held_measured = _measure_layers(model, params, pruned, collections, apply_kwargs, names,
+                                        followers, held, {}, scheme, batch_size, reference)
+        for name in names:
+            reports[name]["heldout_measured"] = held_measured[name]
+        heldout = {"samples": int(len(held)),
+                   "logits_relative_error": _relative(out.astype(np.float64),
+                                                      reference_out.astype(np.float64))}
+        if out.ndim >= 2 and out.shape[-1] > 1:
+            heldout["top1_agreement"] = float(np.mean(np.argmax(out, -1)
+                                                      == np.argmax(reference_out, -1)))
+    pruned = jax.tree.map(jnp.asarray, pruned)
+    masks = jax.tree_util.tree_map_with_path(
+        lambda path, p: (p != 0) if getattr(path[-1], "key", None) == "kernel"
+        else jnp.ones(jnp.shape(p), bool), pruned)
+    variables = {"params": pruned, **collections} if collections else None
+    return PrunedNetwork(params=pruned, masks=masks, layers=reports, scheme=scheme,
+                         variables=variables, heldout=heldout)
+
+
+def save_pruned(directory, network: PrunedNetwork) -> None:
+    """Writes ``params``, ``masks``, the other collections (orbax) and the report (JSON)."""
+    import orbax.checkpoint as ocp
+    path = pathlib.Path(directory).expanduser().absolute()
+    items = dict(params=ocp.args.StandardSave(network.params),
+                 masks=ocp.args.StandardSave(network.masks),
+                 report=ocp.args.JsonSave(network.report()))
+    if network.variables is not None:
+        state = {k: v for k, v in network.variables.items() if k != "params"}
+        items["state"] = ocp.args.StandardSave(state)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, ocp.args.Composite(**items), force=True)
+
+
+def load_pruned(directory, template) -> PrunedNetwork:
+    """Restores what `save_pruned` wrote into the structure of ``template`` (a params tree, or
+    the variables dict when other collections were saved)."""
+    import orbax.checkpoint as ocp
+    path = pathlib.Path(directory).expanduser().absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"No pruned network at {path}.")
+    params_template, collections = _split_variables(template)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params_template)
+    mask_abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), jnp.bool_),
+                                 params_template)
+    items = dict(params=ocp.args.StandardRestore(abstract),
+                 masks=ocp.args.StandardRestore(mask_abstract), report=ocp.args.JsonRestore())
+    if collections:
+        items["state"] = ocp.args.StandardRestore(
+            jax.tree.map(ocp.utils.to_shape_dtype_struct, collections))
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(path, ocp.args.Composite(**items))
+    except Exception as error:  # orbax raises many types for a damaged directory
+        raise ValueError(f"Could not restore the pruned network at {path}: it is incomplete, "
+                         f"damaged or of another model ({type(error).__name__}: {error}).") \
+            from error
+    report = restored["report"]
+    variables = None
+    if collections:
+        variables = {"params": restored["params"], **restored["state"]}
+    return PrunedNetwork(params=restored["params"], masks=restored["masks"],
+                         layers=report["layers"], scheme=report["scheme"], variables=variables,
+                         heldout=report.get("heldout"))

@@ -1,0 +1,286 @@
+"""Choosing the layer's single λ: the search that meets ε (or a kept fraction), and `solve_layer`.
+
+The Lagrangian of the layer-wide ε-ball separates over output neurons with one shared
+multiplier, so for one λ each neuron is an independent ℓ1 problem (`fista.solve_at`). With one λ
+for all neurons this is exactly the Lagrangian of the convex program
+
+    min ‖U‖₁   s.t.   ‖(X U − Y)_Ω‖² + ‖relu(X U − V)_{Ωᶜ}‖² ≤ ε²‖Y‖²
+
+whose feasible set contains the paper's and which (for V = 0) *is* the certificate
+‖relu(X U) − Y‖_F ≤ ε‖Y‖_F. The λ that meets ε is found by a monotone search on log λ (secant
+steps on the measured log-log slope, or geometric ones, to bracket ε, then a safeguarded secant
+inside the bracket), each solve warm-started from the nearest previous solution; on large P the
+search starts from the λ, solution and slope of the same search on random subsamples. The
+reported discrepancy is measured on the returned weights, so the certificate holds whatever the
+solver's convergence; zeros are exact because they come from the prox.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from hoyertrim.nettrim.fista import duality_gap, solve_at
+from hoyertrim.nettrim.problem import LayerData, LayerSolution, NormalizedLayer, layer_data, \
+    measure
+
+KEPT_FRACTION_TOLERANCE = 0.005  # kept-fraction mode: |kept − target| within half a point
+_SMALLEST_PRESOLVE = 400  # rows; below this a subsample says too little about the full layer
+
+
+@dataclasses.dataclass(frozen=True)
+class _Goal:
+    """What the λ search aims at: a quantity that grows with λ, the largest acceptable value
+    (``target``: feasible below it), the band's lower end and the point the secant aims at."""
+
+    value: Callable[[dict], float]
+    target: float
+    low: float
+    aim: float
+
+    @staticmethod
+    def discrepancy(epsilon: float, y_norm: float, search_tol: float) -> "_Goal":
+        target = epsilon * y_norm
+        return _Goal(lambda r: r["error"], target, (1 - search_tol) * target,
+                     target * (1 - search_tol / 2))
+
+    @staticmethod
+    def kept(fraction: float) -> "_Goal":
+        # The compression 1 / kept grows with λ; feasible = keeps at least the band's low end.
+        low_kept = fraction - KEPT_FRACTION_TOLERANCE
+        return _Goal(lambda r: 1.0 / max(r["kept"], 1e-9),
+                     math.inf if low_kept <= 0 else 1.0 / low_kept,
+                     1.0 / (fraction + KEPT_FRACTION_TOLERANCE), 1.0 / fraction)
+
+
+def _solve(problem: NormalizedLayer, lam: float, start, maxiter: int, tol: float) -> dict:
+    weights = lam * problem.penalty_weights
+    u, iterations = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d, start,
+                             weights, maxiter, problem.abs_tol * tol)
+    u_real = problem.to_real(u)
+    error, violation = measure(problem.data, u_real, problem.device_data)
+    kernel, _ = problem.split(u_real)
+    kept = np.count_nonzero(kernel) / max(int(problem.data.support.sum()), 1)
+    return {"u": u, "u_real": u_real, "lam": lam, "error": error, "violation": violation,
+            "kept": kept, "iterations": int(np.max(iterations)),
+            "gap": float(duality_gap(problem.design_n, problem.y_d, problem.v_d,
+                                     problem.active_d, u, weights))}
+
+
+@dataclasses.dataclass
+class _Search:
+    """Outcome of a λ search: the largest feasible and smallest infeasible solves, all solves,
+    and the local slope d log(value) / d log(λ) between the last two solves."""
+
+    feasible: dict | None
+    infeasible: dict | None
+    solves: list
+    slope: float | None
+    goal: _Goal
+
+    @property
+    def best(self) -> dict:
+        """The largest feasible solve, else (the goal not met) the lowest-value one."""
+        return self.feasible or min(self.solves, key=self.goal.value)
+
+
+def _log_slope(a: float, b: float, lam_a: float, lam_b: float) -> float | None:
+    dlam = math.log(lam_a) - math.log(lam_b)
+    if abs(dlam) < 1e-9 or min(a, b) <= 0 or not math.isfinite(a + b):
+        return None
+    slope = (math.log(a) - math.log(b)) / dlam
+    return slope if slope > 1e-3 else None
+
+
+def _search_lambda(problem: NormalizedLayer, lam: float, goal: _Goal, *, solve: Callable,
+                   max_solves: int, lam_range: float, factor: float,
+                   slope: float | None = None, bar=None) -> _Search:
+    """Finds the largest λ whose solution has ``goal.value ≤ goal.target``, stopping inside the
+    band ``[goal.low, goal.target]``.
+
+    Until feasible and infeasible λ bracket the target it steps in log λ — by the local log-log
+    slope when one is known (a secant step, clipped to ``factor``), else by ``factor`` — and then
+    interpolates log(value) against log(λ) inside the bracket (safeguarded secant). Each solve is
+    warm-started from the nearest previous solution in log λ.
+    """
+    solves, feasible, infeasible = [], None, None
+    lam_max, lam_min = problem.lam_max, problem.lam_max * lam_range
+    aim = math.log(goal.aim)
+    while len(solves) < max_solves:
+        start = problem.start
+        if solves:
+            start = min(solves, key=lambda r: abs(math.log(r["lam"] / lam)))["u"]
+        result = solve(problem, lam, start)
+        value = goal.value(result)
+        if solves:
+            previous = solves[-1]
+            slope = _log_slope(value, goal.value(previous), lam, previous["lam"]) or slope
+        solves.append(result)
+        if bar is not None:
+            bar.update()
+            bar.set_postfix(lam=f"{lam:.3g}", kept=f"{result['kept']:.4f}",
+                            discrepancy=f"{result['error'] / problem.y_norm:.4f}")
+        if value <= goal.target:
+            if feasible is None or result["lam"] > feasible["lam"]:
+                feasible = result
+            if value >= goal.low:
+                break
+        elif infeasible is None or result["lam"] < infeasible["lam"]:
+            infeasible = result
+        if feasible is None or infeasible is None:
+            if (feasible is None and lam <= lam_min) or (infeasible is None and lam >= lam_max):
+                break  # infeasible at the smallest λ / feasible with everything pruned
+            if slope is not None and math.isfinite(value):
+                step = (aim - math.log(max(value, 1e-30))) / slope
+                step = min(max(step, -math.log(factor)), math.log(factor))
+            else:
+                step = math.log(factor) if feasible is not None else -math.log(factor)
+            lam = min(max(lam * math.exp(step), lam_min), lam_max)
+            # A slope step that lands back inside the known side only wastes a solve.
+            if feasible is not None and lam <= feasible["lam"]:
+                lam = min(feasible["lam"] * factor, lam_max)
+            if infeasible is not None and lam >= infeasible["lam"]:
+                lam = max(infeasible["lam"] / factor, lam_min)
+        else:
+            lo, hi = math.log(feasible["lam"]), math.log(infeasible["lam"])
+            if hi - lo < 1e-3:
+                break
+            v_lo = math.log(max(goal.value(feasible), 1e-30))
+            v_hi = goal.value(infeasible)
+            t = 0.5 if not math.isfinite(v_hi) else (aim - v_lo) / max(math.log(v_hi) - v_lo,
+                                                                         1e-12)
+            lam = math.exp(lo + min(max(t, 0.1), 0.9) * (hi - lo))
+    return _Search(feasible, infeasible, solves, slope, goal)
+
+
+def _multilevel_search(data: LayerData, make_goal: Callable[[LayerData], _Goal],
+                       presolve_samples: int | None, init, options: dict, search: dict,
+                       bar=None):
+    """λ search on ``data``, started from a search on a random subsample of
+    ``presolve_samples`` rows (itself started from one on a 4x smaller subsample, down to
+    `_SMALLEST_PRESOLVE` rows): each level hands the next its λ (scaled by √(P ratio), the
+    normalization's P-dependence), its solution as warm start and its measured slope, so only the
+    smallest level searches from λ_max and every larger one needs a few solves.
+
+    Returns the full-size `_Search`, its `NormalizedLayer` and the iterations spent on the
+    subsamples.
+    """
+    num_samples = data.x.shape[0]
+    init_kernel, init_bias = init
+    lam, slope, factor, presolve_iterations = None, None, 8.0, 0
+    if presolve_samples and num_samples > 2 * presolve_samples:
+        rows = np.sort(np.random.default_rng(0).choice(num_samples, presolve_samples, False))
+        subset = data.rows(rows)
+        if np.any(subset.y != 0):
+            smaller = presolve_samples // 4
+            small, small_problem, small_iterations = _multilevel_search(
+                subset, make_goal, smaller if smaller >= _SMALLEST_PRESOLVE else None, init,
+                options, search)
+            presolve_iterations = small_iterations + sum(r["iterations"] for r in small.solves)
+            init_kernel, init_bias = small_problem.split(small.best["u_real"])
+            lam = small.best["lam"] * math.sqrt(num_samples / presolve_samples)
+            slope, factor = small.slope, 2.0
+    problem = NormalizedLayer(data, init_kernel=init_kernel, init_bias=init_bias, **options)
+    lam = problem.lam_max if lam is None else min(lam, problem.lam_max)
+    found = _search_lambda(problem, lam, make_goal(data), factor=factor, slope=slope, bar=bar,
+                           **search)
+    return found, problem, presolve_iterations
+
+
+def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | None = None,
+                relu: bool = True, v=None, fit_bias: bool = True, offset=None, support=None,
+                maxiter: int = 300, tol: float = 1e-4, gap_tol: float = 0.05, search_tol: float = 0.03,
+                max_solves: int = 30, lam_range: float = 1e-6, init_kernel=None, init_bias=None,
+                presolve_samples: int | None = 2000, shard: bool = True,
+                progress: bool = False) -> LayerSolution:
+    """Prunes one layer: the sparsest kernel whose outputs stay within ``epsilon`` of ``y``.
+
+    Args:
+      x: (P, N) layer inputs.
+      y: (P, M) the trained layer's outputs: post-ReLU (``relu=True``) or the pre-activation
+        (``relu=False``, the linear program: every entry is active).
+      epsilon: relative discrepancy in (0, 1): ‖act(x·kernel + bias + offset) − y‖_F ≤
+        epsilon·‖y‖_F.
+      kept_fraction: instead of ``epsilon``, the fraction of (allowed) kernel entries to keep;
+        met within ±0.005 and certified at the discrepancy it reaches.
+      relu: ReLU program (True) or linear program (False).
+      v: (P, M) inactive-set bound for the cascade scheme (default 0).
+      fit_bias: solve for a bias; False for layers without one.
+      offset: (M,) fixed term added to the pre-activation (e.g. a folded batch-norm shift).
+      support: (N, M) bool, entries allowed to be nonzero (default all).
+      maxiter: FISTA iterations per solve (per λ).
+      tol: a neuron's solve stops once a FISTA step moves its (normalized) weights by at most
+        tol × the largest gradient entry at zero.
+      gap_tol: ``converged`` is reported when the layer's relative duality gap at the returned
+        λ is at most this (the objective is then provably within this fraction of optimal).
+      search_tol: the λ search stops once ``(1 − search_tol)·epsilon ≤ discrepancy ≤ epsilon``.
+      max_solves: limit of the λ search.
+      lam_range: smallest λ tried, relative to the λ that prunes everything.
+      init_kernel, init_bias: warm start for the first solve (e.g. the trained weights).
+      presolve_samples: when P exceeds twice this, first run the λ search on this many random
+        samples (itself presolved on 4x fewer, down to a few hundred), then start the full search
+        from its λ (scaled by √(P / presolve_samples)), solution and measured slope. None
+        disables it.
+      shard: spread the neuron axis over all devices when there are several.
+      progress: show a progress bar of the λ search (one tick per full-size solve).
+
+    Returns:
+      A `LayerSolution`. If epsilon (or the kept fraction) cannot be met a warning is issued; for
+      epsilon the solution then has ``feasible=False`` and holds the lowest-discrepancy solve.
+    """
+    started = time.perf_counter()
+    if (epsilon is None) == (kept_fraction is None):
+        raise ValueError("Give exactly one of epsilon (relative discrepancy) and kept_fraction.")
+    if epsilon is not None and not 0 < epsilon < 1:
+        raise ValueError(f"epsilon is relative (‖error‖_F / ‖y‖_F) and must be in (0, 1), "
+                         f"got {epsilon}.")
+    if kept_fraction is not None and not 0 < kept_fraction <= 1:
+        raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}.")
+    data = layer_data(x, y, v=v, relu=relu, fit_bias=fit_bias, offset=offset, support=support)
+    if epsilon is not None:
+        def make_goal(d):
+            return _Goal.discrepancy(epsilon, d.y_norm, search_tol)
+    else:
+        def make_goal(d):
+            return _Goal.kept(kept_fraction)
+
+    def solve(problem, lam, start):
+        return _solve(problem, lam, start, maxiter, tol)
+
+    search = dict(solve=solve, max_solves=max_solves, lam_range=lam_range)
+    with tqdm(total=max_solves, desc="Net-Trim λ search", unit="solve", leave=False,
+              disable=not progress) as bar:
+        found, problem, presolve_iterations = _multilevel_search(
+            data, make_goal, presolve_samples, (init_kernel, init_bias), dict(shard=shard),
+            search, bar)
+    best = found.best
+    y_norm = data.y_norm
+    discrepancy = best["error"] / y_norm
+    if epsilon is None:
+        certified = discrepancy * (1 + 1e-3)
+        if abs(best["kept"] - kept_fraction) > KEPT_FRACTION_TOLERANCE:
+            warnings.warn(f"Net-Trim kept {best['kept']:.4f} of this layer's weights, not "
+                          f"{kept_fraction:g} ± {KEPT_FRACTION_TOLERANCE}; raise max_solves or "
+                          "maxiter.", stacklevel=2)
+    else:
+        certified = epsilon
+        if found.feasible is None:
+            warnings.warn(f"Net-Trim could not meet epsilon={epsilon:g} for this layer: the best "
+                          f"discrepancy reached is {discrepancy:.4g} (at λ={best['lam']:.3g}, the "
+                          "smallest tried). Raise epsilon, maxiter, or lower lam_range.",
+                          stacklevel=2)
+    kernel, bias = problem.split(best["u_real"])
+    return LayerSolution(
+        kernel=kernel, bias=bias, discrepancy=discrepancy, epsilon=certified,
+        feasible=discrepancy <= certified, lam=best["lam"],
+        iterations=sum(r["iterations"] for r in found.solves), converged=best["gap"] <= gap_tol,
+        duality_gap=best["gap"],
+        inactive_violation=best["violation"] / y_norm, kept_fraction=best["kept"],
+        solves=len(found.solves), seconds=time.perf_counter() - started,
+        presolve_iterations=presolve_iterations)
