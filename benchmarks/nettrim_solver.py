@@ -23,6 +23,8 @@ import optax
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 
 from hoyertrim import nettrim  # noqa: E402
+from hoyertrim.nettrim.problem import NormalizedLayer, layer_data  # noqa: E402
+from hoyertrim.nettrim.search import _solve  # noqa: E402
 from hoyertrim.data import load_dataset  # noqa: E402
 from hoyertrim.models import create_model  # noqa: E402
 from hoyertrim.train import fit  # noqa: E402
@@ -84,17 +86,15 @@ def main():
     # The FLOP rate of the solver's inner loop: FISTA iterations on the full problem at the
     # selected λ (two matmuls each, 4·P·N·M FLOPs on the live columns), against the two bare
     # matmuls on the same arrays.
-    signals = nettrim._problem(x, y, args.epsilon, None, True)
-    problem = nettrim._NormalizedLayer(*signals, relu=True, maxiter=args.maxiter, tol=0.0,
-                                       shard=True)
-    start = problem.prepare(problem.to_normalized(fista.kernel, fista.bias))
-    problem.solve(fista.lam, start)  # compile
+    problem = NormalizedLayer(layer_data(x, y), shard=True, init_kernel=fista.kernel,
+                              init_bias=fista.bias)
+    _solve(problem, fista.lam, problem.start, args.maxiter, 0.0)  # compile
     started = time.perf_counter()
-    problem.solve(fista.lam, start)
+    _solve(problem, fista.lam, problem.start, args.maxiter, 0.0)
     seconds = time.perf_counter() - started
-    rows_, cols = problem.xa_n.shape
+    rows_, cols = problem.design_n.shape
     achieved = args.maxiter * 4 * rows_ * cols * y.shape[1] / seconds
-    peak = matmul_rate(problem.xa_n, jnp.zeros((cols, y.shape[1]), jnp.float32))
+    peak = matmul_rate(problem.design_n, jnp.zeros((cols, y.shape[1]), jnp.float32))
     print(f"FISTA loop FLOP rate: {achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of "
           f"the dense matmul rate on the same shapes ({peak / 1e9:.1f} GFLOP/s; {cols - 1} live "
           f"of {x.shape[1]} inputs)")

@@ -126,6 +126,7 @@ def main(argv=None):
                 started = time.perf_counter()
                 pruned = nettrim.prune_network(model, dense, images, epsilon=epsilon,
                                                scheme=scheme, maxiter=args.maxiter,
+                                               heldout=dataset.validation.images[:1000],
                                                progress=not args.no_progress)
                 solve_seconds = time.perf_counter() - started
                 nettrim.save_pruned(out / "pruned" / tag, pruned)

@@ -1,6 +1,7 @@
 import dataclasses
 import os
 import pathlib
+import sys
 import warnings
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # tests use examples/ (models written as users write them)
+    sys.path.insert(0, str(REPO))
 
 
 def _data_root() -> pathlib.Path | None:
