@@ -64,13 +64,13 @@ def restore_dense(args, model, dataset):
     config = checkpointer.config(step)
     tx = train_dense.make_tx(config, len(dataset.train) // config["batch_size"])
     template = create_train_state(model, tx, jax.random.PRNGKey(0), dataset.image_shape)
-    state, _, _ = checkpointer.restore(template, step)
+    state, _ = checkpointer.restore(template, step)
     checkpointer.close()
     return state.params
 
 
 def train_stage(model, tx, dataset, params, epochs, directory, *, batch_size, seed, config=None,
-                masks=None, teacher=None, select_best=True, progress=True):
+                teacher=None, select_best=True, progress=True):
     """Trains from ``params`` with ``tx`` for ``epochs`` epochs, checkpointing into ``directory``
     (a rerun resumes, or skips a finished stage). Returns the best-validation params, or the last
     ones when ``select_best`` is False."""
@@ -83,10 +83,10 @@ def train_stage(model, tx, dataset, params, epochs, directory, *, batch_size, se
                                params=params)
     checkpointer = Checkpointer(directory)
     fit(model, tx, dataset, epochs=epochs, batch_size=batch_size, state=state,
-        checkpointer=checkpointer, config=config, masks=masks, teacher=teacher,
+        checkpointer=checkpointer, config=config, teacher=teacher,
         metrics_log=f"{directory}/metrics.jsonl", progress=progress)
     step = checkpointer.best_step() if select_best else checkpointer.latest_step()
-    best, _, _ = checkpointer.restore(state, step)
+    best, _ = checkpointer.restore(state, step)
     checkpointer.close()
     return best.params
 
@@ -103,7 +103,7 @@ def masked_finetune(model, dataset, params, masks, directory, *, epochs, learnin
     tx = masked_fine_tuning(make_optimizer("adam", learning_rate, total_steps=steps,
                                            weight_decay=weight_decay), masks)
     return train_stage(model, tx, dataset, apply_masks(params, masks), epochs, directory,
-                       batch_size=batch_size, seed=seed, config=config, masks=masks,
+                       batch_size=batch_size, seed=seed, config=config,
                        teacher=teacher, progress=progress)
 
 

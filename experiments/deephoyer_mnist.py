@@ -70,11 +70,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run_stage(model, tx, dataset, params, epochs, directory, args, config, masks=None,
-              select_best=True):
+def run_stage(model, tx, dataset, params, epochs, directory, args, config, select_best=True):
     return common.train_stage(model, tx, dataset, params, epochs, directory,
                               batch_size=args.batch_size, seed=args.seed, config=config,
-                              masks=masks, select_best=select_best,
+                              select_best=select_best,
                               progress=not args.no_progress)
 
 

@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     wall_seconds = time.perf_counter() - started
     best = checkpointer.best_step()
     template = create_train_state(model, tx, jax.random.PRNGKey(args.seed), dataset.image_shape)
-    best_state, _, _ = checkpointer.restore(template, best)
+    best_state, _ = checkpointer.restore(template, best)
     checkpointer.close()
     results = {
         "model": args.model, "dataset": args.dataset, "parameters": count_params(state.params),

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of training runs: state, optimizer state, masks, step, PRNG key and config.
+"""Orbax checkpoints of training runs: state, optimizer state (masks included), PRNG key, config.
 
 A `Checkpointer` wraps an `orbax.checkpoint.CheckpointManager` that keeps the ``max_to_keep``
 latest checkpoints plus the best one by a validation metric. Restores use abstract targets built
@@ -8,8 +8,11 @@ another structure raises `CheckpointMismatchError` naming the leaves that differ
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import shutil
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -56,6 +59,37 @@ def _check_structure(saved: Mapping[str, Any], target: Mapping[str, Any], what: 
         raise CheckpointMismatchError("\n".join(lines))
 
 
+def _check_writable(directory: pathlib.Path) -> None:
+    """Creates ``directory`` and writes a probe file, so a bad workdir fails before training."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"Cannot write checkpoints to {directory}: {error.strerror or error}. "
+                      "Choose a writable directory.") from error
+
+
+def _set_aside_unreadable(directory: pathlib.Path) -> None:
+    """Moves step folders whose JSON metadata cannot be parsed (a run killed mid-write, a damaged
+    disk) to ``<step>.unreadable``, with a warning: orbax cannot even list a run holding one."""
+    for step_dir in sorted(directory.iterdir()):
+        if not (step_dir.is_dir() and step_dir.name.isdigit()):
+            continue
+        for name in ("_CHECKPOINT_METADATA", "metrics/metrics", "config/metadata"):
+            path = step_dir / name
+            try:
+                if path.exists():
+                    json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                os.replace(step_dir, directory / f"{step_dir.name}.unreadable")
+                warnings.warn(f"Checkpoint step {step_dir.name} in {directory} is unreadable "
+                              f"({name}: {error}); moved aside as {step_dir.name}.unreadable.",
+                              stacklevel=3)
+                break
+
+
 class Checkpointer:
     """Saves and restores `TrainState`s of one run directory.
 
@@ -74,6 +108,8 @@ class Checkpointer:
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
         self.directory = pathlib.Path(directory).expanduser().absolute()
+        _check_writable(self.directory)
+        _set_aside_unreadable(self.directory)
         self.best_metric, self.best_mode = best_metric, best_mode
         policies = [checkpoint_managers.LatestN(n=max_to_keep)]
         if best_metric is not None:
@@ -87,31 +123,28 @@ class Checkpointer:
             best_mode=best_mode, keep_checkpoints_without_metrics=True, create=True)
         # Registering the handlers up front lets a fresh manager read metadata of old runs.
         handlers = {"state": ocp.StandardCheckpointHandler(),
-                    "config": ocp.JsonCheckpointHandler(),
-                    "masks": ocp.StandardCheckpointHandler()}
+                    "config": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=handlers)
 
     def save(self, step: int, state: TrainState, *, config: Mapping | None = None,
-             metrics: Mapping[str, float] | None = None, masks: Any = None,
-             force: bool = False) -> None:
-        """Saves asynchronously; call `wait_until_finished` before reading the files."""
+             metrics: Mapping[str, float] | None = None, force: bool = False) -> None:
+        """Saves asynchronously; call `wait_until_finished` before reading the files.
+
+        Pruning masks, when training uses `transforms.masked`, are part of ``state.opt_state``.
+        """
         items = {"state": ocp.args.StandardSave(state_to_tree(state)),
                  "config": ocp.args.JsonSave(dict(config or {}))}
-        if masks is not None:
-            items["masks"] = ocp.args.StandardSave(masks)
         self._manager.save(step, args=ocp.args.Composite(**items),
                            metrics=dict(metrics) if metrics else None, force=force)
 
-    def restore(self, template: TrainState, step: int | None = None, *,
-                masks_template: Any = None) -> tuple[TrainState, dict, Any]:
-        """Restores ``(state, config, masks)`` of ``step`` (default: the latest).
+    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """Restores ``(state, config)`` of ``step`` (default: the latest).
 
         Args:
           template: a state of the same structure (e.g. from `create_train_state`); only its
             shapes, dtypes and types are used.
           step: which checkpoint; `latest_step` if None.
-          masks_template: pytree shaped like the saved masks; masks are restored only if given.
 
         Raises:
           FileNotFoundError: no checkpoint (at that step).
@@ -129,15 +162,47 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                                 target)),
                  "config": ocp.args.JsonRestore()}
-        if masks_template is not None:
-            if metadata.get("masks") is None:
-                raise CheckpointMismatchError(f"Checkpoint at step {step} holds no masks.")
-            _check_structure(metadata["masks"], masks_template, "masks")
-            items["masks"] = ocp.args.StandardRestore(
-                jax.tree.map(ocp.utils.to_shape_dtype_struct, masks_template))
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        masks = restored["masks"] if masks_template is not None else None
-        return tree_to_state(restored["state"]), dict(restored["config"] or {}), masks
+        return tree_to_state(restored["state"]), dict(restored["config"] or {})
+
+    def restore_latest(self, template: TrainState) -> tuple[TrainState, dict]:
+        """Restores the newest checkpoint that can be read; unreadable newer ones (a run killed
+        mid-write, a damaged file) are skipped with a warning that names them.
+
+        Raises:
+          CheckpointMismatchError: the template does not match (a user error, not damage).
+          ValueError: no checkpoint of this run can be read.
+        """
+        self.wait_until_finished()
+        errors = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                restored = self.restore(template, step)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:  # orbax raises many types for damaged files
+                errors.append(f"step {step}: {type(error).__name__}: {error}")
+                continue
+            if errors:
+                # Moved aside (not deleted): the run re-saves those steps, and a person may
+                # still want to look at the damaged files.
+                for bad in [s for s in self.all_steps() if s > step]:
+                    os.replace(self.directory / str(bad),
+                               self.directory / f"{bad}.unreadable")
+                self._manager.reload()
+                warnings.warn(f"Skipped unreadable checkpoints in {self.directory} "
+                              f"({'; '.join(errors)}); resumed from step {step}. The damaged "
+                              "steps were moved aside as <step>.unreadable.", stacklevel=2)
+            return restored
+        raise ValueError(f"No checkpoint in {self.directory} can be read ({'; '.join(errors)}). "
+                         "Delete the directory to start the run afresh.")
+
+    def check_space(self, required_bytes: int) -> None:
+        """Raises OSError if the checkpoint directory has less than ``required_bytes`` free."""
+        free = shutil.disk_usage(self.directory).free
+        if free < required_bytes:
+            raise OSError(f"{self.directory} has {free:,} bytes free; a checkpoint needs about "
+                          f"{required_bytes:,}. Free some space or choose another directory.")
 
     def config(self, step: int | None = None) -> dict:
         """The run config saved with ``step`` (default: the latest), without restoring arrays."""

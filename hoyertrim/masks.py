@@ -44,14 +44,31 @@ def _map_selected(fn: Callable[[str, jax.Array], jax.Array], params, where: Leaf
     return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
+def top_k_mask(scores: jax.Array, keep) -> jax.Array:
+    """True at the ``keep`` largest ``scores`` (any shape); ties go to the lower flat index.
+
+    ``keep`` may be a traced integer: the mask is ``rank < keep`` with ranks from a stable sort,
+    so this runs under `jit` (e.g. inside gradual pruning's schedule). Every rule that keeps "the
+    largest" weights uses it, so all share one tie rule.
+    """
+    flat = scores.reshape(-1)
+    order = jnp.argsort(-flat, stable=True)
+    ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    return (ranks < keep).reshape(scores.shape)
+
+
 def _never_empty(layer: str, leaf: jax.Array, mask: jax.Array) -> jax.Array:
-    if bool(jnp.any(mask)) or not bool(jnp.any(leaf != 0)):
-        return mask
-    warnings.warn(f"Pruning would remove every weight of layer {layer!r}; keeping its largest "
-                  "weight so the network stays connected. Use a gentler threshold/sparsity.",
-                  stacklevel=3)
-    largest = jnp.unravel_index(jnp.argmax(jnp.abs(leaf)), leaf.shape)
-    return mask.at[largest].set(True)
+    """Keeps the largest weight of a layer the mask would empty (unless the layer is all zero).
+
+    Jit-safe; the warning is only issued when the arrays are concrete (outside traced code).
+    """
+    empty = ~jnp.any(mask) & jnp.any(leaf != 0)
+    guarded = mask | (top_k_mask(jnp.abs(leaf), 1) & empty)
+    if not isinstance(empty, jax.core.Tracer) and bool(empty):
+        warnings.warn(f"Pruning would remove every weight of layer {layer!r}; keeping its "
+                      "largest weight so the network stays connected. Use a gentler "
+                      "threshold/sparsity.", stacklevel=3)
+    return guarded
 
 
 def full_masks(params) -> Any:
@@ -81,14 +98,6 @@ def std_threshold_masks(params, scale: float, where: LeafFilter = is_kernel):
         params, where)
 
 
-def _top_k_mask(magnitude: jax.Array, keep: int) -> jax.Array:
-    flat = magnitude.reshape(-1)
-    mask = jnp.zeros(flat.shape, bool)
-    if keep > 0:
-        mask = mask.at[jnp.argsort(-flat, stable=True)[:keep]].set(True)
-    return mask.reshape(magnitude.shape)
-
-
 def magnitude_masks(params, sparsity: float | Mapping[str, float], *, scope: str = "layer",
                     where: LeafFilter = is_kernel):
     """Keeps the largest-magnitude weights so that a fraction ``sparsity`` is removed.
@@ -108,17 +117,19 @@ def magnitude_masks(params, sparsity: float | Mapping[str, float], *, scope: str
     if scope == "global":
         if isinstance(sparsity, Mapping):
             raise ValueError("A per-layer sparsity mapping needs scope='layer'.")
-        selected = [jnp.abs(leaf).reshape(-1) for path, leaf in
-                    jax.tree_util.tree_flatten_with_path(params)[0] if where(path, leaf)]
-        everything = jnp.concatenate(selected)
-        keep = int(round((1 - sparsity) * everything.size))
-        threshold = jnp.sort(everything)[::-1][max(keep - 1, 0)]
-        return _map_selected(lambda name, w: _never_empty(name, w, jnp.abs(w) >= threshold),
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        selected = [layer_name(path) for path, leaf in leaves if where(path, leaf)]
+        sizes = [leaf.size for path, leaf in leaves if where(path, leaf)]
+        everything = jnp.concatenate([jnp.abs(leaf).reshape(-1) for path, leaf in leaves
+                                      if where(path, leaf)])
+        kept = top_k_mask(everything, int(round((1 - sparsity) * everything.size)))
+        pieces = dict(zip(selected, jnp.split(kept, np.cumsum(sizes)[:-1])))
+        return _map_selected(lambda name, w: _never_empty(name, w, pieces[name].reshape(w.shape)),
                              params, where)
 
     def per_layer(name, w):
         s = sparsity.get(name, 0.0) if isinstance(sparsity, Mapping) else sparsity
-        return _never_empty(name, w, _top_k_mask(jnp.abs(w), int(round((1 - s) * w.size))))
+        return _never_empty(name, w, top_k_mask(jnp.abs(w), int(round((1 - s) * w.size))))
 
     return _map_selected(per_layer, params, where)
 
@@ -134,7 +145,7 @@ def count_masks(params, counts: Mapping[str, int], where: LeafFilter = is_kernel
             return jnp.ones(w.shape, bool)
         if not 0 <= counts[name] <= w.size:
             raise ValueError(f"count for {name} must be in [0, {w.size}], got {counts[name]}.")
-        return _top_k_mask(jnp.abs(w), int(counts[name]))
+        return top_k_mask(jnp.abs(w), int(counts[name]))
     return _map_selected(per_layer, params, where)
 
 

@@ -27,6 +27,10 @@ from tqdm.auto import tqdm
 from hoyertrim.data import Dataset
 
 
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or inf."""
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a training run carries between steps (a pytree of arrays).
@@ -175,7 +179,8 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
     One epoch is one `lax.scan` over ``len(images) // batch_size`` batches of a fresh permutation
     drawn from ``fold_in(state.key, state.epoch)``; the last partial batch is dropped (a different
     one every epoch). ``images``/``labels`` should already be on the device. ``metrics`` holds the
-    mean training ``loss`` and ``accuracy`` over the epoch.
+    mean training ``loss`` and ``accuracy`` over the epoch, and ``first_nonfinite_step``: the
+    index within the epoch of the first step whose loss was NaN or inf (-1 if none).
     """
     train_step = make_train_step(model, tx, loss_fn, teacher)
 
@@ -194,8 +199,10 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
 
         state, metrics = jax.lax.scan(body, state, order)
         state = state.replace(epoch=state.epoch + 1)
+        bad = ~jnp.isfinite(metrics["loss"])
         return state, {"loss": metrics["loss"].mean(),
-                       "accuracy": metrics["correct"].sum() / (num_batches * batch_size)}
+                       "accuracy": metrics["correct"].sum() / (num_batches * batch_size),
+                       "first_nonfinite_step": jnp.where(jnp.any(bad), jnp.argmax(bad), -1)}
 
     return train_epoch
 
@@ -244,7 +251,7 @@ def tree_to_state(tree: Mapping) -> TrainState:
 
 def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
         epochs: int, batch_size: int = 128, seed: int = 0, state: TrainState | None = None,
-        checkpointer=None, config: Mapping | None = None, masks: Any = None,
+        checkpointer=None, config: Mapping | None = None,
         metrics_log: str | os.PathLike | None = None, progress: bool = True,
         on_epoch_end: Callable[[int, dict], None] | None = None,
         loss_fn: Callable[..., jax.Array] | None = None,
@@ -261,7 +268,6 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
       checkpointer: a `hoyertrim.checkpoint.Checkpointer`; if it holds a checkpoint the run
         resumes from its latest one, and a checkpoint is written after every epoch.
       config: JSON-serializable run configuration stored with each checkpoint.
-      masks: optional pruning masks (pytree shaped like params) stored with each checkpoint.
       metrics_log: path of a JSONL file; one line of metrics is appended per epoch.
       progress: show a progress bar with loss and accuracy.
       on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` after each epoch is saved.
@@ -270,11 +276,20 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
 
     Returns:
       The final state and the list of per-epoch metric dicts of this call.
+
+    Raises:
+      TrainingDivergedError: the loss became NaN or inf; the epoch is not saved, so the last
+        checkpoint is the last good state.
+      OSError: the checkpoint directory cannot be written or lacks the space for a checkpoint
+        (checked before any training).
     """
     if state is None:
         state = create_train_state(model, tx, jax.random.PRNGKey(seed), dataset.image_shape)
-    if checkpointer is not None and checkpointer.latest_step() is not None:
-        state, _, _ = checkpointer.restore(state)
+    if checkpointer is not None:
+        checkpointer.check_space(2 * sum(np.asarray(leaf).nbytes
+                                         for leaf in jax.tree.leaves(state_to_tree(state))))
+        if checkpointer.latest_step() is not None:
+            state, _ = checkpointer.restore_latest(state)
     train_epoch = make_train_epoch(model, tx, batch_size, loss_fn, teacher)
     evaluate = make_evaluate(model)
     train_x, train_y = jax.device_put(dataset.train.images), jax.device_put(dataset.train.labels)
@@ -287,7 +302,17 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
                disable=not progress, desc=getattr(model, "name", None) or type(model).__name__)
     for epoch in bar:
         started = time.perf_counter()
+        first_step = int(state.step)
         state, train_metrics = train_epoch(state, train_x, train_y)
+        bad_step = int(train_metrics["first_nonfinite_step"])
+        if bad_step >= 0:
+            last = checkpointer.latest_step() if checkpointer is not None else None
+            raise TrainingDivergedError(
+                f"The training loss became {float(train_metrics['loss'])} at step "
+                f"{first_step + bad_step + 1} (epoch {epoch + 1}); training stopped and this "
+                "epoch was not saved" + (f" (the last good checkpoint is epoch {last} in "
+                                         f"{checkpointer.directory})" if last else "")
+                + ". Lower the learning rate or the penalty strength.")
         val_metrics = evaluate(state.params, state.model_state, val_x, val_y)
         metrics = {
             "epoch": epoch + 1, "step": int(state.step),
@@ -304,7 +329,7 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
             with open(metrics_log, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         if checkpointer is not None:
-            checkpointer.save(epoch + 1, state, config=config or {}, metrics=metrics, masks=masks)
+            checkpointer.save(epoch + 1, state, config=config or {}, metrics=metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)
     if checkpointer is not None:

@@ -10,14 +10,12 @@ Ordering rules (tested in tests/test_transforms.py):
   optimizer sees the gradient of ``loss + strength * R`` — exactly the paper's objective. Chained
   after the optimizer it would bypass Adam's normalization and mean something else.
 
-* `keep_masked` goes *last*, after the optimizer (and after any weight decay)::
-
-      tx = masked_fine_tuning(optax.adam(1e-4), masks)
-      # == optax.chain(zero_masked_gradients(masks), optax.adam(1e-4), keep_masked(masks))
-
-  It sets the update of every pruned weight to ``-param``, so after `optax.apply_updates` pruned
-  weights are exactly 0 whatever the optimizer's momentum or decoupled weight decay produced.
-  `zero_masked_gradients` in front keeps the optimizer's moments of pruned weights at 0 too.
+* Masks wrap the optimizer: ``masked(optax.adam(1e-4), masks)`` zeroes the gradients of pruned
+  weights before the optimizer (its moments of pruned weights stay 0) and sets their update to
+  ``-param`` after it, so after `optax.apply_updates` pruned weights are exactly 0 whatever the
+  optimizer's momentum or decoupled weight decay produced. The masks live in the transform's
+  state (`MaskedState`), as in `gradual_magnitude_pruning`: they are checkpointed with the
+  optimizer state and are arguments, not constants, of the compiled training step.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from hoyertrim import penalties
-from hoyertrim.masks import layer_name, polynomial_sparsity
+from hoyertrim.masks import layer_name, polynomial_sparsity, top_k_mask
 from hoyertrim.penalties import Penalty, is_kernel, tree_penalty
 
 LeafFilter = Callable[[tuple, jax.Array], bool]
@@ -119,37 +117,52 @@ def _check_masks(masks: Any, tree: Any) -> None:
             f"{jax.tree.structure(masks)}\n  params: {jax.tree.structure(tree)}")
 
 
-def zero_masked_gradients(masks: Any) -> optax.GradientTransformation:
-    """Zeroes the gradients of pruned weights (``masks`` False); chain before the optimizer."""
+class MaskedState(NamedTuple):
+    """The masks (a bool pytree shaped like params; True = kept) and the inner optimizer's state."""
 
-    def update(updates, state, params=None):
-        del params
-        _check_masks(masks, updates)
-        return jax.tree.map(lambda u, m: jnp.where(m, u, 0), updates, masks), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    masks: Any
+    inner_state: Any
 
 
-def keep_masked(masks: Any) -> optax.GradientTransformation:
-    """Makes pruned weights exactly 0 after the update; chain *last*.
+def masked(inner: optax.GradientTransformation, masks: Any) -> optax.GradientTransformation:
+    """Trains only the kept weights with ``inner``; pruned weights stay exactly 0.
 
-    The update of a pruned weight becomes ``-param``, so ``param + update == 0`` exactly, even if
-    ``params`` were not masked yet or an earlier transform (momentum, weight decay) moved them.
+    Gradients of pruned weights are zeroed before ``inner`` and their updates set to ``-param``
+    after it. ``masks`` seeds the state at ``init``; from then on the masks travel in
+    `MaskedState` (see `masks_in_state`), so a restored optimizer state brings its masks back.
     """
+
+    def init(params):
+        _check_masks(masks, params)
+        return MaskedState(masks=jax.tree.map(lambda m: jnp.asarray(m, bool), masks),
+                           inner_state=inner.init(params))
 
     def update(updates, state, params=None):
         if params is None:
-            raise ValueError("keep_masked needs params: call tx.update(grads, state, params).")
-        _check_masks(masks, updates)
-        return jax.tree.map(lambda u, m, p: jnp.where(m, u, -p), updates, masks, params), state
+            raise ValueError("masked needs params: call tx.update(grads, state, params).")
+        _check_masks(state.masks, updates)
+        updates = jax.tree.map(lambda u, m: jnp.where(m, u, 0), updates, state.masks)
+        updates, inner_state = inner.update(updates, state.inner_state, params)
+        updates = jax.tree.map(lambda u, m, p: jnp.where(m, u, -p), updates, state.masks, params)
+        return updates, MaskedState(state.masks, inner_state)
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformation(init, update)
 
 
 def masked_fine_tuning(optimizer: optax.GradientTransformation,
                        masks: Any) -> optax.GradientTransformation:
-    """``chain(zero_masked_gradients(masks), optimizer, keep_masked(masks))``."""
-    return optax.chain(zero_masked_gradients(masks), optimizer, keep_masked(masks))
+    """Alias of `masked`: fine-tune a pruned network with ``optimizer``."""
+    return masked(optimizer, masks)
+
+
+def masks_in_state(opt_state: Any) -> Any:
+    """The masks held by a `masked` or `gradual_magnitude_pruning` state inside ``opt_state``
+    (e.g. a restored checkpoint's), or None if it holds none."""
+    holders = (MaskedState, GradualPruningState)
+    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, holders)):
+        if isinstance(node, holders):
+            return node.masks
+    return None
 
 
 class GradualPruningState(NamedTuple):
@@ -167,7 +180,7 @@ def gradual_magnitude_pruning(final_sparsity: float | Mapping[str, float], begin
 
     Every ``frequency`` steps between ``begin_step`` and ``end_step`` each selected leaf is
     re-masked to keep its largest-magnitude weights at the sparsity of `polynomial_sparsity`;
-    in between, pruned weights are held at exactly 0 as by `keep_masked`. The masks live in the
+    in between, pruned weights are held at exactly 0 as by `masked`. The masks live in the
     state, so the whole schedule runs inside a jitted training loop.
 
     Args:
@@ -202,10 +215,8 @@ def gradual_magnitude_pruning(final_sparsity: float | Mapping[str, float], begin
             def remask(candidate):
                 sparsity = polynomial_sparsity(step, target(path), begin_step, end_step,
                                                initial_sparsity)
-                magnitudes = jnp.sort(jnp.abs(candidate).reshape(-1))
-                drop = jnp.floor(sparsity * magnitudes.size).astype(jnp.int32)
-                threshold = jnp.where(drop > 0, magnitudes[jnp.maximum(drop - 1, 0)], -1.0)
-                return jnp.abs(candidate) > threshold
+                keep = candidate.size - jnp.floor(sparsity * candidate.size).astype(jnp.int32)
+                return top_k_mask(jnp.abs(candidate), keep)
 
             # The sort runs only on pruning steps, not on every step of training.
             return jax.lax.cond(prune_now, remask, lambda _: mask, candidate)

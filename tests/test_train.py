@@ -70,23 +70,31 @@ def test_killed_and_resumed_run_is_bit_identical(small_mnist, tmp_path):
 
 
 def test_checkpoint_restores_types_masks_config_and_keeps_latest_plus_best(tmp_path):
+    from hoyertrim.masks import magnitude_masks
+    from hoyertrim.transforms import masked, masks_in_state
     model = create_model("lenet300100")
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1))
-    masks = jax.tree.map(lambda p: jnp.ones_like(p, bool), state.params)
+    params = create_train_state(model, optax.adam(1e-3), jax.random.PRNGKey(0),
+                                (28, 28, 1)).params
+    masks = magnitude_masks(params, 0.5)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), masked(optax.adam(1e-3), masks))
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1), params=params)
     checkpointer = Checkpointer(tmp_path / "ckpt", max_to_keep=2)
     for step, acc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7)]:
         checkpointer.save(step, state.replace(step=jnp.int32(step)), config={"lr": 1e-3},
-                          metrics={"val_accuracy": acc}, masks=masks)
+                          metrics={"val_accuracy": acc})
     checkpointer.wait_until_finished()
     assert checkpointer.all_steps() == [2, 3, 4]  # last two + the best (step 2)
     assert checkpointer.best_step() == 2
-    restored, config, restored_masks = Checkpointer(tmp_path / "ckpt").restore(
-        state, 2, masks_template=masks)
+    # The template's masks only give the structure: the saved masks come back.
+    template_tx = optax.chain(optax.clip_by_global_norm(1.0),
+                              masked(optax.adam(1e-3), jax.tree.map(jnp.ones_like, masks)))
+    template = create_train_state(model, template_tx, jax.random.PRNGKey(1), (28, 28, 1))
+    restored, config = Checkpointer(tmp_path / "ckpt").restore(template, 2)
     assert config == {"lr": 1e-3} and int(restored.step) == 2
-    assert type(restored.opt_state[1][0]) is type(state.opt_state[1][0])  # ScaleByAdamState
+    inner = restored.opt_state[1].inner_state[0]
+    assert type(inner) is type(state.opt_state[1].inner_state[0])  # ScaleByAdamState
     assert _leaves_equal(restored.params, state.params)
-    assert jax.tree.structure(restored_masks) == jax.tree.structure(masks)
+    assert _leaves_equal(masks_in_state(restored.opt_state), masks)
 
 
 def test_restore_into_other_structure_names_mismatched_leaves(tmp_path):

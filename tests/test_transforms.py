@@ -73,7 +73,7 @@ def test_masked_fine_tuning_keeps_every_pruned_weight_exactly_zero(small_mnist, 
     model = create_model("lenet300100")
     dense = create_train_state(model, optax.adam(1e-3), jax.random.PRNGKey(0), (28, 28, 1))
     masks = magnitude_masks(dense.params, 0.9)
-    # Start from *unmasked* params: keep_masked must zero them on the first step, too.
+    # Start from *unmasked* params: masked must zero them on the first step, too.
     tx = transforms.masked_fine_tuning(optimizer, masks)
     state = create_train_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1),
                                params=dense.params)
@@ -85,26 +85,45 @@ def test_masked_fine_tuning_keeps_every_pruned_weight_exactly_zero(small_mnist, 
     assert history[-1]["val_accuracy"] > 0.5  # it still learns
 
 
-def test_keep_masked_after_optimizer_vs_before():
-    """keep_masked must come last: before Adam, its -param update gets rescaled."""
+def test_masked_holds_zeros_whatever_the_optimizer_does():
+    """Pruned weights not yet zero, momentum and decoupled weight decay: they end at exactly 0."""
     params = {"kernel": jnp.array([[0.5, 1.0]])}  # the first weight is pruned but not yet zero
     masks = {"kernel": jnp.array([[False, True]])}
     grads = {"kernel": jnp.array([[1.0, 1.0]])}
-    right = optax.chain(optax.adam(0.1), transforms.keep_masked(masks))
-    wrong = optax.chain(transforms.keep_masked(masks), optax.adam(0.1))
-    for tx, stays_zero in ((right, True), (wrong, False)):
-        p, state = params, tx.init(params)
-        for _ in range(3):
-            updates, state = tx.update(grads, state, p)
-            p = optax.apply_updates(p, updates)
-        assert (float(p["kernel"][0, 0]) == 0.0) == stays_zero
+    tx = transforms.masked(optax.adamw(0.1, weight_decay=0.5), masks)
+    p, state = params, tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+        assert float(p["kernel"][0, 0]) == 0.0 and float(p["kernel"][0, 1]) != 1.0
+    # The optimizer's moments of the pruned weight never moved (its gradient was zeroed first).
+    mu = state.inner_state[0].mu["kernel"]
+    assert float(mu[0, 0]) == 0.0 and float(mu[0, 1]) != 0.0
+
+
+def test_masks_are_in_the_state_not_baked_into_the_step():
+    params = {"kernel": jnp.ones((2, 2))}
+    tx = transforms.masked(optax.sgd(0.1), {"kernel": jnp.ones((2, 2), bool)})
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    grads = {"kernel": jnp.ones((2, 2))}
+    # Swapping the masks in the state changes what the *same compiled* step prunes.
+    other = transforms.MaskedState({"kernel": jnp.eye(2, dtype=bool)}, state.inner_state)
+    updates, _ = update(grads, other, params)
+    np.testing.assert_array_equal(optax.apply_updates(params, updates)["kernel"],
+                                  jnp.array([[0.9, 0.0], [0.0, 0.9]]))
+    assert update._cache_size() == 1
+    nested = optax.chain(optax.clip(1.0), tx).init(params)
+    np.testing.assert_array_equal(transforms.masks_in_state(nested)["kernel"],
+                                  jnp.ones((2, 2), bool))
+    assert transforms.masks_in_state(optax.adam(0.1).init(params)) is None
 
 
 def test_mask_structure_mismatch_is_a_clear_error():
     params = {"a": {"kernel": jnp.ones((2, 2))}, "b": {"kernel": jnp.ones((2, 2))}}
-    tx = transforms.keep_masked({"a": {"kernel": jnp.ones((2, 2), bool)}})
+    tx = transforms.masked(optax.sgd(0.1), {"a": {"kernel": jnp.ones((2, 2), bool)}})
     with pytest.raises(ValueError, match="same structure as params"):
-        tx.update(params, tx.init(params), params)
+        tx.init(params)
     assert jax.tree.structure(full_masks(params)) == jax.tree.structure(params)
     assert float(apply_masks(params, full_masks(params))["a"]["kernel"].sum()) == 4.0
 
