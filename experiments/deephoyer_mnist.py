@@ -109,8 +109,8 @@ def prune_masks(params, rule, scale, group_threshold):
     if rule == "std":
         return masks_lib.std_threshold_masks(params, scale)
     if rule == "group":
-        return masks_lib.group_masks(params, scale, grouping="both")
-    structured = masks_lib.group_masks(params, group_threshold, grouping="both")
+        return masks_lib.group_masks(params, fraction_of_max=scale, grouping="both")
+    structured = masks_lib.group_masks(params, fraction_of_max=group_threshold, grouping="both")
     return masks_lib.std_threshold_masks(masks_lib.apply_masks(params, structured), scale)
 
 

@@ -133,9 +133,9 @@ def main(argv=None):
             report = pruned.report()
             counts = {name: layer["kept_weights"] for name, layer in pruned.layers.items()}
             magnitude_params = masks_lib.apply_masks(dense, masks_lib.count_masks(dense, counts))
-            point = {"scheme": scheme, "epsilon": epsilon, "kept_fraction": report["kept_fraction"],
-                     "distill": args.distill,
-                     "layers": report["layers"], "solve_seconds": solve_seconds,
+            point = {"scheme": scheme, "epsilon": epsilon, "kept_fraction": report.kept_fraction,
+                     "distill": args.distill, "heldout": pruned.heldout,
+                     "layers": pruned.layers, "solve_seconds": solve_seconds,
                      "nettrim": accuracies(model, dataset, pruned.params),
                      "magnitude": accuracies(model, dataset, magnitude_params)}
             if args.finetune_epochs:

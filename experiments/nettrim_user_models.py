@@ -149,12 +149,12 @@ def main(argv=None) -> dict:
                                            progress=not args.no_progress)
             seconds = time.perf_counter() - started
             pruned_vars = pruned.variables or {"params": pruned.params}
-            report = pruned.report()
+            report = pruned.report(model, dataset.image_shape, eval_kwargs)
             point = {"scheme": scheme, "epsilon": epsilon, "seconds": seconds,
-                     "kept_fraction": report["kept_fraction"], "heldout": report["heldout"],
+                     "kept_fraction": report.kept_fraction, "heldout": pruned.heldout,
                      "test_accuracy": accuracy(model, pruned_vars, test.images, test.labels,
                                                eval_kwargs),
-                     "layers": report["layers"]}
+                     "layers": pruned.layers, "report": report.as_dict()}
             points.append(point)
             print(json.dumps({k: point[k] for k in ("scheme", "epsilon", "kept_fraction",
                                                      "test_accuracy", "heldout", "seconds")}),

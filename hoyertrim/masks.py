@@ -149,20 +149,34 @@ def count_masks(params, counts: Mapping[str, int], where: LeafFilter = is_kernel
     return _map_selected(per_layer, params, where)
 
 
-def group_masks(params, threshold: float, *, grouping: str = "both", relative: bool = True,
-                where: LeafFilter = is_kernel):
+def group_masks(params, *, threshold: float | None = None,
+                fraction_of_max: float | None = None, std_scale: float | None = None,
+                grouping: str = "both", where: LeafFilter = is_kernel):
     """Structured pruning: removes whole output and/or input units with a small group norm.
 
+    Exactly one rule, per tensor and grouping: a unit is removed if its group norm is below
+    ``threshold`` (absolute, like `threshold_masks`), below ``fraction_of_max`` × the largest
+    group norm, or below ``std_scale`` × the standard deviation of the group norms (the
+    `std_threshold_masks` rule applied to groups).
+
     Args:
-      threshold: a unit is removed if its group norm is below ``threshold`` (times the largest
-        group norm of the same grouping in that tensor when ``relative``).
       grouping: ``"output"`` (neurons / filters: columns of a Dense kernel, last axis of a Conv
         kernel), ``"input"`` (rows / input channels) or ``"both"``.
     """
     if grouping not in ("output", "input", "both"):
         raise ValueError(f"grouping must be 'output', 'input' or 'both', got {grouping!r}.")
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}.")
+    rules = {"threshold": threshold, "fraction_of_max": fraction_of_max, "std_scale": std_scale}
+    given = {k: v for k, v in rules.items() if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"Give exactly one of {', '.join(rules)}; got {sorted(given) or 'none'}.")
+    (rule, value), = given.items()
+    if value < 0:
+        raise ValueError(f"{rule} must be >= 0, got {value}.")
+
+    def limit(norms):
+        if rule == "threshold":
+            return value
+        return value * (jnp.max(norms) if rule == "fraction_of_max" else jnp.std(norms))
 
     def per_layer(name, w):
         output_axes, input_axes = default_groupings(w.ndim)
@@ -170,8 +184,7 @@ def group_masks(params, threshold: float, *, grouping: str = "both", relative: b
         for kind, axes, kept_axis in (("output", output_axes, -1), ("input", input_axes, -2)):
             if grouping in (kind, "both"):
                 norms = group_norms(w, axes)
-                limit = threshold * jnp.max(norms) if relative else threshold
-                alive = norms >= limit
+                alive = norms >= limit(norms)
                 shape = [1] * w.ndim
                 shape[kept_axis] = w.shape[kept_axis]
                 mask = mask & alive.reshape(shape)
@@ -216,6 +229,12 @@ class LayerReport:
     dense_flops: int
     sparse_flops: int
     structured_flops: int
+    details: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """1 − kept fraction."""
+        return 1.0 - self.kept_fraction
 
 
 @dataclasses.dataclass
@@ -243,6 +262,11 @@ class SparsityReport:
         return self.kept_weights / self.weights
 
     @property
+    def sparsity(self) -> float:
+        """1 − kept fraction."""
+        return 1.0 - self.kept_fraction
+
+    @property
     def compression(self) -> float:
         """Total weights / nonzero weights."""
         return self.weights / max(self.kept_weights, 1)
@@ -257,9 +281,11 @@ class SparsityReport:
                         for l in self.layers)
 
     def as_dict(self) -> dict:
-        return {"layers": [dataclasses.asdict(l) for l in self.layers],
+        return {"layers": [{**dataclasses.asdict(l), "sparsity": l.sparsity}
+                           for l in self.layers],
                 "weights": self.weights, "kept_weights": self.kept_weights,
-                "kept_fraction": self.kept_fraction, "compression": self.compression,
+                "kept_fraction": self.kept_fraction, "sparsity": self.sparsity,
+                "compression": self.compression, "details": self.details,
                 "architecture": self.architecture, "dense_flops": self.flops("dense"),
                 "sparse_flops": self.flops("sparse"),
                 "structured_flops": self.flops("structured")}
@@ -280,43 +306,50 @@ class SparsityReport:
                                   f"{self.architecture}.\n")
 
 
-def output_positions(model: nn.Module, variables: Mapping, input_shape: tuple[int, ...]
-                     ) -> dict[str, int]:
-    """Spatial positions each submodule's output has per example (H·W for convs, 1 for Dense).
+def output_positions(model: nn.Module, variables: Mapping, input_shape: tuple[int, ...],
+                     apply_kwargs: Mapping | None = None) -> dict[str, int]:
+    """Spatial positions each module's output has per example (H·W for convs, 1 for Dense), in
+    the order the model calls the modules.
 
-    Found by tracing the model once with ``capture_intermediates``, so it works for any Flax
-    model without per-model plumbing.
+    Found by tracing the model once (abstractly) with every module call intercepted, so it works
+    for any Flax model without per-model plumbing.
     """
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    positions: dict[str, int] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and hasattr(out, "shape"):
+            path = "/".join(context.module.path)
+            if path and path not in positions:
+                positions[path] = math.prod(out.shape[1:-1]) if out.ndim > 2 else 1
+        return out
 
     def run(v, x):
-        return model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+        with nn.intercept_methods(interceptor):
+            return model.apply(v, x, **(apply_kwargs or {}))
 
-    _, state = jax.eval_shape(run, variables, x)
-    positions = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
-        # Paths look like (DictKey('conv0'), DictKey('__call__'), SequenceKey(0)).
-        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
-        if keys and keys[-1] == "__call__":
-            positions["/".join(keys[:-1])] = math.prod(leaf.shape[1:-1]) if leaf.ndim > 2 else 1
+    jax.eval_shape(run, variables, x)
     return positions
 
 
 def sparsity_report(params, model: nn.Module | None = None, input_shape=None, *,
-                    model_state: Mapping | None = None,
+                    model_state: Mapping | None = None, apply_kwargs: Mapping | None = None,
                     where: LeafFilter = is_kernel) -> SparsityReport:
     """Per-layer sparsity of ``params`` (zeros count as pruned).
 
     Args:
       params: (pruned) params pytree.
-      model, input_shape: used to find each conv layer's output positions for FLOPs; without
-        them every layer counts as applied once (right for MLPs).
+      model, input_shape: used to order the layers as the model calls them and to find each
+        conv layer's output positions for FLOPs; without them layers come in the params tree's
+        (alphabetical) order and every layer counts as applied once (right for MLPs).
       model_state: the model's other collections (e.g. batch_stats), for tracing.
+      apply_kwargs: keyword arguments ``model.apply`` needs (e.g. ``{"train": False}``).
     """
     positions = {}
     if model is not None:
         positions = output_positions(model, {"params": params, **(model_state or {})},
-                                     input_shape)
+                                     input_shape, apply_kwargs)
     layers = []
     for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not where(path, w):
@@ -335,4 +368,6 @@ def sparsity_report(params, model: nn.Module | None = None, input_shape=None, *,
             outputs_alive=outputs_alive, outputs=w.shape[-1], dense_flops=2 * w.size * reps,
             sparse_flops=2 * int(nonzero.sum()) * reps,
             structured_flops=2 * receptive * inputs_alive * outputs_alive * reps))
+    order = {name: i for i, name in enumerate(positions)}
+    layers.sort(key=lambda layer: order.get(layer.name, len(order)))
     return SparsityReport(layers)

@@ -49,11 +49,11 @@ def test_count_masks_keep_exact_counts():
 
 def test_group_masks_remove_whole_units():
     w = jnp.ones((4, 3)).at[:, 1].set(1e-3).at[2, :].set(1e-3)
-    m = masks_lib.group_masks({"l": {"kernel": w}}, 0.1)["l"]["kernel"]
+    m = masks_lib.group_masks({"l": {"kernel": w}}, fraction_of_max=0.1)["l"]["kernel"]
     assert not bool(jnp.any(m[:, 1])) and not bool(jnp.any(m[2, :]))
     assert int(m.sum()) == 3 * 2
     conv = jnp.ones((3, 3, 2, 4)).at[..., 3].set(0.0)
-    mc = masks_lib.group_masks({"c": {"kernel": conv}}, 0.1, grouping="output")["c"]["kernel"]
+    mc = masks_lib.group_masks({"c": {"kernel": conv}}, fraction_of_max=0.1, grouping="output")["c"]["kernel"]
     assert not bool(jnp.any(mc[..., 3])) and bool(jnp.all(mc[..., :3]))
 
 
@@ -85,3 +85,48 @@ def test_sparsity_report_counts_and_flops():
     assert report.architecture.startswith("10-50-")
     assert report.compression == pytest.approx(430500 / (430500 - 250 - 12500))
     assert "| conv0 | 5x5x1x20 |" in report.markdown()
+
+
+def test_report_lists_layers_in_call_order_for_a_head_first_model():
+    from examples.user_models import HeadFirstMLP
+    model = HeadFirstMLP()
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 1)))["params"]
+    report = masks_lib.sparsity_report(params, model, (6, 6, 1))
+    assert [l.name for l in report.layers] == ["first", "second", "head"]
+    assert report.architecture == "36-32-24"  # inputs alive of each dense layer, in order
+    unordered = masks_lib.sparsity_report(params)  # no model: the params tree's order
+    assert [l.name for l in unordered.layers] == ["first", "head", "second"]
+    assert report.sparsity == pytest.approx(1 - report.kept_fraction)
+
+
+def test_group_rules_absolute_relative_and_std():
+    w = jnp.ones((4, 3)).at[:, 1].set(0.01)  # column norms 2, 0.02, 2; row norms ~1.41
+    kernel = {"l": {"kernel": w}}
+    absolute = masks_lib.group_masks(kernel, threshold=1.0, grouping="output")["l"]["kernel"]
+    relative = masks_lib.group_masks(kernel, fraction_of_max=0.5, grouping="output")["l"]["kernel"]
+    by_std = masks_lib.group_masks(kernel, std_scale=1.0, grouping="output")["l"]["kernel"]
+    for m in (absolute, relative, by_std):
+        np.testing.assert_array_equal(m.any(axis=0), [True, False, True])
+    with pytest.raises(ValueError, match="exactly one"):
+        masks_lib.group_masks(kernel, threshold=1.0, std_scale=1.0)
+
+
+def test_rules_run_under_jit_with_the_never_empty_guard():
+    params = _params()
+    jitted = jax.jit(lambda p: masks_lib.threshold_masks(p, 100.0))(params)  # would empty all
+    assert int(jitted["dense1"]["kernel"].sum()) == 1
+    magnitude = jax.jit(lambda p: masks_lib.magnitude_masks(p, 0.5))(params)
+    assert int(magnitude["dense0"]["kernel"].sum()) == params["dense0"]["kernel"].size // 2
+
+
+def test_top_k_keeps_exact_counts_and_breaks_ties_by_index():
+    scores = jnp.array([1.0, 3.0, 3.0, 2.0, 3.0])
+    np.testing.assert_array_equal(masks_lib.top_k_mask(scores, 2), [0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(masks_lib.top_k_mask(scores, 0), [0] * 5)
+    traced = jax.jit(masks_lib.top_k_mask)(scores, jnp.int32(4))
+    np.testing.assert_array_equal(traced, [0, 1, 1, 1, 1])
+    # global magnitude pruning keeps exactly the count even with ties across layers
+    tied = {"a": {"kernel": jnp.ones((3, 2))}, "b": {"kernel": jnp.ones((2, 2))}}
+    kept = masks_lib.magnitude_masks(tied, 0.3, scope="global")
+    assert sum(int(m.sum()) for m in jax.tree.leaves(kept)) == 7  # 10 weights, 3 removed
+    assert int(kept["b"]["kernel"].sum()) == 1  # ties go to the earlier leaf

@@ -161,11 +161,17 @@ def test_network_schemes_certify_and_save(scheme, tmp_path):
     for name in pruned.layers:  # masks mark exactly the nonzero kernel entries
         np.testing.assert_array_equal(pruned.masks[name]["kernel"],
                                       pruned.params[name]["kernel"] != 0)
+    report = pruned.report(model, (12,))  # the one report type, Net-Trim facts in its details
+    assert [layer.name for layer in report.layers] == ["dense0", "dense1", "dense2"]
+    assert report.kept_weights == sum(layer["kept_weights"] for layer in pruned.layers.values())
+    assert report.layers[1].details["measured"] == pruned.layers["dense1"]["measured"]
+    assert report.details["scheme"] == scheme
     nettrim.save_pruned(tmp_path / "pruned", pruned)
     restored = nettrim.load_pruned(tmp_path / "pruned", params)
     np.testing.assert_array_equal(restored.params["dense0"]["kernel"],
                                   pruned.params["dense0"]["kernel"])
     assert restored.layers["dense1"]["kept_weights"] == pruned.layers["dense1"]["kept_weights"]
+    assert restored.scheme == scheme
 
 
 def test_load_pruned_of_a_damaged_directory_is_a_clear_error(tmp_path):

@@ -210,3 +210,32 @@ def test_fit_distills_with_the_default_loss(small_mnist):
     logits = model.apply({"params": state.params}, x)
     assert abs(history[-1]["train_loss"] - float(distillation_loss(logits, y, teacher(x)))) < \
         abs(history[-1]["train_loss"] - float(cross_entropy(logits, y)))
+
+
+def test_masked_fine_tune_resumes_bit_identically_with_its_masks(tmp_path):
+    """The masks travel in the optimizer state: a resumed fine-tune needs only a template of
+    the same structure (here all-True masks) and continues exactly as the uninterrupted one."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_faults import small_mlp, synthetic
+    from hoyertrim.masks import magnitude_masks
+    from hoyertrim.transforms import masked, masks_in_state
+
+    model, dataset = small_mlp(), synthetic(2000)
+    dense, _ = fit(model, optax.adam(1e-3), dataset, epochs=1, batch_size=64, progress=False)
+    masks = magnitude_masks(dense.params, 0.8)
+
+    def run(directory, epochs, tx_masks):
+        tx = masked(optax.adam(1e-3), tx_masks)
+        state = create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1),
+                                   params=dense.params)
+        return fit(model, tx, dataset, epochs=epochs, batch_size=64, state=state,
+                   progress=False, checkpointer=Checkpointer(directory))[0]
+
+    reference = run(tmp_path / "reference", 4, masks)
+    run(tmp_path / "run", 2, masks)  # stops after 2 epochs, as if killed
+    resumed = run(tmp_path / "run", 4, jax.tree.map(jnp.ones_like, masks))
+    assert _leaves_equal(resumed.params, reference.params)
+    assert _leaves_equal(masks_in_state(resumed.opt_state), masks)
+    for p, m in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(masks)):
+        assert not np.any(np.asarray(p)[~np.asarray(m)])

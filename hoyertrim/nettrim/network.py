@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from hoyertrim.masks import SparsityReport, sparsity_report
 from hoyertrim.nettrim import graph
 from hoyertrim.nettrim.capture import capture, find_layers, select_layers
 from hoyertrim.nettrim.search import solve_layer
@@ -57,12 +58,21 @@ class PrunedNetwork:
     variables: Any = None
     heldout: dict | None = None
 
-    def report(self) -> dict:
-        """JSON-ready summary of the whole network."""
-        total = sum(r["weights"] for r in self.layers.values())
-        kept = sum(r["kept_weights"] for r in self.layers.values())
-        return {"scheme": self.scheme, "layers": self.layers, "weights": total,
-                "kept_weights": kept, "kept_fraction": kept / total, "heldout": self.heldout}
+    def report(self, model: nn.Module | None = None, input_shape=None,
+               apply_kwargs: Mapping | None = None) -> SparsityReport:
+        """The network's `SparsityReport` (every kernel layer; with ``model`` and
+        ``input_shape`` also FLOPs), each pruned layer's Net-Trim facts in its ``details`` and
+        the scheme and held-out figures in the report's ``details``."""
+        state = {k: v for k, v in (self.variables or {}).items() if k != "params"}
+        report = sparsity_report(self.params, model, input_shape, model_state=state,
+                                 apply_kwargs=apply_kwargs)
+        if model is None:  # no trace: the pruned layers in their call order, then the rest
+            order = {name: i for i, name in enumerate(self.layers)}
+            report.layers.sort(key=lambda layer: order.get(layer.name, len(order)))
+        for layer in report.layers:
+            layer.details = dict(self.layers.get(layer.name, {}))
+        report.details = {"method": "nettrim", "scheme": self.scheme, "heldout": self.heldout}
+        return report
 
 
 def _split_variables(variables) -> tuple[Any, dict]:
@@ -377,7 +387,7 @@ def save_pruned(directory, network: PrunedNetwork) -> None:
     path = pathlib.Path(directory).expanduser().absolute()
     items = dict(params=ocp.args.StandardSave(network.params),
                  masks=ocp.args.StandardSave(network.masks),
-                 report=ocp.args.JsonSave(network.report()))
+                 report=ocp.args.JsonSave(network.report().as_dict()))
     if network.variables is not None:
         state = {k: v for k, v in network.variables.items() if k != "params"}
         items["state"] = ocp.args.StandardSave(state)
@@ -412,6 +422,7 @@ def load_pruned(directory, template) -> PrunedNetwork:
     variables = None
     if collections:
         variables = {"params": restored["params"], **restored["state"]}
-    return PrunedNetwork(params=restored["params"], masks=restored["masks"],
-                         layers=report["layers"], scheme=report["scheme"], variables=variables,
-                         heldout=report.get("heldout"))
+    layers = {layer["name"]: layer["details"] for layer in report["layers"] if layer["details"]}
+    return PrunedNetwork(params=restored["params"], masks=restored["masks"], layers=layers,
+                         scheme=report["details"]["scheme"], variables=variables,
+                         heldout=report["details"].get("heldout"))
