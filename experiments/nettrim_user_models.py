@@ -112,6 +112,27 @@ def train(model, dataset, args, eval_kwargs, train_kwargs):
     return best, log
 
 
+def markdown(result: dict) -> str:
+    """The README table of one model: per point, then per layer."""
+    rows = [f"Dense test accuracy {100 * result['dense_test_accuracy']:.2f}%; "
+            f"{result['calibration_samples']:,} calibration images, "
+            f"{result['heldout_samples']:,} held-out.", "",
+            "| scheme | ε | kept % | test % (dense → pruned) | held-out top-1 agreement | "
+            "held-out logits rel. error | per layer: program, kept %, certified ε / measured "
+            "(calibration) / measured (held-out) |", "|---|---|---|---|---|---|---|"]
+    for p in result["points"]:
+        layers = "<br>".join(
+            f"{name}: {l['program']}, {100 * l['kept_fraction']:.1f}%, {l['epsilon']:.4f} / "
+            f"{l['measured']:.4f} / {l['heldout_measured']:.4f}"
+            + (" (trained weights kept)" if l["fallback"] else "")
+            for name, l in p["layers"].items())
+        rows.append(f"| {p['scheme']} | {p['epsilon']:g} | {100 * p['kept_fraction']:.2f} | "
+                    f"{100 * result['dense_test_accuracy']:.2f} → {100 * p['test_accuracy']:.2f}"
+                    f" | {100 * p['heldout']['top1_agreement']:.1f}% | "
+                    f"{p['heldout']['logits_relative_error']:.3f} | {layers} |")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     build, eval_kwargs, train_kwargs = MODELS[args.model]
@@ -166,6 +187,7 @@ def main(argv=None) -> dict:
     path = pathlib.Path(args.results or f"results/nettrim_user_{args.model}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     common.write_json(path, result)
+    path.with_suffix(".md").write_text(markdown(result))
     return result
 
 

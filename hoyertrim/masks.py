@@ -245,9 +245,15 @@ class SparsityReport:
     network, ``sparse_flops`` counting only nonzero weights (a sparse kernel), and
     ``structured_flops`` of the smaller dense network left after removing dead input and output
     units (what a structured method like Group-HS saves without sparse kernels).
+
+    This is the one report of a pruned network, whatever pruned it: a method adds what it knows
+    about each layer to `LayerReport.details` (Net-Trim: the program, certified and measured
+    discrepancy, …) and about the whole network to ``details``. Layers are in call order when
+    the model is known.
     """
 
     layers: list[LayerReport]
+    details: dict = dataclasses.field(default_factory=dict)
 
     @property
     def weights(self) -> int:

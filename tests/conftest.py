@@ -13,6 +13,16 @@ if str(REPO) not in sys.path:  # tests use examples/ (models written as users wr
     sys.path.insert(0, str(REPO))
 
 
+_REAL_DATA = {"data_root", "mnist", "small_mnist"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on real MNIST are `slow`: `pytest -m "not slow"` is the quick tier."""
+    for item in items:
+        if _REAL_DATA & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def _data_root() -> pathlib.Path | None:
     for candidate in (os.environ.get("HOYERTRIM_DATA"), REPO.parent / "shared" / "data"):
         if candidate and (pathlib.Path(candidate) / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file():

@@ -75,6 +75,7 @@ def uninterrupted(tmp_path_factory):
     return _hash(_start(tmp_path_factory.mktemp("clean") / "run", 4))
 
 
+@pytest.mark.slow
 def test_killed_during_checkpoint_write_resumes_bit_identically(tmp_path, uninterrupted):
     killed = _start(tmp_path / "run", 4, kill_after=2)
     killed.communicate(timeout=300)
@@ -82,6 +83,7 @@ def test_killed_during_checkpoint_write_resumes_bit_identically(tmp_path, uninte
     assert _hash(_start(tmp_path / "run", 4)) == uninterrupted
 
 
+@pytest.mark.slow
 def test_killed_during_an_epoch_resumes_bit_identically(tmp_path, uninterrupted):
     process = _start(tmp_path / "run", 4)
     for line in process.stdout:  # wait until epoch 1 is saved, then kill inside epoch 2
@@ -93,7 +95,8 @@ def test_killed_during_an_epoch_resumes_bit_identically(tmp_path, uninterrupted)
     assert _hash(_start(tmp_path / "run", 4)) == uninterrupted
 
 
-@pytest.mark.parametrize("damaged", ["state", ""])  # the arrays only, or every file
+@pytest.mark.parametrize("damaged", ["state", pytest.param("", marks=pytest.mark.slow)])
+# "state": the arrays only; "": every file
 def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damaged):
     model, dataset = small_mlp(), synthetic(2000)
     reference, _ = fit(model, optax.adam(1e-3), dataset, epochs=3, batch_size=64,
@@ -112,6 +115,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damaged):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_a_clear_error_or_a_fresh_start(tmp_path):
     model, dataset = small_mlp(), synthetic(1000)
     fit(model, optax.adam(1e-3), dataset, epochs=1, batch_size=64, progress=False,

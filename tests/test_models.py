@@ -9,8 +9,8 @@ from hoyertrim.models import MODELS, count_params, create_model
     ("lenet300100", 266_610),   # Han et al. 2015
     ("lenet5", 431_080),        # Caffe LeNet-5
     ("nettrim_fc", 784 * 300 + 300 + 300 * 1000 + 1000 + 1000 * 100 + 100 + 100 * 10 + 10),
-    ("resnet20", 269_722),      # He et al. 2016: 0.27M
-    ("resnet56", 853_018),      # 0.85M
+    pytest.param("resnet20", 269_722, marks=pytest.mark.slow),  # He et al. 2016: 0.27M
+    pytest.param("resnet56", 853_018, marks=pytest.mark.slow),  # 0.85M
 ])
 def test_parameter_counts_match_literature(name, expected):
     model = create_model(name)

@@ -125,6 +125,7 @@ def test_train_step_accepts_any_transformation_and_uses_params():
     assert int(new_state.step) == 1 and np.isfinite(metrics["loss"])
 
 
+@pytest.mark.slow
 def test_batchnorm_model_trains_and_evaluates():
     model = create_model("resnet20")
     tx = optax.sgd(0.1, momentum=0.9)
@@ -212,6 +213,7 @@ def test_fit_distills_with_the_default_loss(small_mnist):
         abs(history[-1]["train_loss"] - float(cross_entropy(logits, y)))
 
 
+@pytest.mark.slow
 def test_masked_fine_tune_resumes_bit_identically_with_its_masks(tmp_path):
     """The masks travel in the optimizer state: a resumed fine-tune needs only a template of
     the same structure (here all-True masks) and continues exactly as the uninterrupted one."""

@@ -16,6 +16,7 @@ import math
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -190,7 +191,8 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         raise ValueError("Give exactly one of epsilon and kept_fraction.")
     key = jax.random.PRNGKey(0) if key is None else key
     apply_kwargs = dict(apply_kwargs or {})
-    params, collections = _split_variables(variables)
+    frozen = isinstance(variables, flax.core.FrozenDict)
+    params, collections = _split_variables(flax.core.unfreeze(variables))
     images = np.asarray(images)
     calibration, held = _split_heldout(images, heldout, key)
 
@@ -230,6 +232,11 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
 
     network = _check(model, params, pruned, collections, apply_kwargs, names, followers,
                      original, sample_rows, reports, calibration, held, scheme, batch_size)
+    if frozen:  # give back the structure that came in
+        network.params, network.masks = (flax.core.freeze(t) for t in (network.params,
+                                                                        network.masks))
+        if network.variables is not None:
+            network.variables = flax.core.freeze(network.variables)
     return network
 
 
