@@ -118,21 +118,40 @@ def make_capture(model: nn.Module, apply_kwargs: Mapping, paths: Sequence[str]):
     return run
 
 
+class Recorder:
+    """Runs a model in batches and records its layers' ``(inputs, outputs)``.
+
+    One compiled function serves every call (the original, the pruned and the partly pruned
+    networks have the same structure), so a whole `prune_network` compiles the model once per
+    batch shape.
+    """
+
+    def __init__(self, model: nn.Module, apply_kwargs: Mapping, paths: Sequence[str],
+                 batch_size: int = 1000):
+        self._run = make_capture(model, apply_kwargs, paths)
+        self.batch_size = batch_size
+
+    def __call__(self, variables: Mapping, images: np.ndarray, paths: Sequence[str] = ()
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The model's (first) output and ``{path: (inputs, outputs)}`` for ``paths``, as
+        NumPy arrays over all ``images``."""
+        outputs, captured = [], {p: ([], []) for p in paths}
+        with jax.default_matmul_precision("highest"):
+            for start in range(0, len(images), self.batch_size):
+                output, layers = self._run(variables, images[start:start + self.batch_size])
+                outputs.append(np.asarray(jax.tree.leaves(output)[0]))
+                for path in paths:
+                    captured[path][0].append(np.asarray(layers[path][0]))
+                    captured[path][1].append(np.asarray(layers[path][1]))
+        return (np.concatenate(outputs),
+                {p: (np.concatenate(x), np.concatenate(z)) for p, (x, z) in captured.items()})
+
+
 def capture(model: nn.Module, variables: Mapping, images: np.ndarray, apply_kwargs: Mapping,
             paths: Sequence[str], batch_size: int = 1000) -> tuple[np.ndarray, dict[str, Any]]:
     """Runs the model on ``images`` in batches; returns its (first) output and each layer's
     ``(inputs, outputs)`` as NumPy arrays over all images."""
-    run = make_capture(model, apply_kwargs, paths)
-    outputs, captured = [], {p: ([], []) for p in paths}
-    with jax.default_matmul_precision("highest"):
-        for start in range(0, len(images), batch_size):
-            output, layers = run(variables, images[start:start + batch_size])
-            outputs.append(np.asarray(jax.tree.leaves(output)[0]))
-            for path, (x, z) in layers.items():
-                captured[path][0].append(np.asarray(x))
-                captured[path][1].append(np.asarray(z))
-    return (np.concatenate(outputs),
-            {p: (np.concatenate(x), np.concatenate(z)) for p, (x, z) in captured.items()})
+    return Recorder(model, apply_kwargs, paths, batch_size)(variables, images, paths)
 
 
 def capture_layers(model: nn.Module, variables: Mapping, images, apply_kwargs=None

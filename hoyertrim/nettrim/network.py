@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from hoyertrim.masks import SparsityReport, sparsity_report
 from hoyertrim.nettrim import graph
-from hoyertrim.nettrim.capture import capture, find_layers, select_layers
+from hoyertrim.nettrim.capture import Recorder, find_layers, select_layers
 from hoyertrim.nettrim.search import solve_layer
 
 # The solver aims this much below the certified ε, so that float32 differences between the
@@ -207,8 +207,8 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
                                 {n: shapes[n] for n in names})
     followers = graph.override(followers, activations, lambda n: shapes[n].shape[-1])
 
-    _, original = capture(model, with_params(params), calibration, apply_kwargs, names,
-                          batch_size)
+    record = Recorder(model, apply_kwargs, names, batch_size)
+    _, original = record(with_params(params), calibration, names)
     pruned, reports, sample_rows = params, {}, {}
     bar = tqdm(names, desc=f"Net-Trim ({scheme})", unit="layer", disable=not progress)
     for index, name in enumerate(bar):
@@ -218,8 +218,7 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         sample_rows[name] = rows
         x_hat = None
         if scheme == "cascade" and index > 0:
-            x_hat = capture(model, with_params(pruned), calibration, apply_kwargs, [name],
-                            batch_size)[1][name][0]
+            x_hat = record(with_params(pruned), calibration, [name])[1][name][0]
         report, new_layer = _prune_layer(
             layer, _get(params, name), follower, inputs, x_hat, z, rows,
             epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma, solver=solver,
@@ -230,8 +229,8 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         bar.set_postfix(layer=name, kept=f"{report['kept_fraction']:.3f}",
                         disc=f"{report['discrepancy']:.3f}")
 
-    network = _check(model, params, pruned, collections, apply_kwargs, names, followers,
-                     original, sample_rows, reports, calibration, held, scheme, batch_size)
+    network = _check(record, params, pruned, collections, names, followers, original,
+                     sample_rows, reports, calibration, held, scheme)
     if frozen:  # give back the structure that came in
         network.params, network.masks = (flax.core.freeze(t) for t in (network.params,
                                                                         network.masks))
@@ -325,19 +324,17 @@ def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsil
     return report, new_layer
 
 
-def _measure_layers(model, params, pruned, collections, apply_kwargs, names, followers,
-                    images, rows, scheme, batch_size, reference):
+def _measure_layers(record, params, pruned, collections, names, followers, images, rows, scheme,
+                    reference):
     """Per layer, the measured relative discrepancy of its certified quantity in the real
     forward pass: the layer alone pruned (parallel) or the whole pruned network (cascade)."""
     measured = {}
     if scheme == "cascade":
-        _, signals = capture(model, {"params": pruned, **collections}, images, apply_kwargs,
-                             names, batch_size)
+        _, signals = record({"params": pruned, **collections}, images, names)
     for name in names:
         if scheme == "parallel":
             alone = _replace(params, name, _get(pruned, name))
-            z = capture(model, {"params": alone, **collections}, images, apply_kwargs, [name],
-                        batch_size)[1][name][1]
+            z = record({"params": alone, **collections}, images, [name])[1][name][1]
         else:
             z = signals[name][1]
         new, old = _quantity(followers[name], z), _quantity(followers[name], reference[name][1])
@@ -348,10 +345,10 @@ def _measure_layers(model, params, pruned, collections, apply_kwargs, names, fol
     return measured
 
 
-def _check(model, params, pruned, collections, apply_kwargs, names, followers, original,
-           sample_rows, reports, calibration, held, scheme, batch_size) -> PrunedNetwork:
-    measured = _measure_layers(model, params, pruned, collections, apply_kwargs, names,
-                               followers, calibration, sample_rows, scheme, batch_size, original)
+def _check(record, params, pruned, collections, names, followers, original, sample_rows,
+           reports, calibration, held, scheme) -> PrunedNetwork:
+    measured = _measure_layers(record, params, pruned, collections, names, followers,
+                               calibration, sample_rows, scheme, original)
     for name in names:
         report = reports[name]
         report["measured"] = measured[name]
@@ -365,12 +362,10 @@ def _check(model, params, pruned, collections, apply_kwargs, names, followers, o
             report["output_bound"] = report["lipschitz"] * report["epsilon"]
     heldout = None
     if held is not None and len(held):
-        reference_out, reference = capture(model, {"params": params, **collections}, held,
-                                           apply_kwargs, names, batch_size)
-        out, _ = capture(model, {"params": pruned, **collections}, held, apply_kwargs, [],
-                         batch_size)
-        held_measured = _measure_layers(model, params, pruned, collections, apply_kwargs, names,
-                                        followers, held, {}, scheme, batch_size, reference)
+        reference_out, reference = record({"params": params, **collections}, held, names)
+        out, _ = record({"params": pruned, **collections}, held)
+        held_measured = _measure_layers(record, params, pruned, collections, names, followers,
+                                        held, {}, scheme, reference)
         for name in names:
             reports[name]["heldout_measured"] = held_measured[name]
         heldout = {"samples": int(len(held)),
