@@ -45,8 +45,10 @@ def write_json(path: pathlib.Path, payload: dict) -> None:
 def restore_dense(args, model, dataset):
     """Best-validation dense params from train_dense.py's checkpoints (trains them if absent).
 
-    Uses ``args.model``, ``args.dense_workdir`` (default runs/dense_<model>), ``args.seed`` and
-    ``args.data_dir``.
+    Uses ``args.model``, ``args.dense_workdir`` (default runs/dense_<model>_mnist, where
+    README's quick start and train_dense.py put it), ``args.seed`` and ``args.data_dir``. A
+    ``--dense-workdir`` without checkpoints is an error; a missing default is trained with
+    train_dense.py's defaults, saying so.
     """
     import jax
 
@@ -54,12 +56,17 @@ def restore_dense(args, model, dataset):
     from hoyertrim.checkpoint import Checkpointer
     from hoyertrim.train import create_train_state
 
-    workdir = args.dense_workdir or f"runs/dense_{args.model}"
-    checkpointer = Checkpointer(f"{workdir}/checkpoints")
-    if checkpointer.latest_step() is None:
+    workdir = args.dense_workdir or f"runs/dense_{args.model}_mnist"
+    if not any(pathlib.Path(workdir, "checkpoints").glob("[0-9]*")):
+        if args.dense_workdir:
+            raise SystemExit(f"No dense checkpoint in {workdir}/checkpoints. Train one with: "
+                             f"python experiments/train_dense.py --model {args.model} "
+                             f"--workdir {workdir}")
+        print(f"No dense {args.model} in {workdir}: training one with train_dense.py's "
+              "defaults first.", flush=True)
         train_dense.main(["--model", args.model, "--workdir", workdir, "--seed", str(args.seed)]
                          + (["--data-dir", args.data_dir] if args.data_dir else []))
-        checkpointer = Checkpointer(f"{workdir}/checkpoints")
+    checkpointer = Checkpointer(f"{workdir}/checkpoints")
     step = checkpointer.best_step()
     config = checkpointer.config(step)
     tx = train_dense.make_tx(config, len(dataset.train) // config["batch_size"])
