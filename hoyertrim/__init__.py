@@ -5,3 +5,10 @@ Modules: `penalties` (pure math), `transforms` (optax), `masks` (pruning rules a
 """
 
 __version__ = "0.1.0"
+
+
+def load(directory, step=None):
+    """`hoyertrim.checkpoint.load`: params, model state, masks and config of a checkpoint
+    directory, with no optimizer template."""
+    from hoyertrim.checkpoint import load as _load
+    return _load(directory, step)

@@ -8,6 +8,7 @@ another structure raises `CheckpointMismatchError` naming the leaves that differ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -16,6 +17,7 @@ import warnings
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -240,3 +242,59 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What `load` found: params, the other collections, masks (True = kept), the run's config
+    and which checkpoint it was (``step``; None for a pruned network)."""
+
+    params: Any
+    model_state: dict
+    masks: Any
+    config: dict
+    step: int | None
+    directory: pathlib.Path
+
+
+def load(directory: str | os.PathLike, step: int | None = None) -> Loaded:
+    """Loads params (and model state, masks, config) from a checkpoint directory, with no
+    optimizer or model template.
+
+    Args:
+      directory: a training run's checkpoint directory (a `Checkpointer`'s, or a folder holding
+        one as ``checkpoints/``), or a pruned network written by `nettrim.save_pruned`.
+      step: which checkpoint of a run (default: its best-on-validation one).
+
+    Raises:
+      FileNotFoundError: nothing loadable there.
+    """
+    path = pathlib.Path(directory).expanduser().absolute()
+    if (path / "params").is_dir() and (path / "masks").is_dir():  # nettrim.save_pruned
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            items = dict(params=ocp.args.StandardRestore(), masks=ocp.args.StandardRestore())
+            if (path / "state").is_dir():
+                items["state"] = ocp.args.StandardRestore()
+            restored = checkpointer.restore(path, ocp.args.Composite(**items))
+        return Loaded(restored["params"], dict(restored.get("state") or {}),
+                      restored["masks"], {}, None, path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if not path.is_dir() or not any(p.name.isdigit() for p in path.iterdir()):
+        raise FileNotFoundError(f"No checkpoint in {path}: expected a training run's checkpoint "
+                                "directory or a pruned network (nettrim.save_pruned).")
+    checkpointer = Checkpointer(path)
+    step = checkpointer.best_step() if step is None else step
+    if step not in checkpointer.all_steps():
+        raise FileNotFoundError(f"No checkpoint at step {step} in {path}; available steps: "
+                                f"{checkpointer.all_steps()}.")
+    restored = checkpointer._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+    checkpointer.close()
+    state = restored["state"]
+    params = state["params"]
+    # Pruned weights are exact zeros (masked training keeps them so): the masks of a run are
+    # its params' nonzeros.
+    masks = jax.tree.map(lambda p: np.asarray(p) != 0, params)
+    return Loaded(params, dict(state.get("model_state") or {}), masks,
+                  dict(restored["config"] or {}), step, path)

@@ -173,6 +173,12 @@ def test_network_schemes_certify_and_save(scheme, tmp_path):
                                   pruned.params["dense0"]["kernel"])
     assert restored.layers["dense1"]["kept_weights"] == pruned.layers["dense1"]["kept_weights"]
     assert restored.scheme == scheme
+    import hoyertrim  # and without any template
+    loaded = hoyertrim.load(tmp_path / "pruned")
+    np.testing.assert_array_equal(loaded.params["dense1"]["kernel"],
+                                  pruned.params["dense1"]["kernel"])
+    np.testing.assert_array_equal(loaded.masks["dense1"]["kernel"],
+                                  pruned.masks["dense1"]["kernel"])
 
 
 def test_load_pruned_of_a_damaged_directory_is_a_clear_error(tmp_path):

@@ -241,3 +241,21 @@ def test_masked_fine_tune_resumes_bit_identically_with_its_masks(tmp_path):
     assert _leaves_equal(masks_in_state(resumed.opt_state), masks)
     for p, m in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(masks)):
         assert not np.any(np.asarray(p)[~np.asarray(m)])
+
+
+def test_load_needs_no_template(tmp_path):
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_faults import small_mlp, synthetic
+    import hoyertrim
+    model, dataset = small_mlp(), synthetic(1000)
+    tx = make_optimizer("adam", 1e-3, total_steps=64)  # a schedule the loader never needs
+    state, _ = fit(model, tx, dataset, epochs=2, batch_size=32, progress=False,
+                   config={"lr": 1e-3}, checkpointer=Checkpointer(tmp_path / "run" / "checkpoints"))
+    loaded = hoyertrim.load(tmp_path / "run")
+    assert loaded.config == {"lr": 1e-3} and loaded.step in (1, 2)
+    if loaded.step == 2:
+        assert _leaves_equal(loaded.params, state.params)
+    assert jax.tree.structure(loaded.masks) == jax.tree.structure(state.params)
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        hoyertrim.load(tmp_path / "nothing")
