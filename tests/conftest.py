@@ -16,6 +16,15 @@ if str(REPO) not in sys.path:  # tests use examples/ (models written as users wr
 _REAL_DATA = {"data_root", "mnist", "small_mnist"}
 
 
+def pytest_configure(config):
+    """The quick tier (-m "not slow") compiles with XLA's optimizations off, as JAX's own test
+    suite does: its problems are tiny, so compile time is nearly all of its run time. The full
+    suite (what CI runs) compiles as users do."""
+    if (config.option.markexpr or "").replace(" ", "") == "notslow":
+        import jax
+        jax.config.update("jax_disable_most_optimizations", True)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests on real MNIST are `slow`: `pytest -m "not slow"` is the quick tier."""
     for item in items:

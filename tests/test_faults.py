@@ -95,8 +95,8 @@ def test_killed_during_an_epoch_resumes_bit_identically(tmp_path, uninterrupted)
     assert _hash(_start(tmp_path / "run", 4)) == uninterrupted
 
 
-@pytest.mark.parametrize("damaged", ["state", pytest.param("", marks=pytest.mark.slow)])
-# "state": the arrays only; "": every file
+@pytest.mark.slow
+@pytest.mark.parametrize("damaged", ["state", ""])  # the arrays only, or every file
 def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damaged):
     model, dataset = small_mlp(), synthetic(2000)
     reference, _ = fit(model, optax.adam(1e-3), dataset, epochs=3, batch_size=64,

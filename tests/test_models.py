@@ -18,7 +18,8 @@ def test_parameter_counts_match_literature(name, expected):
     assert count_params(variables["params"]) == expected
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if "resnet" in m else m
+                                  for m in MODELS])
 def test_logits_shape(name):
     model = create_model(name)
     x = jnp.ones((3, *model.input_shape))
@@ -38,6 +39,7 @@ def test_wrong_image_shape_is_a_clear_error(name, bad_shape):
         model.init(jax.random.PRNGKey(0), jnp.zeros(bad_shape))
 
 
+@pytest.mark.slow
 def test_resnet_batch_stats_update_in_train_and_freeze_in_eval():
     model = create_model("resnet20")
     x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3)) * 3 + 1

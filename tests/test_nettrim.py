@@ -79,6 +79,7 @@ def test_dead_inputs_get_zero_weights_and_change_nothing():
     np.testing.assert_allclose(solution.bias, plain.bias, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_presolve_levels_reach_the_same_solution_with_fewer_full_solves():
     x, y = _layer(4, samples=4000, inputs=40, outputs=8)
     direct = nettrim.solve_layer(x, y, epsilon=0.1, presolve_samples=None)
@@ -181,6 +182,7 @@ def test_network_schemes_certify_and_save(scheme, tmp_path):
                                   pruned.masks["dense1"]["kernel"])
 
 
+@pytest.mark.slow
 def test_load_pruned_of_a_damaged_directory_is_a_clear_error(tmp_path):
     model, params, images = _small_net()
     pruned = nettrim.prune_network(model, params, images, epsilon=0.2, progress=False)

@@ -170,6 +170,7 @@ def test_distillation_loss_reduces_to_its_parts():
     np.testing.assert_allclose(grad, 0.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_with_teacher_fits_the_teacher_not_the_labels():
     model = create_model("lenet300100")
     tx = optax.sgd(0.1)
