@@ -9,9 +9,9 @@ from hoyertrim.data import load_dataset
 class CNN(nn.Module):  # any ordinary Flax model
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Conv(16, (3, 3))(x))
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Dense(128)(x.reshape((x.shape[0], -1))))
+        x = nn.relu(nn.Dense(64)(x.reshape((x.shape[0], -1))))
         return nn.Dense(10)(x)
 
 
@@ -30,11 +30,11 @@ def step(params, opt_state, images, labels):
     return optax.apply_updates(params, updates), opt_state
 
 
-for i in range(0, 30000, 100):  # a short training run standing in for yours
+for i in range(0, 20000, 100):  # a short training run standing in for yours
     params, opt_state = step(params, opt_state, mnist.train.images[i:i + 100],
                              mnist.train.labels[i:i + 100])
 
-pruned = nettrim.prune_network(model, params, mnist.train.images[:2000], epsilon=0.1,
+pruned = nettrim.prune_network(model, params, mnist.train.images[:1000], epsilon=0.1,
                                scheme="cascade", heldout=mnist.validation.images[:500])
 for name, layer in pruned.layers.items():
     print(f"{name}: {layer['program']} program, kept {layer['kept_fraction']:.1%}, certified "
