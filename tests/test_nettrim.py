@@ -295,3 +295,42 @@ def test_parallel_scheme_obeys_the_error_propagation_bound():
                            - outputs[-1])
     assert error <= bound * (1 + 1e-5)
     assert error > 0.05 * bound  # the bound is not vacuous here
+
+
+_DEVICES_SCRIPT = """
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+import jax, numpy as np
+from hoyertrim import nettrim
+from hoyertrim.models import MLP
+model = MLP(hidden=(24, 16), num_classes=5, input_shape=(12,))
+params = model.init(jax.random.PRNGKey(0), np.zeros((1, 12), np.float32))["params"]
+images = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (400, 12)))
+devices = jax.devices() if sys.argv[1] == "all" else None
+pruned = nettrim.prune_network(model, params, images, epsilon=0.05, devices=devices,
+                               progress=False)
+print(json.dumps({"devices": jax.device_count(),
+                  "kernels": {n: np.asarray(p["kernel"]).tolist() for n, p in pruned.params.items()},
+                  "measured": {n: r["measured"] for n, r in pruned.layers.items()}}))
+"""
+
+
+@pytest.mark.slow
+def test_parallel_scheme_on_four_devices_equals_one_device():
+    four = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            "JAX_PLATFORMS": "cpu"}
+    one = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, flag], env=env,
+                                      capture_output=True, text=True, check=True).stdout)
+            for flag, env in (("all", four), ("one", one))]
+    assert (runs[0]["devices"], runs[1]["devices"]) == (4, 1)
+    for name in runs[0]["kernels"]:
+        np.testing.assert_array_equal(runs[0]["kernels"][name], runs[1]["kernels"][name])
+    assert runs[0]["measured"] == runs[1]["measured"]
+
+
+def test_devices_only_for_the_parallel_scheme():
+    model, params, images = _small_net()
+    with pytest.raises(ValueError, match="only the parallel scheme"):
+        nettrim.prune_network(model, params, images, epsilon=0.1, scheme="cascade",
+                              devices=jax.devices())

@@ -145,7 +145,8 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
                   activations: Mapping[str, str] | None = None,
                   apply_kwargs: Mapping | None = None, heldout=0.1, max_rows: int = 20000,
                   batch_size: int = 1000, key=None, solver: Callable = solve_layer,
-                  progress: bool = True, **solver_kwargs) -> PrunedNetwork:
+                  devices: Sequence[jax.Device] | None = None, progress: bool = True,
+                  **solver_kwargs) -> PrunedNetwork:
     """Net-Trim over a Flax model's Dense/Conv layers (and any registered layer type).
 
     Args:
@@ -174,6 +175,9 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
       key: PRNG key for the row subsets and the held-out split.
       solver: `solve_layer`, or `solve_layer_admm` for Dense/Conv layers with bias and no
         folding.
+      devices: parallel scheme only: solve the (independent) layers concurrently, one worker per
+        device (e.g. ``jax.devices()``); the result is the same as on one device. Default: one
+        layer after another, each spread over all devices along its neurons.
       progress: progress bars (layers; each layer's λ search).
       **solver_kwargs: passed to the solver.
 
@@ -189,6 +193,9 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         raise ValueError(f"gamma must be > 1 so the trained weights stay feasible, got {gamma}.")
     if (epsilon is None) == (kept_fraction is None):
         raise ValueError("Give exactly one of epsilon and kept_fraction.")
+    if devices is not None and scheme != "parallel":
+        raise ValueError("devices= solves layers concurrently, which only the parallel scheme "
+                         "allows (a cascade layer needs the pruned layers before it).")
     key = jax.random.PRNGKey(0) if key is None else key
     apply_kwargs = dict(apply_kwargs or {})
     frozen = isinstance(variables, flax.core.FrozenDict)
@@ -209,25 +216,41 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
 
     record = Recorder(model, apply_kwargs, names, batch_size)
     _, original = record(with_params(params), calibration, names)
-    pruned, reports, sample_rows = params, {}, {}
-    bar = tqdm(names, desc=f"Net-Trim ({scheme})", unit="layer", disable=not progress)
-    for index, name in enumerate(bar):
-        layer, follower = found[name], followers[name]
+    rows = {name: _sample_rows(int(np.prod(np.shape(original[name][1])[:-1])), max_rows, key,
+                               index) for index, name in enumerate(names)}
+    inner_progress = progress and (devices is None or len(devices) == 1)
+
+    def prune(name, x_hat=None, concurrent=False):
+        # Concurrent layers each own a device: no spreading of one layer over all of them.
+        extra = {"shard": False} if concurrent and solver is solve_layer else {}
         inputs, z = original[name]
-        rows = _sample_rows(int(np.prod(np.shape(z)[:-1])), max_rows, key, index)
-        sample_rows[name] = rows
-        x_hat = None
-        if scheme == "cascade" and index > 0:
-            x_hat = record(with_params(pruned), calibration, [name])[1][name][0]
-        report, new_layer = _prune_layer(
-            layer, _get(params, name), follower, inputs, x_hat, z, rows,
+        return _prune_layer(
+            found[name], _get(params, name), followers[name], inputs, x_hat, z, rows[name],
             epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma, solver=solver,
-            solver_kwargs={**solver_kwargs, **({"progress": progress}
-                                               if solver is solve_layer else {})})
+            solver_kwargs={**solver_kwargs, **extra, **(
+                {"progress": inner_progress} if solver is solve_layer else {})})
+
+    pruned, reports = params, {}
+    bar = tqdm(total=len(names), desc=f"Net-Trim ({scheme})", unit="layer",
+               disable=not progress)
+    if devices is not None and len(devices) > 1:
+        results = _solve_on_devices(names, devices, prune, bar)
+    else:
+        results = {}
+        for index, name in enumerate(names):
+            x_hat = None
+            if scheme == "cascade" and index > 0:
+                x_hat = record(with_params(pruned), calibration, [name])[1][name][0]
+            results[name] = prune(name, x_hat)
+            pruned = _replace(pruned, name, results[name][1])
+            bar.update()
+            bar.set_postfix(layer=name, kept=f"{results[name][0]['kept_fraction']:.3f}",
+                            disc=f"{results[name][0]['discrepancy']:.3f}")
+    bar.close()
+    for name in names:  # call order, however the layers were scheduled
+        reports[name], new_layer = results[name]
         pruned = _replace(pruned, name, new_layer)
-        reports[name] = report
-        bar.set_postfix(layer=name, kept=f"{report['kept_fraction']:.3f}",
-                        disc=f"{report['discrepancy']:.3f}")
+    sample_rows = rows
 
     network = _check(record, params, pruned, collections, names, followers, original,
                      sample_rows, reports, calibration, held, scheme)
@@ -237,6 +260,26 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         if network.variables is not None:
             network.variables = flax.core.freeze(network.variables)
     return network
+
+
+def _solve_on_devices(names, devices, prune, bar) -> dict:
+    """The parallel scheme's layers solved concurrently, each on one device (round robin over
+    ``devices``; JAX releases the GIL while a device computes). Every solve is the same
+    computation as on one device, so the result is too."""
+    import concurrent.futures
+
+    def on(device, name):
+        with jax.default_device(device):
+            return prune(name, concurrent=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        futures = {pool.submit(on, devices[i % len(devices)], name): name
+                   for i, name in enumerate(names)}
+        results = {}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.update()
+    return results
 
 
 def _split_heldout(images, heldout, key):
