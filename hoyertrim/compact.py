@@ -1,0 +1,351 @@
+"""Compaction: a pruned network made physically smaller, with the same outputs.
+
+A unit of a layer (a Dense output column, a conv filter) is removed when
+
+- its kernel column is all zero: it outputs a constant (its bias through what follows), whose
+  contribution is added into the consuming layer's bias; or
+- no consumer reads it: its rows are all zero in the consuming layer's kernel;
+
+and every layer gathers only the input features its kernel reads (e.g. the pixels a pruned
+first layer still uses). Which consumer features come from which unit is found by running the
+model once with an infinity placed in one unit per example (through ReLU, pooling, flatten and
+inference BatchNorm it stays in its unit's features), so any linen model works without
+plumbing.
+
+A unit is only removed where that is provably output-preserving: its layer's output reaches
+exactly one consuming layer (no residual branch, no second use) through a ReLU with at most
+per-channel affine steps before it (`nettrim.graph`), the modules in between are inference-mode
+BatchNorm (sliced with it) or parameter-free, and a constant unit feeds a Dense layer or a
+VALID convolution (elsewhere padding makes its contribution position-dependent, unless it is 0).
+Grouped convolutions and layers of other types are kept whole.
+
+The compact model runs the original module tree with each compacted layer computing on its
+smaller arrays (`CompactModel.apply`), so nothing about the user's model has to be rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hoyertrim.nettrim import graph
+from hoyertrim.nettrim.adapters import ConvAdapter, DenseAdapter
+from hoyertrim.nettrim.capture import find_layers
+
+
+@dataclasses.dataclass
+class CompactLayer:
+    """One layer's compact arrays.
+
+    Attributes:
+      kernel: the smaller kernel (Dense: (N', M'); conv: (*window, C', M')).
+      bias: (M',) or None.
+      input_index: positions of the features (last axis) of the layer's actual input that it
+        reads, or None for all.
+      output_index: which of the original output units remain.
+    """
+
+    kernel: np.ndarray
+    bias: np.ndarray | None
+    input_index: np.ndarray | None
+    output_index: np.ndarray
+
+
+@dataclasses.dataclass
+class CompactModel:
+    """A compacted network: call ``apply(images)``; `weights` counts what it stores."""
+
+    model: nn.Module
+    variables: Any  # the original variables; compacted layers never read theirs
+    layers: dict[str, CompactLayer]
+    sliced: dict[str, dict]  # per-channel modules on a compacted path: {path: variables}
+    apply_kwargs: dict
+
+    def __post_init__(self):
+        self._apply = jax.jit(self._forward)
+
+    def apply(self, images) -> jax.Array:
+        """The compact model's output for ``images``."""
+        return self._apply(images)
+
+    def _forward(self, images):
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            path = "/".join(context.module.path)
+            if path in self.layers:
+                return _run_layer(context.module, self.layers[path], args[0])
+            if path in self.sliced:
+                return context.module.clone(parent=None).apply(self.sliced[path], *args,
+                                                               **kwargs)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            return self.model.apply(self.variables, images, **self.apply_kwargs)
+
+    def weights(self) -> int:
+        """Kernel entries the compact layers store (dense storage)."""
+        return sum(int(np.size(layer.kernel)) for layer in self.layers.values())
+
+
+def _run_layer(module, layer: CompactLayer, x):
+    if layer.input_index is not None:
+        x = jnp.take(x, jnp.asarray(layer.input_index), axis=-1)
+    if isinstance(module, nn.Dense):
+        out = x @ layer.kernel
+        return out if layer.bias is None else out + layer.bias
+    params = {"kernel": layer.kernel}
+    if layer.bias is not None:
+        params["bias"] = layer.bias
+    probe = module.clone(parent=None, features=layer.kernel.shape[-1])
+    if hasattr(probe, "use_bias"):  # a consumer without bias may get one (carried constants)
+        probe = probe.clone(use_bias=layer.bias is not None)
+    return probe.apply({"params": params}, x)
+
+
+def _layer_params(params, path):
+    for key in path.split("/"):
+        params = params[key]
+    return params
+
+
+def _record_inputs(model, variables, images, apply_kwargs, override=None):
+    """Inputs of every module call (first positional argument), with optional output overrides
+    ``{path: array}``; returns ({path: input}, model output)."""
+    seen = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__":
+            path = "/".join(context.module.path)
+            if path and args and path not in seen:
+                seen[path] = args[0]
+            if override and path in override:
+                return override[path]
+        return out
+
+    with nn.intercept_methods(interceptor):
+        output = model.apply(variables, images, **apply_kwargs)
+    return seen, output
+
+
+def compact(model: nn.Module, variables, sample, *, apply_kwargs: Mapping | None = None
+            ) -> CompactModel:
+    """Removes dead and unread units of a pruned model (see the module docstring).
+
+    Args:
+      model: the linen model.
+      variables: its (pruned) params tree, or the full variables dict.
+      sample: (B, ...) a few inputs (one is enough) to trace and probe the model with.
+      apply_kwargs: keyword arguments ``model.apply`` needs (e.g. ``{"train": False}``).
+
+    Returns:
+      A `CompactModel` whose ``apply`` equals the pruned model's output (up to float rounding).
+    """
+    apply_kwargs = dict(apply_kwargs or {})
+    variables = flax.core.unfreeze(variables)
+    if not (isinstance(variables, Mapping) and "params" in variables):
+        variables = {"params": variables}
+    params = variables["params"]
+    sample = jnp.asarray(sample)[:1]
+    found, shapes = find_layers(model, variables, sample, apply_kwargs)
+    order = list(found)
+    followers = graph.followers(model, variables, sample, apply_kwargs, shapes)
+    clean_inputs, _ = _record_inputs(model, variables, sample, apply_kwargs)
+    call_order = list(clean_inputs)
+
+    def compactable(path):
+        layer = found[path]
+        return (layer.calls == 1 and type(layer.adapter) in (DenseAdapter, ConvAdapter)
+                and int(getattr(layer.module, "feature_group_count", 1) or 1) == 1)
+
+    matrices = {p: layer.adapter.matrix(layer.module, _layer_params(params, p))
+                for p, layer in found.items() if compactable(p)}
+    removed: dict[str, np.ndarray] = {}     # producer -> removed output units
+    dropped_features: dict[str, np.ndarray] = {}  # consumer -> removed input features
+    bias_shift: dict[str, np.ndarray] = {}
+    sliced: dict[str, dict] = {}
+    for producer in order:
+        if producer not in matrices or followers[producer].program != "relu":
+            continue
+        plan = _plan_removal(model, variables, sample, apply_kwargs, producer, found, order,
+                             call_order, clean_inputs, matrices, followers[producer])
+        if plan is None:
+            continue
+        units, consumer, features_of, between, shift = plan
+        if len(units) == 0:
+            continue
+        removed[producer] = units
+        dropped_features[consumer] = np.concatenate([features_of[u] for u in units])
+        bias_shift[consumer] = bias_shift.get(consumer, 0) + shift
+        keep = np.setdiff1d(np.arange(matrices[producer].shape[1]), units)
+        for module_path in between:
+            sliced[module_path] = _slice_channels(variables, module_path, keep)
+
+    layers = {}
+    for path in matrices:
+        p = _layer_params(params, path)
+        kernel = np.asarray(p["kernel"])
+        bias = None if p.get("bias") is None else np.asarray(p["bias"], np.float64)
+        if path in bias_shift:
+            bias = (0.0 if bias is None else bias) + bias_shift[path]
+        outputs = np.setdiff1d(np.arange(kernel.shape[-1]), removed.get(path, []))
+        in_axis = kernel.ndim - 2  # Dense: rows; conv: input channels
+        # The features the layer receives at run time (its producer's removed units gone, in
+        # order), and among them those its kernel reads.
+        upstream = np.setdiff1d(np.arange(_input_width(clean_inputs[path])),
+                                dropped_features.get(path, []))
+        kernel = np.take(kernel, upstream, axis=in_axis)
+        other_axes = tuple(a for a in range(kernel.ndim) if a != in_axis)
+        read = np.flatnonzero(np.any(kernel != 0, axis=other_axes))
+        if len(read) == 0:
+            read = np.array([0])  # keep one (zero) input so the layer still has a shape
+        kernel = np.take(kernel, read, axis=in_axis)[..., outputs]
+        layers[path] = CompactLayer(
+            kernel=kernel.astype(np.asarray(p["kernel"]).dtype),
+            bias=None if bias is None else bias[outputs].astype(np.float32),
+            input_index=None if len(read) == len(upstream) else read, output_index=outputs)
+    return CompactModel(model=model, variables=variables, layers=layers, sliced=sliced,
+                        apply_kwargs=apply_kwargs)
+
+
+def _input_width(x) -> int:
+    return int(np.shape(x)[-1])
+
+
+def _slice_channels(variables, path, keep):
+    """The variables of a per-channel module (BatchNorm) restricted to channels ``keep``."""
+    out = {}
+    for collection, tree in variables.items():
+        node = tree
+        try:
+            for key in path.split("/"):
+                node = node[key]
+        except (KeyError, TypeError):
+            continue
+        out[collection] = jax.tree.map(lambda a: np.asarray(a)[..., keep], node)
+    return out
+
+
+def _plan_removal(model, variables, sample, apply_kwargs, producer, found, order, call_order,
+                  clean_inputs, matrices, follower):
+    """Which units of ``producer`` can go, its consumer, the consumer input features each unit
+    feeds, the per-channel modules in between, and the consumer's bias shift; None when the
+    producer's units cannot be removed safely."""
+    width = matrices[producer].shape[1]
+    z = _record_outputs(model, variables, sample, apply_kwargs, producer)
+    probe = jnp.repeat(z, width, axis=0)
+    # Example u carries an infinity in unit u, signed so that the folded affine map before the
+    # ReLU keeps it +inf: ReLU, max/avg pooling and flatten then keep it in u's features (a NaN
+    # would be dropped by max pooling).
+    marker = jnp.where(follower.scale < 0, -jnp.inf, jnp.inf)
+    hot = jnp.eye(width, dtype=bool).reshape((width,) + (1,) * (z.ndim - 2) + (width,))
+    probe = jnp.where(hot, marker, probe)
+    batch = jnp.repeat(sample, width, axis=0)
+    inputs, _ = _record_inputs(model, variables, batch, apply_kwargs, {producer: probe})
+    later = order[order.index(producer) + 1:]
+    consumer = next((m for m in later if not bool(jnp.all(jnp.isfinite(inputs[m])))), None)
+    if consumer is None or consumer not in matrices:
+        return None
+    # The consumer must be the only way the producer reaches anything: with the consumer's
+    # output replaced by its clean value, nothing non-finite may remain downstream.
+    clean_consumer = _record_outputs(model, variables, batch, apply_kwargs, consumer)
+    rest_inputs, rest_out = _record_inputs(model, variables, batch, apply_kwargs,
+                                           {producer: probe, consumer: clean_consumer})
+    if not bool(jnp.all(jnp.isfinite(rest_out))) or any(
+            not bool(jnp.all(jnp.isfinite(rest_inputs[m]))) for m in later if m != consumer):
+        return None
+    start, stop = call_order.index(producer), call_order.index(consumer)
+    between = [m for m in call_order[start + 1:stop]
+               if not consumer.startswith(m) and not bool(jnp.all(jnp.isfinite(inputs[m])))]
+    for m in between:
+        if not isinstance(_module_at(model, variables, sample, apply_kwargs, m), nn.BatchNorm):
+            if _has_params(variables, m):
+                return None
+    consumer_in = np.asarray(inputs[consumer])
+    spatial = tuple(range(1, consumer_in.ndim - 1))
+    marked = ~np.isfinite(consumer_in)
+    touched = marked.any(axis=spatial) if spatial else marked
+    features_of = [np.flatnonzero(touched[u]) for u in range(width)]
+    consumer_matrix = matrices[consumer]
+    consumer_layer = found[consumer]
+    consumer_params = _layer_params(variables["params"], consumer)
+    consumer_kernel = np.asarray(consumer_params["kernel"])
+    in_axis = consumer_kernel.ndim - 2
+    dead = ~np.any(matrices[producer] != 0, axis=0)
+    clean = np.asarray(clean_inputs[consumer])
+    units, shift = [], np.zeros(consumer_kernel.shape[-1])
+    for u in range(width):
+        rows = features_of[u]
+        if len(rows) == 0:
+            continue
+        unread = not np.any(np.take(consumer_kernel, rows, axis=in_axis))
+        if unread:
+            units.append(u)
+            continue
+        if not dead[u]:
+            continue
+        values = clean[..., rows].reshape(-1, len(rows))
+        if np.all(values == 0):
+            units.append(u)
+            continue
+        if isinstance(consumer_layer.module, nn.Dense):
+            shift += values[0] @ consumer_matrix[rows]
+            units.append(u)
+        elif _valid_conv(consumer_layer.module) and np.all(values == values.flat[0]):
+            # A VALID window always lies inside the input: each output position sees this
+            # constant channel through every tap of the kernel.
+            taps = np.take(consumer_kernel, rows, axis=in_axis)
+            shift += float(values.flat[0]) * taps.reshape(-1, taps.shape[-1]).sum(axis=0)
+            units.append(u)
+    return np.array(units, int), consumer, features_of, between, shift
+
+
+def _valid_conv(module) -> bool:
+    padding = getattr(module, "padding", "VALID")
+    dilated = any(d != 1 for d in np.atleast_1d(getattr(module, "input_dilation", None) or 1))
+    if isinstance(padding, str):
+        return padding.upper() == "VALID" and not dilated
+    return all(p == (0, 0) or p == 0 for p in np.atleast_1d(padding)) and not dilated
+
+
+def _record_outputs(model, variables, images, apply_kwargs, path):
+    seen = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and "/".join(context.module.path) == path:
+            seen.setdefault(path, out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, images, **apply_kwargs)
+    return seen[path]
+
+
+def _module_at(model, variables, images, apply_kwargs, path):
+    seen = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and "/".join(context.module.path) == path:
+            seen.setdefault(path, context.module)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, images, **apply_kwargs)
+    return seen.get(path)
+
+
+def _has_params(variables, path) -> bool:
+    node = variables.get("params", {})
+    for key in path.split("/"):
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return True

@@ -1,0 +1,103 @@
+"""Compaction: fewer units, same outputs (up to float rounding), on zoo and user-style models."""
+
+import jax
+import numpy as np
+import pytest
+
+from examples import user_models as um
+from hoyertrim import compact as compact_lib
+from hoyertrim.models import LeNet5, MLP
+
+
+def _kill(params, layer, outputs=(), inputs=(), bias=None):
+    """Zero whole output columns / input rows of a layer's kernel (as structured pruning does)."""
+    params = jax.tree.map(np.array, params)
+    kernel = params[layer]["kernel"]
+    kernel[..., list(outputs)] = 0
+    if inputs:
+        kernel[..., list(inputs), :] = 0
+    if bias is not None:
+        params[layer]["bias"][list(outputs)] = bias
+    return params
+
+
+def _check(model, variables, images, kwargs=None, fewer_than=None):
+    compacted = compact_lib.compact(model, variables, images[:1], apply_kwargs=kwargs)
+    full = variables if "params" in variables else {"params": variables}
+    expected = model.apply(full, images, **(kwargs or {}))
+    np.testing.assert_allclose(compacted.apply(images), expected, rtol=1e-5, atol=1e-5)
+    if fewer_than is not None:
+        assert compacted.weights() < fewer_than
+    return compacted
+
+
+def test_mlp_dead_units_are_removed_and_their_constants_carried():
+    model = MLP(hidden=(20, 12), num_classes=4, input_shape=(6, 6, 1))
+    images = jax.random.uniform(jax.random.PRNGKey(1), (64, 6, 6, 1))
+    params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+    # dense0: units 0-4 dead with positive bias (constant relu(b) > 0 feeds dense1), 5-6 dead
+    # with negative bias (constant 0); pixels 0-9 unread; dense1 no longer reads unit 7.
+    params = _kill(params, "dense0", outputs=range(5), inputs=range(10), bias=0.3)
+    params = _kill(params, "dense0", outputs=(5, 6), bias=-0.2)
+    params = jax.tree.map(np.array, params)
+    params["dense1"]["kernel"][7] = 0
+    compacted = _check(model, params, images, fewer_than=36 * 20 + 20 * 12 + 12 * 4)
+    layer0 = compacted.layers["dense0"]
+    assert layer0.kernel.shape == (26, 12)  # 36 - 10 pixels, 20 - 8 units
+    assert compacted.layers["dense1"].kernel.shape == (12, 12)
+    assert compacted.layers["dense2"].kernel.shape == (12, 4)  # logits stay
+
+
+@pytest.mark.slow
+def test_cnn_with_valid_convs_and_pooling():
+    model = um.ValidCNN()
+    images = jax.random.uniform(jax.random.PRNGKey(1), (32, 8, 8, 1))
+    params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+    params = _kill(params, "Conv_0", outputs=(0, 3), bias=0.5)   # constants into Conv_1 (VALID)
+    params = _kill(params, "Conv_1", outputs=(1, 2, 5), bias=0.1)  # constants into Dense, via flatten
+    compacted = _check(model, params, images)
+    assert compacted.layers["Conv_0"].kernel.shape[-1] == 6
+    assert compacted.layers["Conv_1"].kernel.shape[-2:] == (6, 13)
+    assert compacted.layers["Dense_0"].kernel.shape[0] == 13  # 1x1 positions after Conv_1
+
+
+@pytest.mark.slow
+def test_batchnorm_between_layers_is_sliced_and_same_padding_keeps_nonzero_constants():
+    model = um.ConvBatchNormCNN(widths=(6, 8), hidden=16)
+    images = jax.random.uniform(jax.random.PRNGKey(1), (16, 8, 8, 1))
+    variables = model.init(jax.random.PRNGKey(0), images[:1], train=False)
+    variables = jax.tree.map(np.array, variables)
+    params = variables["params"]
+    params["Conv_0"]["kernel"][..., [0, 1, 2]] = 0
+    params["BatchNorm_0"]["bias"][[0, 1]] = -1.0   # relu(-1) = 0: removable before a SAME conv
+    params["BatchNorm_0"]["bias"][2] = 0.7         # a nonzero constant before SAME padding: kept
+    variables["batch_stats"]["BatchNorm_0"]["mean"] += 0.1
+    compacted = _check(model, variables, images, {"train": False})
+    assert list(compacted.layers["Conv_0"].output_index) == [2, 3, 4, 5]
+    assert compacted.layers["Conv_1"].kernel.shape[-2] == 4
+    assert "BatchNorm_0" in compacted.sliced
+
+
+@pytest.mark.slow
+def test_lenet5_group_sparse_filters():
+    model = LeNet5()
+    images = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
+    params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+    params = _kill(params, "conv0", outputs=range(12), bias=0.05)
+    params = _kill(params, "conv1", outputs=range(36), inputs=range(12, 14))
+    params = _kill(params, "dense0", outputs=range(400), bias=-0.1)
+    compacted = _check(model, params, images, fewer_than=431080 // 10)
+    # conv0: 12 dead filters, and 12-13 no longer read by conv1; dense0: 14 filters × 4×4
+    assert compacted.layers["conv0"].kernel.shape == (5, 5, 1, 6)
+    assert compacted.layers["conv1"].kernel.shape == (5, 5, 6, 14)
+    assert compacted.layers["dense0"].kernel.shape == (14 * 16, 100)
+
+
+@pytest.mark.slow
+def test_residual_branch_is_left_whole():
+    model = um.ResidualMLP()
+    images = jax.random.uniform(jax.random.PRNGKey(1), (16, 6, 6, 1))
+    params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+    params = _kill(params, "Dense_0", outputs=(0, 1), bias=0.2)  # feeds Dense_1 and the skip
+    compacted = _check(model, params, images)
+    assert compacted.layers["Dense_0"].kernel.shape[-1] == 24
