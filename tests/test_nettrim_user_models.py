@@ -331,3 +331,15 @@ def test_frozen_variables_come_back_frozen():
     pruned = nettrim.prune_network(model, freeze(params), images, epsilon=0.2, progress=False)
     assert isinstance(pruned.params, FrozenDict)
     assert jax.tree.structure(pruned.params) == jax.tree.structure(freeze(params))
+
+
+def test_cascade_layer_whose_inputs_moved_too_far_keeps_its_weights():
+    model, params, images, _, _ = _build("sequential")
+    # γ so large that every later layer's ε = √γ × (trained weights' discrepancy) is ≥ 1.
+    pruned = nettrim.prune_network(model, params, images, epsilon=0.3, scheme="cascade",
+                                   gamma=1e8, progress=False)
+    first, *later = pruned.layers.values()
+    assert first["fallback"] is None and first["kept_fraction"] < 1
+    for report in later:
+        assert "nothing pruned" in report["fallback"] and report["kept_fraction"] == 1.0
+        assert report["epsilon"] >= 1 and report["measured"] <= report["epsilon"]

@@ -316,13 +316,14 @@ def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsil
     offset = shift if bias is None else np.zeros(num_outputs)
     target = _quantity(follower, z_rows).astype(np.float32)
     x_solve, v, certified, mode = x, None, epsilon, "epsilon"
+    trained_discrepancy = 0.0  # of the trained weights: 0 on the trained network's inputs
     if x_hat is not None:
         x_solve = adapter.input_rows(module, layer_params, x_hat, rows)
         v = x_solve @ folded_kernel + (offset if bias is None else folded_bias)
         trained = np.maximum(v, 0) if relu else v
+        trained_discrepancy = _relative(trained, target)
         if kept_fraction is None:
-            certified = math.sqrt(gamma) * _relative(trained, target)
-            certified = min(max(certified, 1e-6), 0.999)
+            certified = max(math.sqrt(gamma) * trained_discrepancy, 1e-6)
         v = v.astype(np.float32) if relu else None
     extra = {}
     if bias is None:
@@ -335,11 +336,20 @@ def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsil
         extra["kept_fraction"], mode = kept_fraction, "kept_fraction"
     else:
         extra["epsilon"] = certified * (1 - _SOLVE_MARGIN)
-    solution = solver(x_solve, target, relu=relu, v=v, **extra, **solver_kwargs)
+    if extra.get("epsilon", 0) >= 1:
+        # The pruned layers before moved this layer's inputs so far that even its trained
+        # weights are off by ≥ 1/√γ: nothing to prune; the trained weights keep ε = √γ·that.
+        solution = None
+    else:
+        solution = solver(x_solve, target, relu=relu, v=v, **extra, **solver_kwargs)
     if kept_fraction is not None:
         certified = solution.epsilon
     fallback = None
-    if solution.discrepancy > certified * (1 - _SOLVE_MARGIN / 2) and kept_fraction is None:
+    if solution is None:
+        fallback = (f"the trained weights' own discrepancy on the pruned inputs is "
+                    f"{trained_discrepancy:.4g}; nothing pruned")
+        new_layer = dict(layer_params)
+    elif solution.discrepancy > certified * (1 - _SOLVE_MARGIN / 2) and kept_fraction is None:
         # The trained weights are always feasible (exactly, in parallel; by √γ, in cascade).
         fallback = (f"solve infeasible (discrepancy {solution.discrepancy:.4g} > ε "
                     f"{certified:.4g}); kept the trained weights")
@@ -353,8 +363,11 @@ def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsil
         new_layer = adapter.with_matrix(module, layer_params, new_kernel, new_bias)
     kept = int(np.count_nonzero(new_layer["kernel"]))
     weights = int(np.size(new_layer["kernel"]))
+    summary = solution.summary() if solution is not None else {
+        "lam": None, "iterations": 0, "converged": True, "duality_gap": None, "solves": 0,
+        "seconds": 0.0, "presolve_iterations": 0, "inactive_violation": 0.0}
     report = {
-        **solution.summary(), "epsilon": certified, "mode": mode,
+        **summary, "epsilon": certified, "mode": mode,
         "program": follower.program, "reason": follower.reason,
         "activation": follower.activation, "lipschitz": follower.lipschitz,
         "bounds": ("‖relu(ẑ) − relu(z)‖_F ≤ ε‖relu(z)‖_F (post-activation"
@@ -362,8 +375,8 @@ def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsil
                       else "") + ")") if relu else "‖ẑ − z‖_F ≤ ε‖z‖_F (pre-activation)",
         "samples": int(x.shape[0]), "weights": weights, "kept_weights": kept,
         "kept_fraction": kept / weights, "fallback": fallback}
-    if fallback:
-        report["discrepancy"] = 0.0 if x_hat is None else certified / math.sqrt(gamma)
+    if fallback:  # what is returned is the trained layer, feasible at the certified ε
+        report.update(discrepancy=trained_discrepancy, feasible=True)
     return report, new_layer
 
 
