@@ -26,6 +26,8 @@ smaller arrays (`CompactModel.apply`), so nothing about the user's model has to 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Any, Mapping
 
 import flax
@@ -349,3 +351,110 @@ def _has_params(variables, path) -> bool:
             return False
         node = node[key]
     return True
+
+
+_FORMAT = 1
+
+
+def _without(variables, paths) -> dict:
+    """``variables`` with the subtrees at module ``paths`` removed (compacted layers never read
+    theirs, so the compact model need not store them)."""
+    def prune(tree, prefix):
+        out = {}
+        for key, value in tree.items():
+            path = f"{prefix}/{key}" if prefix else key
+            if path in paths:
+                continue
+            out[key] = prune(value, path) if isinstance(value, Mapping) else value
+        return out
+    return {c: prune(tree, "") for c, tree in variables.items()}
+
+
+def _flat(tree, prefix=""):
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            yield from _flat(value, path)
+        else:
+            yield path, np.asarray(value)
+
+
+def _unflat(items) -> dict:
+    tree: dict = {}
+    for path, value in items:
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def save_compact(directory, compacted: CompactModel) -> pathlib.Path:
+    """Writes the compact model's arrays to ``directory/compact.npz`` (zip-compressed; a kernel
+    that is still less than half nonzero is stored as its nonzero values and their flat indices)
+    and its structure to ``compact.json``. The model itself is code: pass it to `load_compact`."""
+    path = pathlib.Path(directory).expanduser().absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    arrays, meta = {}, {"format": _FORMAT, "layers": {}, "sliced": sorted(compacted.sliced),
+                        "apply_kwargs": compacted.apply_kwargs}
+    for name, layer in compacted.layers.items():
+        key = f"layer|{name}"
+        kernel = np.asarray(layer.kernel)
+        sparse = np.count_nonzero(kernel) < kernel.size / 2
+        if sparse:
+            flat = kernel.reshape(-1)
+            index = np.flatnonzero(flat)
+            arrays[f"{key}|kernel_index"] = index.astype(np.int32)
+            arrays[f"{key}|kernel_values"] = flat[index]
+        else:
+            arrays[f"{key}|kernel"] = kernel
+        if layer.bias is not None:
+            arrays[f"{key}|bias"] = np.asarray(layer.bias)
+        if layer.input_index is not None:
+            arrays[f"{key}|input_index"] = np.asarray(layer.input_index, np.int32)
+        arrays[f"{key}|output_index"] = np.asarray(layer.output_index, np.int32)
+        meta["layers"][name] = {"shape": list(kernel.shape), "dtype": str(kernel.dtype),
+                                "sparse": bool(sparse)}
+    for module, variables in compacted.sliced.items():
+        for leaf, value in _flat(variables):
+            arrays[f"sliced|{module}|{leaf}"] = value
+    rest = _without(compacted.variables, set(compacted.layers) | set(compacted.sliced))
+    for leaf, value in _flat(rest):
+        arrays[f"rest|{leaf}"] = value
+    np.savez_compressed(path / "compact.npz", **arrays)
+    (path / "compact.json").write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def load_compact(directory, model: nn.Module) -> CompactModel:
+    """The `CompactModel` `save_compact` wrote, for ``model`` (the same module definition)."""
+    path = pathlib.Path(directory).expanduser().absolute()
+    if not (path / "compact.json").is_file() or not (path / "compact.npz").is_file():
+        raise FileNotFoundError(f"No compact model in {path} (compact.json and compact.npz).")
+    try:
+        meta = json.loads((path / "compact.json").read_text())
+        with np.load(path / "compact.npz") as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"The compact model in {path} is damaged: {error}") from error
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path} holds compact format {meta.get('format')}, this hoyertrim "
+                         f"reads {_FORMAT}.")
+    layers = {}
+    for name, info in meta["layers"].items():
+        key = f"layer|{name}"
+        if info["sparse"]:
+            kernel = np.zeros(int(np.prod(info["shape"])), info["dtype"])
+            kernel[arrays[f"{key}|kernel_index"]] = arrays[f"{key}|kernel_values"]
+            kernel = kernel.reshape(info["shape"])
+        else:
+            kernel = arrays[f"{key}|kernel"]
+        layers[name] = CompactLayer(kernel=kernel, bias=arrays.get(f"{key}|bias"),
+                                    input_index=arrays.get(f"{key}|input_index"),
+                                    output_index=arrays[f"{key}|output_index"])
+    sliced = {m: _unflat((k.split("|", 2)[2], v) for k, v in arrays.items()
+                         if k.startswith(f"sliced|{m}|")) for m in meta["sliced"]}
+    rest = _unflat((k.split("|", 1)[1], v) for k, v in arrays.items() if k.startswith("rest|"))
+    return CompactModel(model=model, variables=rest, layers=layers, sliced=sliced,
+                        apply_kwargs=meta["apply_kwargs"])

@@ -62,7 +62,7 @@ def test_cnn_with_valid_convs_and_pooling():
 
 
 @pytest.mark.slow
-def test_batchnorm_between_layers_is_sliced_and_same_padding_keeps_nonzero_constants():
+def test_batchnorm_between_layers_is_sliced_and_same_padding_keeps_nonzero_constants(tmp_path):
     model = um.ConvBatchNormCNN(widths=(6, 8), hidden=16)
     images = jax.random.uniform(jax.random.PRNGKey(1), (16, 8, 8, 1))
     variables = model.init(jax.random.PRNGKey(0), images[:1], train=False)
@@ -76,6 +76,9 @@ def test_batchnorm_between_layers_is_sliced_and_same_padding_keeps_nonzero_const
     assert list(compacted.layers["Conv_0"].output_index) == [2, 3, 4, 5]
     assert compacted.layers["Conv_1"].kernel.shape[-2] == 4
     assert "BatchNorm_0" in compacted.sliced
+    loaded = compact_lib.load_compact(compact_lib.save_compact(tmp_path / "c", compacted), model)
+    np.testing.assert_allclose(loaded.apply(images), compacted.apply(images), rtol=1e-6,
+                               atol=1e-6)
 
 
 @pytest.mark.slow
@@ -101,3 +104,24 @@ def test_residual_branch_is_left_whole():
     params = _kill(params, "Dense_0", outputs=(0, 1), bias=0.2)  # feeds Dense_1 and the skip
     compacted = _check(model, params, images)
     assert compacted.layers["Dense_0"].kernel.shape[-1] == 24
+
+
+def test_compact_model_saves_smaller_and_loads_to_the_same_outputs(tmp_path):
+    model = MLP(hidden=(64, 32), num_classes=4, input_shape=(8, 8, 1))
+    images = jax.random.uniform(jax.random.PRNGKey(1), (32, 8, 8, 1))
+    params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+    params = _kill(params, "dense0", outputs=range(40), bias=0.1)
+    params = jax.tree.map(np.array, params)
+    params["dense1"]["kernel"][np.abs(params["dense1"]["kernel"]) < 0.15] = 0  # unstructured
+    compacted = compact_lib.compact(model, params, images[:1])
+    path = compact_lib.save_compact(tmp_path / "compact", compacted)
+    dense_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(params))
+    assert (path / "compact.npz").stat().st_size < dense_bytes / 2
+    loaded = compact_lib.load_compact(path, model)
+    np.testing.assert_allclose(loaded.apply(images), model.apply({"params": params}, images),
+                               rtol=1e-5, atol=1e-5)
+    (path / "compact.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="damaged"):
+        compact_lib.load_compact(path, model)
+    with pytest.raises(FileNotFoundError, match="No compact model"):
+        compact_lib.load_compact(tmp_path / "nothing", model)
