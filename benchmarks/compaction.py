@@ -1,0 +1,112 @@
+"""Compaction benchmark: bytes on disk and inference latency, dense vs pruned vs compact.
+
+    python benchmarks/compaction.py --model lenet5 --dense runs/dense_lenet5_mnist \
+        --pruned runs/bench_ghs_lenet5
+
+``--dense`` and ``--pruned`` are checkpoint directories (`hoyertrim.load` finds the best
+checkpoint; ``--pruned`` is searched for the fine-tune stage's checkpoints of a
+deephoyer_mnist.py workdir). Everything below is measured in this one run on the same inputs:
+
+- bytes: the dense params (np.savez), the pruned params with their zeros (np.savez_compressed),
+  the compact model (`compact.save_compact`);
+- latency: median wall time of the jitted dense apply and the jitted compact apply at batch 1
+  and batch 1024 (test images), after a warm-up; and the structured-FLOPs ratio (dense FLOPs
+  over those of the dense kernels of the surviving units) it is compared with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pathlib
+import sys
+import tempfile
+import time
+import warnings
+
+warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import hoyertrim  # noqa: E402
+from hoyertrim import compact as compact_lib  # noqa: E402
+from hoyertrim.data import load_dataset  # noqa: E402
+from hoyertrim.masks import sparsity_report  # noqa: E402
+from hoyertrim.models import create_model  # noqa: E402
+
+
+def _npz_bytes(params, compressed: bool) -> int:
+    buffer = io.BytesIO()
+    leaves = {f"a{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(params))}
+    (np.savez_compressed if compressed else np.savez)(buffer, **leaves)
+    return buffer.getbuffer().nbytes
+
+
+def _median_seconds(fn, x, repeats: int) -> float:
+    jax.block_until_ready(fn(x))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def _finetuned(directory: pathlib.Path) -> pathlib.Path:
+    candidates = sorted(directory.rglob("finetune/checkpoints")) or sorted(
+        directory.rglob("finetune"))
+    if not candidates:
+        raise SystemExit(f"No fine-tune checkpoints under {directory}; pass the checkpoint "
+                         "directory itself.")
+    return candidates[0]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="lenet5")
+    parser.add_argument("--dense", required=True, help="dense checkpoint directory")
+    parser.add_argument("--pruned", required=True, help="pruned checkpoint or workdir")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args(argv)
+    model = create_model(args.model)
+    dense = hoyertrim.load(args.dense).params
+    pruned_dir = pathlib.Path(args.pruned)
+    if not any(p.name.isdigit() for p in pruned_dir.glob("*")) and not (
+            pruned_dir / "checkpoints").is_dir():
+        pruned_dir = _finetuned(pruned_dir)
+    pruned = hoyertrim.load(pruned_dir).params
+    test = load_dataset("mnist", args.data_dir).test
+    compacted = compact_lib.compact(model, pruned, test.images[:1])
+    expected = model.apply({"params": pruned}, test.images[:1024])
+    error = float(np.max(np.abs(np.asarray(compacted.apply(test.images[:1024])) - expected)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = compact_lib.save_compact(tmp, compacted)
+        compact_bytes = (path / "compact.npz").stat().st_size + (path / "compact.json").stat(
+        ).st_size
+    report = sparsity_report(pruned, model, test.images.shape[1:])
+    flops_ratio = report.flops("dense") / report.flops("structured")
+    dense_apply = jax.jit(lambda x: model.apply({"params": dense}, x))
+    print(f"{args.model}: pruned checkpoint {pruned_dir}")
+    print(f"  kept fraction {report.kept_fraction:.4f}, alive units {report.architecture}, "
+          f"structured FLOPs ratio {flops_ratio:.2f}x; compact vs pruned max |Δlogit| {error:.2e}")
+    print(f"  bytes: dense {_npz_bytes(dense, False):,}  pruned (compressed npz) "
+          f"{_npz_bytes(pruned, True):,}  compact {compact_bytes:,}")
+    for batch in (1, 1024):
+        x = test.images[:batch]
+        t_dense = _median_seconds(dense_apply, x, args.repeats)
+        t_compact = _median_seconds(compacted.apply, x, args.repeats)
+        speedup = t_dense / t_compact
+        print(f"  batch {batch:>4}: dense {1e3 * t_dense:.3f} ms, compact "
+              f"{1e3 * t_compact:.3f} ms -> speed-up {speedup:.2f}x "
+              f"({speedup / flops_ratio:.2f} of the structured FLOPs ratio)")
+    print(f"  backend {jax.default_backend()}, {jax.devices()[0].device_kind}, "
+          f"jax {jax.__version__}")
+
+
+if __name__ == "__main__":
+    main()
