@@ -4,8 +4,8 @@
         --pruned runs/bench_ghs_lenet5
 
 ``--dense`` and ``--pruned`` are checkpoint directories (`hoyertrim.load` finds the best
-checkpoint; ``--pruned`` is searched for the fine-tune stage's checkpoints of a
-deephoyer_mnist.py workdir). Everything below is measured in this one run on the same inputs:
+checkpoint; a deephoyer_mnist.py workdir given as ``--pruned`` is searched for its fine-tune
+stage, ``ft_*``). Everything below is measured in this one run on the same inputs:
 
 - bytes: the dense params (np.savez), the pruned params with their zeros (np.savez_compressed),
   the compact model (`compact.save_compact`);
@@ -56,8 +56,7 @@ def _median_seconds(fn, x, repeats: int) -> float:
 
 
 def _finetuned(directory: pathlib.Path) -> pathlib.Path:
-    candidates = sorted(directory.rglob("finetune/checkpoints")) or sorted(
-        directory.rglob("finetune"))
+    candidates = sorted(directory.glob("ft_*")) + sorted(directory.rglob("finetune"))
     if not candidates:
         raise SystemExit(f"No fine-tune checkpoints under {directory}; pass the checkpoint "
                          "directory itself.")
