@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hoyertrim.nettrim import graph
-from hoyertrim.nettrim.adapters import ConvAdapter, DenseAdapter
+from hoyertrim.nettrim.adapters import ConvAdapter, DenseAdapter, adapter_for
 from hoyertrim.nettrim.capture import find_layers
 
 
@@ -105,6 +105,9 @@ def _run_layer(module, layer: CompactLayer, x):
     params = {"kernel": layer.kernel}
     if layer.bias is not None:
         params["bias"] = layer.bias
+    adapter = adapter_for(module)
+    if not isinstance(module, nn.Conv) and getattr(adapter, "as_conv", None) is not None:
+        module = adapter.as_conv(module)  # e.g. the zoo's PatchConv: run XLA's convolution
     probe = module.clone(parent=None, features=layer.kernel.shape[-1])
     if hasattr(probe, "use_bias"):  # a consumer without bias may get one (carried constants)
         probe = probe.clone(use_bias=layer.bias is not None)

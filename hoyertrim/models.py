@@ -64,7 +64,9 @@ class PatchConv(nn.Module):
 # Net-Trim prunes PatchConv like the nn.Conv it stands for, through its own patches.
 nettrim_adapters.register_adapter(
     PatchConv, nettrim_adapters.ConvAdapter(
-        patches=lambda module, images: image_patches(images, tuple(module.kernel_size))))
+        patches=lambda module, images: image_patches(images, tuple(module.kernel_size)),
+        as_conv=lambda module: nn.Conv(module.features, tuple(module.kernel_size),
+                                       padding="VALID")))
 
 
 class MLP(nn.Module):

@@ -95,10 +95,14 @@ class ConvAdapter(LayerAdapter):
     Args:
       patches: ``(module, images) -> (B, *out_spatial, taps)`` for module types whose patches
         are not those of ``nn.Conv`` with an identity kernel (default: that).
+      as_conv: for such a type, the ``nn.Conv`` computing the same function (used to run its
+        smaller compacted kernels with XLA's convolution).
     """
 
-    def __init__(self, patches: Callable[[nn.Module, jax.Array], jax.Array] | None = None):
+    def __init__(self, patches: Callable[[nn.Module, jax.Array], jax.Array] | None = None,
+                 as_conv: Callable[[nn.Module], nn.Conv] | None = None):
         self._patches = patches
+        self.as_conv = as_conv
 
     @staticmethod
     def _groups(module) -> int:
