@@ -106,6 +106,7 @@ def test_residual_branch_is_left_whole():
     assert compacted.layers["Dense_0"].kernel.shape[-1] == 24
 
 
+@pytest.mark.slow
 def test_compact_model_saves_smaller_and_loads_to_the_same_outputs(tmp_path):
     model = MLP(hidden=(64, 32), num_classes=4, input_shape=(8, 8, 1))
     images = jax.random.uniform(jax.random.PRNGKey(1), (32, 8, 8, 1))

@@ -280,6 +280,7 @@ def _lax_padding(conv, kernel_shape):
     return padding if isinstance(padding, str) else tuple(padding)
 
 
+@pytest.mark.slow
 def test_kept_fraction_mode_meets_each_layers_target():
     model, params, images, _, _ = _build("setup_no_bias", samples=64)
     pruned = nettrim.prune_network(model, params, images, kept_fraction=0.3, progress=False)
