@@ -38,7 +38,7 @@ import numpy as np
 
 from hoyertrim.nettrim import graph
 from hoyertrim.nettrim.adapters import ConvAdapter, DenseAdapter, adapter_for
-from hoyertrim.nettrim.capture import find_layers
+from hoyertrim.nettrim.capture import find_layers, layer_variables
 
 
 @dataclasses.dataclass
@@ -114,30 +114,39 @@ def _run_layer(module, layer: CompactLayer, x):
     return probe.apply({"params": params}, x)
 
 
-def _layer_params(params, path):
-    for key in path.split("/"):
-        params = params[key]
-    return params
+@dataclasses.dataclass
+class _Recording:
+    """One eager run of the model: per module path (call order, post-order), its first
+    positional input, its output, and whether it is a BatchNorm / holds params (its own or its
+    submodules')."""
+
+    inputs: dict
+    outputs: dict
+    batch_norm: dict
+    has_params: dict
+    output: Any
 
 
-def _record_inputs(model, variables, images, apply_kwargs, override=None):
-    """Inputs of every module call (first positional argument), with optional output overrides
-    ``{path: array}``; returns ({path: input}, model output)."""
-    seen = {}
+def _record(model, variables, images, apply_kwargs, override=None) -> _Recording:
+    """Runs the model once, recording every module call, with module outputs optionally
+    replaced (``override``: {path: array})."""
+    rec = _Recording({}, {}, {}, {}, None)
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__":
             path = "/".join(context.module.path)
-            if path and args and path not in seen:
-                seen[path] = args[0]
+            if path and args and path not in rec.inputs:
+                rec.inputs[path], rec.outputs[path] = args[0], out
+                rec.batch_norm[path] = isinstance(context.module, nn.BatchNorm)
+                rec.has_params[path] = bool(context.module.variables.get("params"))
             if override and path in override:
                 return override[path]
         return out
 
     with nn.intercept_methods(interceptor):
-        output = model.apply(variables, images, **apply_kwargs)
-    return seen, output
+        rec.output = model.apply(variables, images, **apply_kwargs)
+    return rec
 
 
 def compact(model: nn.Module, variables, sample, *, apply_kwargs: Mapping | None = None
@@ -162,15 +171,14 @@ def compact(model: nn.Module, variables, sample, *, apply_kwargs: Mapping | None
     found, shapes = find_layers(model, variables, sample, apply_kwargs)
     order = list(found)
     followers = graph.followers(model, variables, sample, apply_kwargs, shapes)
-    clean_inputs, _ = _record_inputs(model, variables, sample, apply_kwargs)
-    call_order = list(clean_inputs)
+    clean = _record(model, variables, sample, apply_kwargs)
 
     def compactable(path):
         layer = found[path]
         return (layer.calls == 1 and type(layer.adapter) in (DenseAdapter, ConvAdapter)
                 and int(getattr(layer.module, "feature_group_count", 1) or 1) == 1)
 
-    matrices = {p: layer.adapter.matrix(layer.module, _layer_params(params, p))
+    matrices = {p: layer.adapter.matrix(layer.module, layer_variables(params, p))
                 for p, layer in found.items() if compactable(p)}
     removed: dict[str, np.ndarray] = {}     # producer -> removed output units
     dropped_features: dict[str, np.ndarray] = {}  # consumer -> removed input features
@@ -180,7 +188,7 @@ def compact(model: nn.Module, variables, sample, *, apply_kwargs: Mapping | None
         if producer not in matrices or followers[producer].program != "relu":
             continue
         plan = _plan_removal(model, variables, sample, apply_kwargs, producer, found, order,
-                             call_order, clean_inputs, matrices, followers[producer])
+                             clean, matrices, followers[producer])
         if plan is None:
             continue
         units, consumer, features_of, between, shift = plan
@@ -195,7 +203,7 @@ def compact(model: nn.Module, variables, sample, *, apply_kwargs: Mapping | None
 
     layers = {}
     for path in matrices:
-        p = _layer_params(params, path)
+        p = layer_variables(params, path)
         kernel = np.asarray(p["kernel"])
         bias = None if p.get("bias") is None else np.asarray(p["bias"], np.float64)
         if path in bias_shift:
@@ -204,7 +212,7 @@ def compact(model: nn.Module, variables, sample, *, apply_kwargs: Mapping | None
         in_axis = kernel.ndim - 2  # Dense: rows; conv: input channels
         # The features the layer receives at run time (its producer's removed units gone, in
         # order), and among them those its kernel reads.
-        upstream = np.setdiff1d(np.arange(_input_width(clean_inputs[path])),
+        upstream = np.setdiff1d(np.arange(np.shape(clean.inputs[path])[-1]),
                                 dropped_features.get(path, []))
         kernel = np.take(kernel, upstream, axis=in_axis)
         other_axes = tuple(a for a in range(kernel.ndim) if a != in_axis)
@@ -220,31 +228,25 @@ def compact(model: nn.Module, variables, sample, *, apply_kwargs: Mapping | None
                         apply_kwargs=apply_kwargs)
 
 
-def _input_width(x) -> int:
-    return int(np.shape(x)[-1])
-
-
 def _slice_channels(variables, path, keep):
     """The variables of a per-channel module (BatchNorm) restricted to channels ``keep``."""
     out = {}
     for collection, tree in variables.items():
-        node = tree
         try:
-            for key in path.split("/"):
-                node = node[key]
+            node = layer_variables(tree, path)
         except (KeyError, TypeError):
             continue
         out[collection] = jax.tree.map(lambda a: np.asarray(a)[..., keep], node)
     return out
 
 
-def _plan_removal(model, variables, sample, apply_kwargs, producer, found, order, call_order,
-                  clean_inputs, matrices, follower):
+def _plan_removal(model, variables, sample, apply_kwargs, producer, found, order,
+                  clean: _Recording, matrices, follower):
     """Which units of ``producer`` can go, its consumer, the consumer input features each unit
     feeds, the per-channel modules in between, and the consumer's bias shift; None when the
     producer's units cannot be removed safely."""
     width = matrices[producer].shape[1]
-    z = _record_outputs(model, variables, sample, apply_kwargs, producer)
+    z = clean.outputs[producer]
     probe = jnp.repeat(z, width, axis=0)
     # Example u carries an infinity in unit u, signed so that the folded affine map before the
     # ReLU keeps it +inf: ReLU, max/avg pooling and flatten then keep it in u's features (a NaN
@@ -253,26 +255,26 @@ def _plan_removal(model, variables, sample, apply_kwargs, producer, found, order
     hot = jnp.eye(width, dtype=bool).reshape((width,) + (1,) * (z.ndim - 2) + (width,))
     probe = jnp.where(hot, marker, probe)
     batch = jnp.repeat(sample, width, axis=0)
-    inputs, _ = _record_inputs(model, variables, batch, apply_kwargs, {producer: probe})
+    inputs = _record(model, variables, batch, apply_kwargs, {producer: probe}).inputs
     later = order[order.index(producer) + 1:]
     consumer = next((m for m in later if not bool(jnp.all(jnp.isfinite(inputs[m])))), None)
     if consumer is None or consumer not in matrices:
         return None
     # The consumer must be the only way the producer reaches anything: with the consumer's
-    # output replaced by its clean value, nothing non-finite may remain downstream.
-    clean_consumer = _record_outputs(model, variables, batch, apply_kwargs, consumer)
-    rest_inputs, rest_out = _record_inputs(model, variables, batch, apply_kwargs,
-                                           {producer: probe, consumer: clean_consumer})
-    if not bool(jnp.all(jnp.isfinite(rest_out))) or any(
-            not bool(jnp.all(jnp.isfinite(rest_inputs[m]))) for m in later if m != consumer):
+    # output replaced by its clean value (the batch repeats the sample, so that value is the
+    # sample's), nothing non-finite may remain downstream.
+    clean_consumer = jnp.repeat(clean.outputs[consumer], width, axis=0)
+    rest = _record(model, variables, batch, apply_kwargs,
+                   {producer: probe, consumer: clean_consumer})
+    if not bool(jnp.all(jnp.isfinite(rest.output))) or any(
+            not bool(jnp.all(jnp.isfinite(rest.inputs[m]))) for m in later if m != consumer):
         return None
+    call_order = list(clean.inputs)
     start, stop = call_order.index(producer), call_order.index(consumer)
     between = [m for m in call_order[start + 1:stop]
                if not consumer.startswith(m) and not bool(jnp.all(jnp.isfinite(inputs[m])))]
-    for m in between:
-        if not isinstance(_module_at(model, variables, sample, apply_kwargs, m), nn.BatchNorm):
-            if _has_params(variables, m):
-                return None
+    if any(clean.has_params[m] and not clean.batch_norm[m] for m in between):
+        return None
     consumer_in = np.asarray(inputs[consumer])
     spatial = tuple(range(1, consumer_in.ndim - 1))
     marked = ~np.isfinite(consumer_in)
@@ -280,11 +282,11 @@ def _plan_removal(model, variables, sample, apply_kwargs, producer, found, order
     features_of = [np.flatnonzero(touched[u]) for u in range(width)]
     consumer_matrix = matrices[consumer]
     consumer_layer = found[consumer]
-    consumer_params = _layer_params(variables["params"], consumer)
+    consumer_params = layer_variables(variables["params"], consumer)
     consumer_kernel = np.asarray(consumer_params["kernel"])
     in_axis = consumer_kernel.ndim - 2
     dead = ~np.any(matrices[producer] != 0, axis=0)
-    clean = np.asarray(clean_inputs[consumer])
+    constants = np.asarray(clean.inputs[consumer])
     units, shift = [], np.zeros(consumer_kernel.shape[-1])
     for u in range(width):
         rows = features_of[u]
@@ -296,7 +298,7 @@ def _plan_removal(model, variables, sample, apply_kwargs, producer, found, order
             continue
         if not dead[u]:
             continue
-        values = clean[..., rows].reshape(-1, len(rows))
+        values = constants[..., rows].reshape(-1, len(rows))
         if np.all(values == 0):
             units.append(u)
             continue
@@ -318,42 +320,6 @@ def _valid_conv(module) -> bool:
     if isinstance(padding, str):
         return padding.upper() == "VALID" and not dilated
     return all(p == (0, 0) or p == 0 for p in np.atleast_1d(padding)) and not dilated
-
-
-def _record_outputs(model, variables, images, apply_kwargs, path):
-    seen = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and "/".join(context.module.path) == path:
-            seen.setdefault(path, out)
-        return out
-
-    with nn.intercept_methods(interceptor):
-        model.apply(variables, images, **apply_kwargs)
-    return seen[path]
-
-
-def _module_at(model, variables, images, apply_kwargs, path):
-    seen = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and "/".join(context.module.path) == path:
-            seen.setdefault(path, context.module)
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        model.apply(variables, images, **apply_kwargs)
-    return seen.get(path)
-
-
-def _has_params(variables, path) -> bool:
-    node = variables.get("params", {})
-    for key in path.split("/"):
-        if not isinstance(node, Mapping) or key not in node:
-            return False
-        node = node[key]
-    return True
 
 
 _FORMAT = 1

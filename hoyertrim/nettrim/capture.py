@@ -33,6 +33,13 @@ def _path(module: nn.Module) -> str:
     return "/".join(module.path)
 
 
+def layer_variables(tree: Mapping, path: str):
+    """The subtree of ``tree`` (a params tree or one collection) at module ``path``, "a/b"."""
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
 def _first_input(args, kwargs):
     if args:
         return args[0]
