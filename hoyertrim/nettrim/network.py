@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from hoyertrim.masks import SparsityReport, sparsity_report
 from hoyertrim.nettrim import graph
-from hoyertrim.nettrim.capture import Recorder, find_layers, select_layers
+from hoyertrim.nettrim.capture import Recorder, find_layers, layer_variables, select_layers
 from hoyertrim.nettrim.search import solve_layer
 
 # The solver aims this much below the certified ε, so that float32 differences between the
@@ -82,12 +82,6 @@ def _split_variables(variables) -> tuple[Any, dict]:
         other = {k: v for k, v in variables.items() if k != "params"}
         return variables["params"], other
     return variables, {}
-
-
-def _get(tree, path: str):
-    for key in path.split("/"):
-        tree = tree[key]
-    return tree
 
 
 def _replace(tree, path: str, new: Mapping):
@@ -225,8 +219,8 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         extra = {"shard": False} if concurrent and solver is solve_layer else {}
         inputs, z = original[name]
         return _prune_layer(
-            found[name], _get(params, name), followers[name], inputs, x_hat, z, rows[name],
-            epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma, solver=solver,
+            found[name], layer_variables(params, name), followers[name], inputs, x_hat, z,
+            rows[name], epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma, solver=solver,
             solver_kwargs={**solver_kwargs, **extra, **(
                 {"progress": inner_progress} if solver is solve_layer else {})})
 
@@ -381,18 +375,17 @@ def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsil
 
 
 def _measure_layers(record, params, pruned, collections, names, followers, images, rows, scheme,
-                    reference):
+                    reference, pruned_signals):
     """Per layer, the measured relative discrepancy of its certified quantity in the real
-    forward pass: the layer alone pruned (parallel) or the whole pruned network (cascade)."""
+    forward pass: the layer alone pruned (parallel) or the whole pruned network (cascade, whose
+    recorded signals on ``images`` are ``pruned_signals``)."""
     measured = {}
-    if scheme == "cascade":
-        _, signals = record({"params": pruned, **collections}, images, names)
     for name in names:
         if scheme == "parallel":
-            alone = _replace(params, name, _get(pruned, name))
+            alone = _replace(params, name, layer_variables(pruned, name))
             z = record({"params": alone, **collections}, images, [name])[1][name][1]
         else:
-            z = signals[name][1]
+            z = pruned_signals[name][1]
         new, old = _quantity(followers[name], z), _quantity(followers[name], reference[name][1])
         r = rows.get(name)
         if r is not None:
@@ -403,8 +396,11 @@ def _measure_layers(record, params, pruned, collections, names, followers, image
 
 def _check(record, params, pruned, collections, names, followers, original, sample_rows,
            reports, calibration, held, scheme) -> PrunedNetwork:
+    whole = names if scheme == "cascade" else []  # what the cascade measures on the pruned net
+    pruned_signals = record({"params": pruned, **collections}, calibration, whole)[1] \
+        if whole else {}
     measured = _measure_layers(record, params, pruned, collections, names, followers,
-                               calibration, sample_rows, scheme, original)
+                               calibration, sample_rows, scheme, original, pruned_signals)
     for name in names:
         report = reports[name]
         report["measured"] = measured[name]
@@ -419,9 +415,9 @@ def _check(record, params, pruned, collections, names, followers, original, samp
     heldout = None
     if held is not None and len(held):
         reference_out, reference = record({"params": params, **collections}, held, names)
-        out, _ = record({"params": pruned, **collections}, held)
+        out, pruned_signals = record({"params": pruned, **collections}, held, whole)
         held_measured = _measure_layers(record, params, pruned, collections, names, followers,
-                                        held, {}, scheme, reference)
+                                        held, {}, scheme, reference, pruned_signals)
         for name in names:
             reports[name]["heldout_measured"] = held_measured[name]
         heldout = {"samples": int(len(held)),
