@@ -15,7 +15,8 @@ plumbing.
 A unit is only removed where that is provably output-preserving: its layer's output reaches
 exactly one consuming layer (no residual branch, no second use) through a ReLU with at most
 per-channel affine steps before it (`nettrim.graph`), the modules in between are inference-mode
-BatchNorm (sliced with it) or parameter-free, and a constant unit feeds a Dense layer or a
+BatchNorm (sliced with it) or parameter-free, each consumer feature comes from one unit (no op in
+between mixes units), and a constant unit feeds a Dense layer or a
 VALID convolution (elsewhere padding makes its contribution position-dependent, unless it is 0).
 Grouped convolutions and layers of other types are kept whole.
 
@@ -279,6 +280,8 @@ def _plan_removal(model, variables, sample, apply_kwargs, producer, found, order
     spatial = tuple(range(1, consumer_in.ndim - 1))
     marked = ~np.isfinite(consumer_in)
     touched = marked.any(axis=spatial) if spatial else marked
+    if np.any(touched.sum(axis=0) > 1):
+        return None  # an op in between mixes units: a feature is no longer one unit's
     features_of = [np.flatnonzero(touched[u]) for u in range(width)]
     consumer_matrix = matrices[consumer]
     consumer_layer = found[consumer]

@@ -1,5 +1,6 @@
 """Compaction: fewer units, same outputs (up to float rounding), on zoo and user-style models."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -126,3 +127,22 @@ def test_compact_model_saves_smaller_and_loads_to_the_same_outputs(tmp_path):
         compact_lib.load_compact(path, model)
     with pytest.raises(FileNotFoundError, match="No compact model"):
         compact_lib.load_compact(tmp_path / "nothing", model)
+
+
+class _MixingMLP(nn.Module):
+    """A parameter-free op mixes units after the ReLU: feature u reads units u and 11 - u."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(12)(x.reshape((x.shape[0], -1))))
+        x = x + x[:, ::-1]
+        return nn.Dense(4)(x)
+
+
+def test_units_mixed_before_their_consumer_are_left_whole():
+    model = _MixingMLP()
+    images = jax.random.uniform(jax.random.PRNGKey(1), (16, 6, 6, 1))
+    params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+    params = _kill(params, "Dense_0", outputs=(0, 1), bias=0.3)  # constant, but mixed with 11, 10
+    compacted = _check(model, params, images)
+    assert compacted.layers["Dense_0"].kernel.shape[-1] == 12
