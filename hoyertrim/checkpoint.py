@@ -101,17 +101,21 @@ class Checkpointer:
       best_metric: metric name used to keep the best checkpoint (higher is better unless
         ``best_mode="min"``); ``None`` keeps only the latest ones.
       best_mode: ``"max"`` or ``"min"``.
+      read_only: only restore: no write-access check, no setting aside of damaged steps, no
+        directory created (what `load` uses).
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2,
-                 best_metric: str | None = "val_accuracy", best_mode: str = "max"):
+                 best_metric: str | None = "val_accuracy", best_mode: str = "max",
+                 read_only: bool = False):
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
         self.directory = pathlib.Path(directory).expanduser().absolute()
-        _check_writable(self.directory)
-        _set_aside_unreadable(self.directory)
+        if not read_only:  # a reader neither needs write access nor rearranges the run
+            _check_writable(self.directory)
+            _set_aside_unreadable(self.directory)
         self.best_metric, self.best_mode = best_metric, best_mode
         policies = [checkpoint_managers.LatestN(n=max_to_keep)]
         if best_metric is not None:
@@ -122,7 +126,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
-            best_mode=best_mode, keep_checkpoints_without_metrics=True, create=True)
+            best_mode=best_mode, keep_checkpoints_without_metrics=True, create=not read_only,
+            read_only=read_only)
         # Registering the handlers up front lets a fresh manager read metadata of old runs.
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler()}
@@ -283,7 +288,7 @@ def load(directory: str | os.PathLike, step: int | None = None) -> Loaded:
     if not path.is_dir() or not any(p.name.isdigit() for p in path.iterdir()):
         raise FileNotFoundError(f"No checkpoint in {path}: expected a training run's checkpoint "
                                 "directory or a pruned network (nettrim.save_pruned).")
-    checkpointer = Checkpointer(path)
+    checkpointer = Checkpointer(path, read_only=True)
     step = checkpointer.best_step() if step is None else step
     if step not in checkpointer.all_steps():
         raise FileNotFoundError(f"No checkpoint at step {step} in {path}; available steps: "

@@ -260,3 +260,10 @@ def test_load_needs_no_template(tmp_path):
     assert jax.tree.structure(loaded.masks) == jax.tree.structure(state.params)
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         hoyertrim.load(tmp_path / "nothing")
+    # Loading changes nothing in the run (it may be read-only or someone else's), not even a
+    # damaged step, which training would set aside.
+    other = ({1, 2} - {loaded.step}).pop()
+    (tmp_path / "run" / "checkpoints" / str(other) / "_CHECKPOINT_METADATA").write_text("")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    assert hoyertrim.load(tmp_path / "run").step == loaded.step
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
