@@ -251,8 +251,12 @@ class Checkpointer:
 
 @dataclasses.dataclass
 class Loaded:
-    """What `load` found: params, the other collections, masks (True = kept), the run's config
-    and which checkpoint it was (``step``; None for a pruned network)."""
+    """What `load` found: params, the other collections, masks (True = kept), the config and
+    which checkpoint it was (``step``; None for a pruned network or a stage's final network).
+
+    Stage directories (the ``hoyertrim`` command's) also give the ``model`` rebuilt from their
+    manifest, and a compact stage its ``compact`` model (``params`` and ``masks`` are then None).
+    """
 
     params: Any
     model_state: dict
@@ -260,6 +264,30 @@ class Loaded:
     config: dict
     step: int | None
     directory: pathlib.Path
+    manifest: dict | None = None
+    model: Any = None
+    compact: Any = None
+
+    def predict(self, images, *, model=None, batch_size: int = 1000) -> np.ndarray:
+        """Logits (n, classes) of ``images`` (n, H, W, C), in inference mode, in batches.
+
+        Args:
+          model: the flax module, when the directory does not name one (a training run's
+            checkpoints or a `nettrim.save_pruned` directory).
+        """
+        if self.compact is not None:
+            forward = self.compact.apply
+        else:
+            model = model if model is not None else self.model
+            if model is None:
+                raise ValueError(f"{self.directory} does not name its model; pass "
+                                 "predict(images, model=YourModule()).")
+            from hoyertrim.train import mode_kwargs
+            variables = {"params": self.params, **self.model_state}
+            kwargs = mode_kwargs(model, False)
+            forward = jax.jit(lambda x: model.apply(variables, x, **kwargs))
+        return np.concatenate([np.asarray(forward(images[i:i + batch_size]))
+                               for i in range(0, len(images), batch_size)])
 
 
 def load(directory: str | os.PathLike, step: int | None = None) -> Loaded:

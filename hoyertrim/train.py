@@ -11,6 +11,7 @@ reproduces an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -52,20 +53,32 @@ class TrainState:
     key: jax.Array
 
 
+def mode_kwargs(model: nn.Module, train: bool) -> dict:
+    """``{"train": train}`` when the model's ``__call__`` takes a ``train`` argument, else ``{}``:
+    a user's model without one (no dropout, no BatchNorm) is trained and evaluated as it is."""
+    try:
+        parameters = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        return {"train": train}
+    takes = "train" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return {"train": train} if takes else {}
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                        input_shape: tuple[int, ...], params: Any = None,
                        model_state: Any = None) -> TrainState:
     """Initializes a model and optimizer.
 
     Args:
-      model: a Flax module called as ``model.apply(variables, images, train=...)``.
+      model: a Flax module called as ``model.apply(variables, images[, train=...])``.
       tx: the optax transformation used for training.
       key: a raw PRNG key (``jax.random.PRNGKey``); split into init and run keys.
       input_shape: per-example image shape (H, W, C).
       params / model_state: start from these instead of a fresh init (e.g. a pretrained model).
     """
     init_key, run_key = jax.random.split(key)
-    variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32),
+                           **mode_kwargs(model, False))
     variables = flax.core.unfreeze(variables)
     fresh_params = variables.pop("params")
     params = fresh_params if params is None else params
@@ -107,9 +120,10 @@ def frozen_teacher(model: nn.Module, params, model_state: Mapping | None = None
     """``images -> logits`` of a fixed trained model in evaluation mode (no dropout, BatchNorm
     running statistics): the ``teacher`` argument of `fit` / `make_train_step`."""
     variables = {"params": params, **(model_state or {})}
+    kwargs = mode_kwargs(model, False)
 
     def teacher(images: jax.Array) -> jax.Array:
-        return model.apply(variables, images, train=False)
+        return model.apply(variables, images, **kwargs)
 
     return teacher
 
@@ -122,12 +136,13 @@ def _default_loss(loss_fn, teacher):
 
 def _forward(model, params, model_state, images, train, dropout_key):
     variables = {"params": params, **model_state}
+    kwargs = mode_kwargs(model, train)
     if train and model_state:
-        logits, new_state = model.apply(variables, images, train=True,
+        logits, new_state = model.apply(variables, images, **kwargs,
                                         mutable=list(model_state), rngs={"dropout": dropout_key})
         return logits, flax.core.unfreeze(new_state)
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
-    return model.apply(variables, images, train=train, rngs=rngs), model_state
+    return model.apply(variables, images, **kwargs, rngs=rngs), model_state
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,

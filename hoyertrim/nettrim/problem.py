@@ -43,6 +43,8 @@ class LayerSolution:
       solves: number of (warm-started) full-size solves the λ search made.
       seconds: wall time.
       presolve_iterations: iterations spent on the subsampled presolves.
+      lam_path: the full-size solves of the λ search in the order made, each
+        ``{"lam", "discrepancy", "kept_fraction"}``.
     """
 
     kernel: np.ndarray
@@ -59,6 +61,7 @@ class LayerSolution:
     seconds: float = 0.0
     presolve_iterations: int = 0
     duality_gap: float | None = None
+    lam_path: tuple = ()
 
     def summary(self) -> dict:
         """The scalar fields, JSON-ready."""

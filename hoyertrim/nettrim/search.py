@@ -283,4 +283,6 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
         duality_gap=best["gap"],
         inactive_violation=best["violation"] / y_norm, kept_fraction=best["kept"],
         solves=len(found.solves), seconds=time.perf_counter() - started,
-        presolve_iterations=presolve_iterations)
+        presolve_iterations=presolve_iterations,
+        lam_path=tuple({"lam": float(r["lam"]), "discrepancy": float(r["error"] / y_norm),
+                        "kept_fraction": float(r["kept"])} for r in found.solves))

@@ -1,0 +1,373 @@
+"""The ``hoyertrim`` command: the pipeline stages (`hoyertrim.pipeline`) over stage directories.
+
+    hoyertrim quickstart                       # dense LeNet-300-100 → Net-Trim → compact → report
+    hoyertrim train --model my_pkg.nets:MyNet --epochs 10
+    hoyertrim nettrim runs/train-… --epsilon 0.1 --scheme cascade
+    hoyertrim compact runs/nettrim-…
+    hoyertrim evaluate runs/compact-…
+    hoyertrim report runs/train-… runs/nettrim-… runs/compact-…
+
+Every stage prints the directory it wrote; without ``--out`` that is
+``runs/<stage>-<model>-<hash of the stage's settings and parent>``, so asking again with the same
+settings reuses the finished stage and other settings get another directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import warnings
+
+_STAGES = ("train", "regularize", "prune", "finetune", "nettrim", "compact")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where the help already says what it is (None) or it
+    is an off switch."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 64}}', got "
+                                         f"{text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _common(parser, *, out=True, training=False):
+    if out:
+        parser.add_argument("--out", default=None,
+                            help="stage directory to write (default: runs/<stage>-<model>-<hash "
+                                 "of the settings>)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding mnist/ etc. (default: $HOYERTRIM_DATA, then the cache "
+                             "~/.cache/hoyertrim, then a checksum-verified download)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if training:
+        parser.add_argument("--batch-size", type=_positive_int, default=128,
+                            help="examples per step")
+        parser.add_argument("--weight-decay", type=float, default=0.0,
+                            help="L2 coefficient added to the gradient")
+        parser.add_argument("--seed", type=int, default=0,
+                            help="seeds initialization, data order and dropout")
+
+
+def _train_args(parser, epochs, learning_rate):
+    parser.add_argument("--epochs", type=_positive_int, default=epochs, help="training epochs")
+    parser.add_argument("--learning-rate", type=float, default=learning_rate,
+                        help="peak learning rate (cosine decay to 0)")
+    parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "momentum"],
+                        default="adam", help="optimizer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hoyertrim.data import DATASETS
+    from hoyertrim.models import MODELS
+    from hoyertrim.pipeline import PRUNE_RULES
+    from hoyertrim.transforms import REGULARIZERS
+
+    parser = argparse.ArgumentParser(prog="hoyertrim", description=__doc__,
+                                     formatter_class=_Formatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name, help_text):
+        return commands.add_parser(name, help=help_text, description=help_text,
+                                   formatter_class=_Formatter)
+
+    p = command("quickstart", "train (or reuse) a dense model, Net-Trim it, compact it, evaluate "
+                              "it on the test set and write a report")
+    p.add_argument("--model", default="lenet300100",
+                   help=f"zoo model ({', '.join(MODELS)}) or package.module:Class / file.py:Class")
+    p.add_argument("--model-kwargs", type=_json_object, default={},
+                   help="JSON keyword arguments for the model")
+    p.add_argument("--epochs", type=_positive_int, default=30, help="dense training epochs")
+    p.add_argument("--epsilon", type=_fraction, default=0.1, help="Net-Trim's ε")
+    p.add_argument("--scheme", choices=["parallel", "cascade"], default="cascade",
+                   help="Net-Trim scheme")
+    p.add_argument("--samples", type=_positive_int, default=5000,
+                   help="training images that define Net-Trim's problems")
+    p.add_argument("--workdir", default="runs/quickstart",
+                   help="folder for the stage directories and the report")
+    _common(p, out=False)
+
+    p = command("train", "train a dense model from scratch (best validation epoch kept)")
+    p.add_argument("--model", default="lenet300100",
+                   help=f"zoo model ({', '.join(MODELS)}) or package.module:Class / file.py:Class")
+    p.add_argument("--model-kwargs", type=_json_object, default={},
+                   help="JSON keyword arguments for the model, e.g. '{\"dropout_rate\": 0.3}'")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="dataset")
+    _train_args(p, 30, 1e-3)
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning-rate schedule")
+    _common(p, training=True)
+
+    p = command("regularize", "train from a stage's weights with a DeepHoyer (or other) sparsity "
+                              "penalty; the last epoch is kept")
+    p.add_argument("parent", help="stage directory to start from")
+    p.add_argument("--penalty", choices=sorted(REGULARIZERS), default="hoyer_square",
+                   help="penalty added to the loss")
+    p.add_argument("--strength", type=float, default=1e-4, help="penalty strength α")
+    _train_args(p, 30, 1e-3)
+    _common(p, training=True)
+
+    p = command("prune", "prune a stage's weights by a rule (no training)")
+    p.add_argument("parent", help="stage directory to prune")
+    p.add_argument("--rule", choices=PRUNE_RULES, default="std",
+                   help="threshold: |w| < value; std: |w| < value·std(w) per tensor; "
+                        "magnitude / global_magnitude: to sparsity value per layer / overall; "
+                        "group: units with norm < value·max norm; group_std: units with norm < "
+                        "value·std of the norms")
+    p.add_argument("--value", type=float, default=0.1, help="the rule's threshold or sparsity")
+    _common(p)
+
+    p = command("finetune", "masked fine-tune (pruned weights stay 0); best validation epoch "
+                            "kept")
+    p.add_argument("parent", help="pruned stage directory")
+    p.add_argument("--epochs", type=_positive_int, default=20, help="fine-tune epochs")
+    p.add_argument("--learning-rate", type=float, default=3e-4,
+                   help="peak learning rate (Adam, cosine decay)")
+    p.add_argument("--distill", action="store_true",
+                   help="distill from a teacher (T=4, half weight on the labels)")
+    p.add_argument("--teacher", default=None,
+                   help="teacher stage directory for --distill (default: the chain's first "
+                        "stage, usually the dense model)")
+    _common(p, training=True)
+
+    p = command("nettrim", "Net-Trim: certified layer-wise convex pruning, no retraining")
+    p.add_argument("parent", help="trained stage directory")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--epsilon", type=_fraction, default=0.1,
+                        help="relative discrepancy ε per layer (the cascade's first layer; later "
+                             "ones get √γ × what the pruned layers before leave)")
+    target.add_argument("--kept-fraction", type=_fraction, default=None,
+                        help="fraction of each layer's weights to keep, instead of ε")
+    p.add_argument("--scheme", choices=["parallel", "cascade"], default="cascade",
+                   help="parallel: layers independent; cascade: each sees the pruned ones "
+                        "before it")
+    p.add_argument("--samples", type=_positive_int, default=5000,
+                   help="training images that define the problems")
+    p.add_argument("--heldout", type=int, default=1000,
+                   help="validation images the certificates are measured on (0: none)")
+    p.add_argument("--maxiter", type=_positive_int, default=300,
+                   help="FISTA iterations per solve")
+    p.add_argument("--seed", type=int, default=0, help="seeds row subsets of large layers")
+    _common(p)
+
+    p = command("compact", "remove dead units and store the smaller arrays compressed")
+    p.add_argument("parent", help="pruned stage directory")
+    _common(p)
+
+    p = command("evaluate", "accuracy, agreement with a reference, per-layer sparsity and FLOPs, "
+                            "bytes on disk (written to <dir>/evaluation-<split>.json)")
+    p.add_argument("directory", help="stage directory")
+    p.add_argument("--reference", default=None,
+                   help="stage directory to compare with (default: the chain's first stage)")
+    p.add_argument("--split", choices=["validation", "test", "train"], default="test",
+                   help="which split")
+    _common(p, out=False)
+
+    p = command("report", "Markdown + PNG report of stage directories (a chain or a sweep)")
+    p.add_argument("directories", nargs="+", help="stage directories, in the order to show")
+    p.add_argument("--out", default=None,
+                   help="report folder (default: runs/report-<hash of the directories>)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite a report.md that lists more stages than this one")
+    return parser
+
+
+def _default_out(args, stage: str, model: str) -> str:
+    settings = {k: v for k, v in sorted(vars(args).items())
+                if k not in ("out", "no_progress", "data_dir", "command")}
+    for key in ("parent", "teacher", "reference"):
+        if settings.get(key):
+            settings[key] = str(pathlib.Path(settings[key]).expanduser().absolute())
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    short = model.rpartition(":")[2].split("/")[-1].lower() or "model"
+    return os.path.join("runs", f"{stage}-{short}-{digest.hexdigest()[:8]}")
+
+
+def _model_name(parent) -> str:
+    from hoyertrim.pipeline import read_manifest
+    return read_manifest(parent)["model"]["spec"]
+
+
+def _headline(result) -> str:
+    r = result.results
+    parts = []
+    if "val_accuracy" in r:
+        parts.append(f"validation accuracy {100 * r['val_accuracy']:.2f}%")
+    if "kept_fraction" in r:
+        parts.append(f"kept {100 * r['kept_fraction']:.2f}% of the weights "
+                     f"({r['compression']:.1f}x), alive units {r['architecture']}")
+    if "heldout" in r and r["heldout"]:
+        parts.append(f"held-out top-1 agreement {100 * r['heldout']['top1_agreement']:.1f}%")
+    if "bytes_on_disk" in r:
+        parts.append(f"{r['bytes_on_disk']:,} bytes on disk (parent {r['parent_bytes_on_disk']:,})"
+                     f", {r['weights_stored']:,} kernel entries stored, logits within "
+                     f"{r['max_logit_difference']:.1e} of the parent's")
+    verb = "reused" if result.reused else "wrote"
+    return f"{verb} {result.directory}\n  " + "; ".join(parts)
+
+
+def _run(args, command_line) -> int:
+    from hoyertrim import pipeline, report
+    progress = not getattr(args, "no_progress", False)
+    common = dict(data_dir=getattr(args, "data_dir", None), command=command_line)
+    if args.command == "quickstart":
+        return _quickstart(args, command_line)
+    if args.command in ("evaluate",):
+        result = pipeline.evaluate(args.directory, reference=args.reference, split=args.split,
+                                   data_dir=args.data_dir)
+        print(_evaluation_text(result))
+        return 0
+    if args.command == "report":
+        out = args.out or _default_out(argparse.Namespace(directories=[
+            str(pathlib.Path(d).absolute()) for d in args.directories]), "report", "stages")
+        written = report.write_report(args.directories, out, force=args.force)
+        print(f"wrote {written}")
+        return 0
+    model = args.model if args.command == "train" else _model_name(args.parent)
+    out = args.out or _default_out(args, args.command, model)
+    if args.command == "train":
+        result = pipeline.train(
+            args.model, out, model_kwargs=args.model_kwargs, dataset=args.dataset,
+            epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+            learning_rate=args.learning_rate, schedule=args.schedule,
+            weight_decay=args.weight_decay, seed=args.seed, progress=progress, **common)
+    elif args.command == "regularize":
+        result = pipeline.regularize(
+            args.parent, out, penalty=args.penalty, strength=args.strength, epochs=args.epochs,
+            batch_size=args.batch_size, optimizer=args.optimizer,
+            learning_rate=args.learning_rate, weight_decay=args.weight_decay, seed=args.seed,
+            progress=progress, **common)
+    elif args.command == "prune":
+        result = pipeline.prune(args.parent, out, rule=args.rule, value=args.value, **common)
+    elif args.command == "finetune":
+        result = pipeline.finetune(
+            args.parent, out, epochs=args.epochs, learning_rate=args.learning_rate,
+            batch_size=args.batch_size, weight_decay=args.weight_decay, distill=args.distill,
+            teacher=args.teacher, seed=args.seed, progress=progress, **common)
+    elif args.command == "nettrim":
+        result = pipeline.nettrim(
+            args.parent, out, epsilon=None if args.kept_fraction is not None else args.epsilon,
+            kept_fraction=args.kept_fraction, scheme=args.scheme, samples=args.samples,
+            heldout=args.heldout, maxiter=args.maxiter, seed=args.seed, progress=progress,
+            **common)
+    else:
+        result = pipeline.compact(args.parent, out, **common)
+    print(_headline(result))
+    return 0
+
+
+def _evaluation_text(result: dict) -> str:
+    lines = [f"{result['directory']} ({result['stage']}): {result['split']} accuracy "
+             f"{100 * result['accuracy']:.2f}% on {result['examples']:,} images"]
+    if "agreement" in result:
+        lines.append(f"  vs {result['reference']} ({100 * result['reference_accuracy']:.2f}%): "
+                     f"top-1 agreement {100 * result['agreement']:.2f}%, logits relative error "
+                     f"{result['logits_relative_error']:.4f}")
+    if "sparsity" in result:
+        s = result["sparsity"]
+        lines.append(f"  kept {s['kept_weights']:,} / {s['weights']:,} weights "
+                     f"({100 * s['kept_fraction']:.2f}%, {s['compression']:.1f}x), alive units "
+                     f"{s['architecture']}, forward FLOPs dense {s['dense_flops']:,} / sparse "
+                     f"{s['sparse_flops']:,} / structured {s['structured_flops']:,}")
+        for layer in s["layers"]:
+            lines.append(f"    {layer['name']}: {100 * layer['kept_fraction']:.2f}% kept, "
+                         f"inputs {layer['inputs_alive']}/{layer['inputs']}, outputs "
+                         f"{layer['outputs_alive']}/{layer['outputs']}")
+    else:
+        lines.append(f"  compact: {result['weights_stored']:,} kernel entries stored")
+    lines.append(f"  {result['bytes_on_disk']:,} bytes on disk; written to "
+                 f"{result['directory']}/evaluation-{result['split']}.json")
+    return "\n".join(lines)
+
+
+def _quickstart(args, command_line) -> int:
+    from hoyertrim import pipeline, report
+    workdir = pathlib.Path(args.workdir)
+    progress = not args.no_progress
+    common = dict(data_dir=args.data_dir, command=command_line)
+    print(f"1/5 dense {args.model} ({args.epochs} epochs; reused if already trained)", flush=True)
+    dense = pipeline.train(args.model, workdir / "dense", model_kwargs=args.model_kwargs,
+                           epochs=args.epochs, progress=progress, **common)
+    print(_headline(dense), flush=True)
+    print(f"2/5 Net-Trim {args.scheme}, ε = {args.epsilon:g}, {args.samples:,} training images",
+          flush=True)
+    trimmed = pipeline.nettrim(dense.directory, workdir / f"nettrim-{args.scheme}-{args.epsilon:g}",
+                               epsilon=args.epsilon, scheme=args.scheme, samples=args.samples,
+                               progress=progress, **common)
+    print(_headline(trimmed), flush=True)
+    print("3/5 compact", flush=True)
+    small = pipeline.compact(trimmed.directory, workdir / f"compact-{args.scheme}-{args.epsilon:g}",
+                             **common)
+    print(_headline(small), flush=True)
+    print("4/5 test set (once per model)", flush=True)
+    for directory in (dense.directory, trimmed.directory, small.directory):
+        print(_evaluation_text(pipeline.evaluate(directory, data_dir=args.data_dir)), flush=True)
+    print("5/5 report", flush=True)
+    written = report.write_report([dense.directory, trimmed.directory, small.directory],
+                                  workdir / "report", force=True)
+    print(f"wrote {written}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``hoyertrim`` console script; returns the exit status."""
+    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command_line = ["hoyertrim", *(sys.argv[1:] if argv is None else argv)]
+    from hoyertrim.data import ChecksumError, DatasetNotFoundError
+    from hoyertrim.nettrim import CertificateError
+    from hoyertrim.pipeline import StageError
+    from hoyertrim.train import TrainingDivergedError
+    try:
+        return _run(args, command_line)
+    except KeyboardInterrupt:
+        print(f"hoyertrim {args.command}: interrupted; run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    except (StageError, DatasetNotFoundError, ChecksumError, TrainingDivergedError,
+            CertificateError, FileNotFoundError, OSError) as error:
+        message = " ".join(str(error).split())
+        print(f"hoyertrim {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
