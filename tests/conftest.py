@@ -13,7 +13,8 @@ if str(REPO) not in sys.path:  # tests use examples/ (models written as users wr
     sys.path.insert(0, str(REPO))
 
 
-_REAL_DATA = {"data_root", "mnist", "small_mnist"}
+# Fixtures that train on real MNIST, or run a whole pipeline chain (tests/test_cli.py).
+_SLOW_FIXTURES = {"data_root", "mnist", "small_mnist", "chain"}
 
 
 def pytest_configure(config):
@@ -26,9 +27,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on real MNIST are `slow`: `pytest -m "not slow"` is the quick tier."""
+    """Tests on real MNIST or a trained pipeline chain are `slow`: `pytest -m "not slow"` is the
+    quick tier."""
     for item in items:
-        if _REAL_DATA & set(getattr(item, "fixturenames", ())):
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
@@ -68,3 +70,51 @@ def small_mnist(mnist):
     return dataclasses.replace(mnist, train=head(mnist.train, 4000),
                                validation=head(mnist.validation, 1000),
                                test=head(mnist.test, 2000))
+
+
+def _write_idx(path: pathlib.Path, array) -> None:
+    import gzip
+    import struct
+
+    import numpy as np
+    array = np.asarray(array, np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory) -> pathlib.Path:
+    """A data root whose mnist/ holds a small learnable stand-in: 5,800 training images (5,000
+    of them become the validation split) and 400 test images; the label picks which of ten
+    6×6 patches is bright, over uniform noise. Its files are exempt from the md5 check (in this
+    process) that real MNIST files must pass."""
+    import numpy as np
+
+    from hoyertrim import data
+    root = tmp_path_factory.mktemp("tiny_data")
+    verify = data._verify
+
+    def verify_unless_tiny(path, expected_md5):
+        if root not in pathlib.Path(path).parents:
+            verify(path, expected_md5)
+
+    data._verify = verify_unless_tiny
+    folder = root / "mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+
+    def images(labels):
+        x = rng.integers(0, 60, (len(labels), 28, 28))
+        for i, label in enumerate(labels):
+            r, c = 2 + 12 * (label // 5), 2 + 5 * (label % 5)
+            x[i, r:r + 6, c:c + 6] += 190
+        return x
+
+    train_labels, test_labels = rng.integers(0, 10, 5800), rng.integers(0, 10, 400)
+    _write_idx(folder / "train-images-idx3-ubyte.gz", images(train_labels))
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", train_labels)
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", images(test_labels))
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", test_labels)
+    return root

@@ -1,0 +1,193 @@
+"""The ``hoyertrim`` command and the pipeline stages behind it, on a small stand-in data set
+(`tiny_data_root`) and a model defined in a user's own file."""
+
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import hoyertrim
+from hoyertrim import cli, pipeline
+from hoyertrim.data import load_dataset
+
+USER_MODEL = textwrap.dedent("""
+    import flax.linen as nn
+
+    class TinyCNN(nn.Module):  # no `train` argument: trained and evaluated as it is
+        width: int = 4
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(self.width, (3, 3))(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+            return nn.Dense(10)(x)
+    """)
+
+
+def run(capsys, *argv):
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_data_root):
+    """train → nettrim → compact of the user's model, through the command."""
+    work = tmp_path_factory.mktemp("cli")
+    (work / "my_models.py").write_text(USER_MODEL)
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    spec = f"{work / 'my_models.py'}:TinyCNN"
+    assert cli.main(["train", "--model", spec, "--model-kwargs", '{"width": 6}', "--epochs",
+                     "4", "--learning-rate", "3e-3", "--out", str(work / "dense"), *data]) == 0
+    assert cli.main(["nettrim", str(work / "dense"), "--epsilon", "0.1", "--samples", "600",
+                     "--heldout", "200", "--out", str(work / "trimmed"), *data]) == 0
+    assert cli.main(["compact", str(work / "trimmed"), "--out", str(work / "small"), *data]) == 0
+    return work
+
+
+def test_chain_writes_stages_with_provenance(chain):
+    dense = pipeline.read_manifest(chain / "dense")
+    trimmed = pipeline.read_manifest(chain / "trimmed")
+    small = pipeline.read_manifest(chain / "small")
+    assert dense["model"] == {"spec": f"{chain / 'my_models.py'}:TinyCNN", "kwargs": {"width": 6}}
+    assert dense["results"]["val_accuracy"] > 0.9  # the stand-in data is learnable
+    assert trimmed["parent"] == str(chain / "dense") and small["parent"] == str(chain / "trimmed")
+    assert trimmed["root"] == small["root"] == str(chain / "dense")
+    assert trimmed["provenance"]["command"][:3] == ["hoyertrim", "nettrim", str(chain / "dense")]
+    assert trimmed["provenance"]["versions"]["jax"] and trimmed["config"]["epsilon"] == 0.1
+    for layer in trimmed["results"]["layers"].values():  # certificates measured, not assumed
+        assert layer["measured"] <= layer["epsilon"] and layer["lam_path"]
+    assert trimmed["results"]["kept_fraction"] < 0.9
+    # Compaction really removed units and kept the logits.
+    assert small["results"]["weights_stored"] < sum(
+        l["weights"] for l in trimmed["results"]["sparsity"]["layers"])
+    assert small["results"]["max_logit_difference"] < 1e-4
+
+
+def test_compact_model_loads_in_a_fresh_process_with_the_same_accuracy(chain, capsys,
+                                                                       tiny_data_root):
+    status, out, _ = run(capsys, "evaluate", str(chain / "trimmed"), "--data-dir",
+                         str(tiny_data_root))
+    assert status == 0 and "test accuracy" in out
+    masked = json.loads((chain / "trimmed" / "evaluation-test.json").read_text())
+    test = load_dataset("mnist", tiny_data_root).test
+    np.savez(chain / "test.npz", images=test.images, labels=test.labels)
+    code = textwrap.dedent(f"""
+        import numpy as np, hoyertrim
+        test = np.load({str(chain / "test.npz")!r})
+        small = hoyertrim.load({str(chain / "small")!r})
+        assert small.params is None and small.compact is not None
+        print(np.mean(np.argmax(small.predict(test["images"]), -1) == test["labels"]))
+        """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert float(done.stdout.split()[-1]) == pytest.approx(masked["accuracy"], abs=1e-9)
+    assert masked["agreement"] > 0.9 and masked["reference"] == str(chain / "dense")
+
+
+def test_same_command_reuses_the_stage_and_other_settings_are_refused(chain, capsys,
+                                                                      tiny_data_root):
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    network = chain / "trimmed" / "network"
+    before = network.stat().st_mtime_ns
+    status, out, _ = run(capsys, "nettrim", str(chain / "dense"), "--epsilon", "0.1",
+                         "--samples", "600", "--heldout", "200", "--out",
+                         str(chain / "trimmed"), *data)
+    assert status == 0 and out.startswith("reused") and network.stat().st_mtime_ns == before
+    status, _, err = run(capsys, "nettrim", str(chain / "dense"), "--epsilon", "0.2",
+                         "--samples", "600", "--out", str(chain / "trimmed"), *data)
+    assert status == 1 and "holds another run" in err and "epsilon: 0.1 there, 0.2 asked" in err
+    assert len(err.strip().splitlines()) == 1
+    assert pipeline.read_manifest(chain / "trimmed")["config"]["epsilon"] == 0.1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "no_such_model"], "Unknown model 'no_such_model'"),
+    (["train", "--model", "missing.py:Net"], "missing.py does not exist"),
+    (["train", "--model", "json:Nothing"], "json has no 'Nothing'"),
+    (["train", "--model", "lenet5", "--model-kwargs", '{"bogus": 1}'], "Cannot build lenet5"),
+    (["nettrim", "{work}/nowhere"], "does not exist"),
+    (["nettrim", "{work}/dense", "--samples", "999999"], "exceeds the 800 training images"),
+    (["compact", "{work}/small"], "is a compact model"),
+    (["prune", "{work}/dense", "--rule", "magnitude", "--value", "1.5"], "needs a value in"),
+])
+def test_bad_input_is_one_line_and_leaves_no_folder(chain, capsys, tiny_data_root, argv,
+                                                    message):
+    before = sorted(p.name for p in chain.iterdir())
+    out = chain / "should_not_exist"
+    argv = [a.replace("{work}", str(chain)) for a in argv]
+    status, _, err = run(capsys, *argv, "--out", str(out), "--data-dir", str(tiny_data_root))
+    assert status == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and sorted(p.name for p in chain.iterdir()) == before
+
+
+def test_argument_errors_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["nettrim", "x", "--epsilon", "1.5"])
+    assert exit_info.value.code == 2 and "must be in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--model-kwargs", "[1, 2]"])
+    assert "expected a JSON object" in capsys.readouterr().err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["nettrim", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 0.1)", "(default: cascade)", "(default: 5000)", "(default: 300)"):
+        assert default in text
+
+
+def test_regularize_prune_finetune_keeps_pruned_weights_zero(chain, capsys, tiny_data_root):
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    assert cli.main(["regularize", str(chain / "dense"), "--penalty", "hoyer_square",
+                     "--strength", "1e-3", "--epochs", "1", "--out", str(chain / "hs"),
+                     *data]) == 0
+    assert cli.main(["prune", str(chain / "hs"), "--rule", "magnitude", "--value", "0.8",
+                     "--out", str(chain / "pruned"), *data]) == 0
+    assert cli.main(["finetune", str(chain / "pruned"), "--epochs", "1", "--distill",
+                     "--out", str(chain / "tuned"), *data]) == 0
+    pruned, tuned = hoyertrim.load(chain / "pruned"), hoyertrim.load(chain / "tuned")
+    for name in ("Conv_0", "Dense_0", "Dense_1"):
+        p, t = np.asarray(pruned.params[name]["kernel"]), np.asarray(tuned.params[name]["kernel"])
+        assert np.mean(p != 0) == pytest.approx(0.2, abs=0.01)
+        assert np.all(t[p == 0] == 0) and np.any(t[p != 0] != p[p != 0])
+    manifest = pipeline.read_manifest(chain / "tuned")
+    assert manifest["config"]["teacher"] == str(chain / "dense")  # the chain's first stage
+    capsys.readouterr()
+
+
+def test_report_writes_figures_and_refuses_to_shrink(chain, capsys):
+    stages = [str(chain / name) for name in ("dense", "trimmed", "small")]
+    out = chain / "report"
+    status, printed, _ = run(capsys, "report", *stages, "--out", str(out))
+    assert status == 0 and str(out / "report.md") in printed
+    text = (out / "report.md").read_text()
+    for figure in ("kept_per_layer", "accuracy_vs_kept", "nettrim_certificates", "lambda_path"):
+        assert f"({figure}.png)" in text and (out / f"{figure}.png").stat().st_size > 1000
+    assert "Net-Trim cascade ε=0.1" in text and "`trimmed`" in text
+    status, _, err = run(capsys, "report", stages[0], "--out", str(out))
+    assert status == 1 and "--force" in err and (out / "report.md").read_text() == text
+
+
+def test_load_of_a_training_stage_predicts_like_the_model(chain, tiny_data_root):
+    loaded = hoyertrim.load(chain / "dense")
+    test = load_dataset("mnist", tiny_data_root).test
+    logits = loaded.model.apply({"params": loaded.params}, test.images[:50])
+    np.testing.assert_allclose(loaded.predict(test.images[:50]), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resolve_model_import_path(tmp_path, monkeypatch):
+    package = tmp_path / "user_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(USER_MODEL)
+    monkeypatch.chdir(tmp_path)
+    model = pipeline.resolve_model("user_pkg.nets:TinyCNN", {"width": 3})
+    assert type(model).__name__ == "TinyCNN" and model.width == 3
+    assert pipeline.model_spec("user_pkg.nets:TinyCNN")["search_path"] == str(tmp_path)
