@@ -22,9 +22,6 @@ import pathlib
 import sys
 import warnings
 
-_STAGES = ("train", "regularize", "prune", "finetune", "nettrim", "compact")
-
-
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Shows each option's default, except where the help already says what it is (None) or it
     is an off switch."""
@@ -135,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning-rate schedule")
     _common(p, training=True)
 
+    p = command("import", "make weights trained elsewhere (orbax checkpoint directory, flax "
+                          ".msgpack, or .npz) the first stage of a chain, checked against the "
+                          "model")
+    p.add_argument("checkpoint", help="the weights: params, the variables dict or a train state")
+    p.add_argument("--model", required=True,
+                   help="zoo name or package.module:Class / file.py:Class the weights belong to")
+    p.add_argument("--model-kwargs", type=_json_object, default={},
+                   help="JSON keyword arguments for the model")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist",
+                   help="the data it was trained on (for calibration and evaluation)")
+    _common(p)
+
     p = command("regularize", "train from a stage's weights with a DeepHoyer (or other) sparsity "
                               "penalty; the last epoch is kept")
     p.add_argument("parent", help="stage directory to start from")
@@ -212,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _default_out(args, stage: str, model: str) -> str:
     settings = {k: v for k, v in sorted(vars(args).items())
                 if k not in ("out", "no_progress", "data_dir", "command")}
-    for key in ("parent", "teacher", "reference"):
+    for key in ("parent", "teacher", "reference", "checkpoint"):
         if settings.get(key):
             settings[key] = str(pathlib.Path(settings[key]).expanduser().absolute())
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -260,9 +269,12 @@ def _run(args, command_line) -> int:
         written = report.write_report(args.directories, out, force=args.force)
         print(f"wrote {written}")
         return 0
-    model = args.model if args.command == "train" else _model_name(args.parent)
+    model = args.model if args.command in ("train", "import") else _model_name(args.parent)
     out = args.out or _default_out(args, args.command, model)
-    if args.command == "train":
+    if args.command == "import":
+        result = pipeline.adopt(args.checkpoint, args.model, out, model_kwargs=args.model_kwargs,
+                                dataset=args.dataset, **common)
+    elif args.command == "train":
         result = pipeline.train(
             args.model, out, model_kwargs=args.model_kwargs, dataset=args.dataset,
             epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,

@@ -412,6 +412,93 @@ def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str 
     return _result(stage)
 
 
+def _read_tree(path: pathlib.Path):
+    """A pytree from an orbax checkpoint directory (a `Checkpointer` run's newest step, or one
+    PyTree/StandardSave item), a flax msgpack file or an .npz of '/'-separated leaf names."""
+    if path.is_file() and path.suffix == ".npz":
+        tree: dict = {}
+        with np.load(path) as arrays:
+            for name in arrays.files:
+                *keys, leaf = name.split("/")
+                node = tree
+                for key in keys:
+                    node = node.setdefault(key, {})
+                node[leaf] = arrays[name]
+        return tree
+    if path.is_file():
+        from flax import serialization
+        return serialization.msgpack_restore(path.read_bytes())
+    import orbax.checkpoint as ocp
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()), reverse=True)
+    if steps:
+        path = path / str(steps[0])
+        items = [p for p in path.iterdir() if p.is_dir()]
+        if len(items) == 1 or (path / "state").is_dir():  # a CheckpointManager step: its item
+            path = path / "state" if (path / "state").is_dir() else items[0]
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path)
+
+
+def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
+          dataset: str = "mnist", data_dir=None, command=None) -> StageResult:
+    """Makes a model trained elsewhere the first stage of a chain: its weights (an orbax
+    checkpoint directory, a flax ``.msgpack`` file of `flax.serialization.to_bytes`, or an
+    ``.npz`` with '/'-separated leaf names) are checked against the model's own init and
+    written as a stage directory.
+
+    The checkpoint may hold the variables dict (``params`` and e.g. ``batch_stats``), a train
+    state with a ``params`` entry (and ``batch_stats`` or ``model_state``), or the params alone.
+
+    Raises:
+      StageError: unreadable checkpoint, or its tree does not fit the model (the mismatching
+        leaves are named).
+    """
+    from hoyertrim.checkpoint import CheckpointMismatchError, _check_structure
+    from hoyertrim.train import mode_kwargs
+    path = pathlib.Path(checkpoint).expanduser().absolute()
+    if not path.exists():
+        raise StageError(f"{checkpoint} does not exist.")
+    record = model_spec(model, model_kwargs)
+    module = resolve_model(record["spec"], record["kwargs"], search_path=record.get("search_path"))
+    try:
+        tree = flax.core.unfreeze(_read_tree(path))
+    except Exception as error:  # orbax and msgpack raise many types for what they cannot read
+        raise StageError(f"Cannot read weights from {checkpoint} ({type(error).__name__}: "
+                         f"{error}); give an orbax checkpoint directory, a .msgpack or an .npz."
+                         ) from error
+    if not isinstance(tree, dict):
+        raise StageError(f"{checkpoint} holds a {type(tree).__name__}, not a tree of arrays.")
+    if "params" in tree:
+        params = tree["params"]
+        model_state = dict(tree.get("model_state") or {})
+        model_state.update({k: v for k, v in tree.items()
+                            if k in ("batch_stats", "cache") and v})
+    else:
+        params, model_state = tree, {}
+    config = {"checkpoint": str(path)}
+    manifest = _manifest("import", config, model=record, dataset=dataset, command=command)
+    with _Stage(out, manifest) as stage:
+        if stage.done:
+            return _result(stage)
+        data = _load_data(manifest, data_dir)
+        stage.manifest["input_shape"] = list(data.image_shape)
+        expected = flax.core.unfreeze(module.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, *data.image_shape)), **mode_kwargs(module, False)))
+        try:
+            _check_structure(params, expected.pop("params"), "params")
+            _check_structure(model_state, expected, "other collections")
+        except CheckpointMismatchError as error:
+            details = " ".join(str(error).splitlines()[1:-1]).replace("target", "model")
+            raise StageError(f"The weights in {checkpoint} do not fit {model}: {details}") \
+                from error
+        params = jax.tree.map(np.asarray, params)
+        _save_network(stage.out, params, _nonzero(params), model_state)
+        stage.finish(_summary(module, params, model_state, data))
+    return _result(stage)
+
+
 def _optimizer(config, num_train):
     from hoyertrim.train import make_optimizer
     try:

@@ -37,6 +37,8 @@ def stage_label(manifest: dict) -> str:
     stage, config = manifest["stage"], manifest.get("config", {})
     if stage == "train":
         return "dense"
+    if stage == "import":
+        return "trained (imported)"
     if stage == "regularize":
         names = {"hoyer_square": "HS", "group_hoyer_square": "Group-HS", "hoyer": "Hoyer",
                  "l1": "L1", "group_lasso": "group lasso", "transformed_l1": "transformed L1"}
@@ -57,7 +59,7 @@ def _chain_label(directory: pathlib.Path, manifests: dict) -> str:
     'Net-Trim cascade ε=0.1 → fine-tuned'."""
     parts, manifest = [], manifests[directory]
     while manifest is not None:
-        if manifest["stage"] not in ("train", "compact"):
+        if manifest["stage"] not in ("train", "import", "compact"):
             parts.append(stage_label(manifest))
         parent = manifest.get("parent")
         manifest = manifests.get(pathlib.Path(parent)) if parent else None
@@ -248,7 +250,7 @@ def _save(fig, out, name, plt) -> str:
 
 def _dense_accuracy(paths, manifests):
     for path in paths:
-        if manifests[path]["stage"] == "train":
+        if manifests[path]["stage"] in ("train", "import"):
             accuracy, split = _accuracy(path, manifests[path])
             if accuracy is not None:
                 return accuracy, split

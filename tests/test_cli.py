@@ -191,3 +191,38 @@ def test_resolve_model_import_path(tmp_path, monkeypatch):
     model = pipeline.resolve_model("user_pkg.nets:TinyCNN", {"width": 3})
     assert type(model).__name__ == "TinyCNN" and model.width == 3
     assert pipeline.model_spec("user_pkg.nets:TinyCNN")["search_path"] == str(tmp_path)
+
+
+@pytest.mark.parametrize("form", ["orbax", "msgpack", "npz"])
+def test_import_weights_trained_elsewhere(tmp_path, capsys, tiny_data_root, form):
+    import flax
+    import jax
+    import orbax.checkpoint as ocp
+    (tmp_path / "my_models.py").write_text(USER_MODEL)
+    model = pipeline.resolve_model(f"{tmp_path / 'my_models.py'}:TinyCNN")
+    variables = model.init(jax.random.PRNGKey(3), np.zeros((1, 28, 28, 1), np.float32))
+    if form == "orbax":
+        weights = tmp_path / "ckpt"
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(weights, {"params": variables["params"], "step": 7})
+    elif form == "msgpack":
+        weights = tmp_path / "weights.msgpack"
+        weights.write_bytes(flax.serialization.to_bytes(variables))
+    else:
+        weights = tmp_path / "weights.npz"
+        np.savez(weights, **{"/".join(k.key for k in path): np.asarray(leaf) for path, leaf
+                             in jax.tree_util.tree_flatten_with_path(variables["params"])[0]})
+    data = ["--data-dir", str(tiny_data_root)]
+    status, out, err = run(capsys, "import", str(weights), "--model",
+                           f"{tmp_path / 'my_models.py'}:TinyCNN", "--out",
+                           str(tmp_path / "stage"), *data)
+    assert status == 0, err
+    loaded = hoyertrim.load(tmp_path / "stage")
+    jax.tree.map(np.testing.assert_array_equal, loaded.params,
+                 jax.tree.map(np.asarray, flax.core.unfreeze(variables["params"])))
+    # The same weights do not fit another width: the mismatching leaves are named.
+    status, _, err = run(capsys, "import", str(weights), "--model",
+                         f"{tmp_path / 'my_models.py'}:TinyCNN", "--model-kwargs",
+                         '{"width": 5}', "--out", str(tmp_path / "wrong"), *data)
+    assert status == 1 and "do not fit" in err and "Conv_0/kernel" in err
+    assert not (tmp_path / "wrong").exists()
