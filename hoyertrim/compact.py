@@ -325,7 +325,7 @@ def _valid_conv(module) -> bool:
     return all(p == (0, 0) or p == 0 for p in np.atleast_1d(padding)) and not dilated
 
 
-_FORMAT = 1
+_FORMAT = 2
 
 
 def _without(variables, paths) -> dict:
@@ -364,8 +364,9 @@ def _unflat(items) -> dict:
 
 def save_compact(directory, compacted: CompactModel) -> pathlib.Path:
     """Writes the compact model's arrays to ``directory/compact.npz`` (zip-compressed; a kernel
-    that is still less than half nonzero is stored as its nonzero values and their flat indices)
-    and its structure to ``compact.json``. The model itself is code: pass it to `load_compact`."""
+    with zeros left is stored as a bit mask of its nonzeros plus their values, in row-major
+    order, when that is smaller: below 31/32 nonzero for float32) and its structure to
+    ``compact.json``. The model itself is code: pass it to `load_compact`."""
     path = pathlib.Path(directory).expanduser().absolute()
     path.mkdir(parents=True, exist_ok=True)
     arrays, meta = {}, {"format": _FORMAT, "layers": {}, "sliced": sorted(compacted.sliced),
@@ -373,12 +374,12 @@ def save_compact(directory, compacted: CompactModel) -> pathlib.Path:
     for name, layer in compacted.layers.items():
         key = f"layer|{name}"
         kernel = np.asarray(layer.kernel)
-        sparse = np.count_nonzero(kernel) < kernel.size / 2
+        nonzero = kernel.reshape(-1) != 0
+        # One bit per entry against the bytes of the zeros it saves.
+        sparse = (kernel.size - np.count_nonzero(nonzero)) * kernel.itemsize * 8 > kernel.size
         if sparse:
-            flat = kernel.reshape(-1)
-            index = np.flatnonzero(flat)
-            arrays[f"{key}|kernel_index"] = index.astype(np.int32)
-            arrays[f"{key}|kernel_values"] = flat[index]
+            arrays[f"{key}|kernel_mask"] = np.packbits(nonzero)
+            arrays[f"{key}|kernel_values"] = kernel.reshape(-1)[nonzero]
         else:
             arrays[f"{key}|kernel"] = kernel
         if layer.bias is not None:
@@ -417,8 +418,10 @@ def load_compact(directory, model: nn.Module) -> CompactModel:
     for name, info in meta["layers"].items():
         key = f"layer|{name}"
         if info["sparse"]:
-            kernel = np.zeros(int(np.prod(info["shape"])), info["dtype"])
-            kernel[arrays[f"{key}|kernel_index"]] = arrays[f"{key}|kernel_values"]
+            size = int(np.prod(info["shape"]))
+            kernel = np.zeros(size, info["dtype"])
+            nonzero = np.unpackbits(arrays[f"{key}|kernel_mask"], count=size).astype(bool)
+            kernel[nonzero] = arrays[f"{key}|kernel_values"]
             kernel = kernel.reshape(info["shape"])
         else:
             kernel = arrays[f"{key}|kernel"]
