@@ -101,7 +101,8 @@ def gradual_baseline(model, dataset, dense, point, key, args, config, directory,
     masks = masks_lib.nonzero_masks(pruned)
     tuned = finetune(model, dataset, pruned, masks, directory / "finetune", args,
                      {**config, "stage": "gradual_finetune"}, teacher)
-    return evaluate_point(model, dataset, tuned, "gradual_magnitude", key)
+    return {**evaluate_point(model, dataset, tuned, "gradual_magnitude", key),
+            "checkpoint": str(directory / "finetune")}
 
 
 def prune_masks(params, rule, scale, group_threshold):
@@ -168,11 +169,13 @@ def main(argv=None):
             point = existing(args.penalty)
             if point is None:
                 masks = prune_masks(regularized, args.prune_rule, scale, args.group_threshold)
-                tuned = finetune(model, dataset, regularized, masks,
-                                 out / f"ft_a{strength:g}_s{scale:g}{rule_suffix}", args,
+                ft_dir = out / f"ft_a{strength:g}_s{scale:g}{rule_suffix}"
+                tuned = finetune(model, dataset, regularized, masks, ft_dir, args,
                                  {**config, "stage": "finetune", "threshold_scale": scale},
                                  teacher)
                 point = evaluate_point(model, dataset, tuned, args.penalty, key)
+                # hoyertrim.load(point["checkpoint"]) gives this point's network.
+                point.update(checkpoint=str(ft_dir), regularized_checkpoint=str(reg_dir))
                 points.append(point)
             print(f"{args.penalty} α={strength:g} s={scale:g}: test error {point['test_error']:.2f}%"
                   f" at {point['compression']:.1f}x ({point['architecture']}), FLOPs /"
@@ -180,11 +183,13 @@ def main(argv=None):
                   f"/{point['flops_reduction_sparse']:.1f} sparse")
             if args.baseline and existing("magnitude") is None:
                 counts = {l["name"]: l["kept_weights"] for l in point["report"]["layers"]}
+                base_dir = out / f"magnitude_a{strength:g}_s{scale:g}{rule_suffix}"
                 base = finetune(model, dataset, dense, masks_lib.count_masks(dense, counts),
-                                out / f"magnitude_a{strength:g}_s{scale:g}{rule_suffix}", args,
+                                base_dir, args,
                                 {**config, "stage": "magnitude", "threshold_scale": scale},
                                 teacher)
-                points.append(evaluate_point(model, dataset, base, "magnitude", key))
+                points.append({**evaluate_point(model, dataset, base, "magnitude", key),
+                               "checkpoint": str(base_dir)})
                 print(f"  magnitude (one-shot), same per-layer counts: test error "
                       f"{points[-1]['test_error']:.2f}%")
             if args.gradual_baseline and existing("gradual_magnitude") is None:

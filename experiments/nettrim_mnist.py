@@ -137,11 +137,15 @@ def main(argv=None):
                      "distill": args.distill, "heldout": pruned.heldout,
                      "layers": pruned.layers, "solve_seconds": solve_seconds,
                      "nettrim": accuracies(model, dataset, pruned.params),
-                     "magnitude": accuracies(model, dataset, magnitude_params)}
+                     "magnitude": accuracies(model, dataset, magnitude_params),
+                     # hoyertrim.load(...) of these gives each point's network.
+                     "checkpoint": str(out / "pruned" / tag)}
             if args.finetune_epochs:
                 point["nettrim_finetuned"] = accuracies(model, dataset, finetune(
                     model, dataset, pruned.params, pruned.masks, args, out / "ft" / tag,
                     teacher))
+                point["finetuned_checkpoint"] = str(out / "ft" / tag)
+                point["magnitude_finetuned_checkpoint"] = str(out / "ft" / f"magnitude_{tag}")
                 magnitude_masks = masks_lib.nonzero_masks(magnitude_params)
                 point["magnitude_finetuned"] = accuracies(model, dataset, finetune(
                     model, dataset, magnitude_params, magnitude_masks, args,

@@ -169,13 +169,16 @@ def main(argv=None) -> dict:
                                            heldout=heldout, key=jax.random.PRNGKey(args.seed),
                                            progress=not args.no_progress)
             seconds = time.perf_counter() - started
+            saved = out / "pruned" / f"{scheme}_eps{epsilon:g}"
+            nettrim.save_pruned(saved, pruned)  # hoyertrim.load(saved) gives this point
             pruned_vars = pruned.variables or {"params": pruned.params}
             report = pruned.report(model, dataset.image_shape, eval_kwargs)
             point = {"scheme": scheme, "epsilon": epsilon, "seconds": seconds,
                      "kept_fraction": report.kept_fraction, "heldout": pruned.heldout,
                      "test_accuracy": accuracy(model, pruned_vars, test.images, test.labels,
                                                eval_kwargs),
-                     "layers": pruned.layers, "report": report.as_dict()}
+                     "layers": pruned.layers, "report": report.as_dict(),
+                     "checkpoint": str(saved)}
             points.append(point)
             print(json.dumps({k: point[k] for k in ("scheme", "epsilon", "kept_fraction",
                                                      "test_accuracy", "heldout", "seconds")}),
