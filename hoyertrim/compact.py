@@ -109,10 +109,53 @@ def _run_layer(module, layer: CompactLayer, x):
     adapter = adapter_for(module)
     if not isinstance(module, nn.Conv) and getattr(adapter, "as_conv", None) is not None:
         module = adapter.as_conv(module)  # e.g. the zoo's PatchConv: run XLA's convolution
+    if _row_matmul_applies(module, layer.kernel, x):
+        return _conv_as_row_matmul(module, layer.kernel, layer.bias, x)
     probe = module.clone(parent=None, features=layer.kernel.shape[-1])
     if hasattr(probe, "use_bias"):  # a consumer without bias may get one (carried constants)
         probe = probe.clone(use_bias=layer.bias is not None)
     return probe.apply({"params": params}, x)
+
+
+# Largest row-Toeplitz matrix (entries) `_conv_as_row_matmul` builds.
+_ROW_MATMUL_MAX_ENTRIES = 1 << 20
+
+
+def _row_matmul_applies(module, kernel, x) -> bool:
+    """Whether a conv runs as one matmul per output row: on CPU, for plain stride-1 2-D convs
+    with few input channels (≤ 8), where XLA's CPU convolution is slow (a 1-channel LeNet
+    conv takes about as long with 7 filters as with 32) and the Toeplitz matrix stays small."""
+    if jax.default_backend() != "cpu" or not isinstance(module, nn.Conv) or kernel.ndim != 4:
+        return False
+    ones = lambda value: all(v == 1 for v in np.atleast_1d(value or 1))  # noqa: E731
+    padding = module.padding if isinstance(module.padding, str) else None
+    if (padding not in ("VALID", "SAME") or not ones(module.strides)
+            or not ones(module.kernel_dilation) or not ones(module.input_dilation)
+            or module.feature_group_count != 1 or kernel.shape[2] > 8):
+        return False
+    kh, kw, cin, cout = kernel.shape
+    width = x.shape[2] + (kw - 1 if padding == "SAME" else 0)
+    return kh * width * cin * (width - kw + 1) * cout <= _ROW_MATMUL_MAX_ENTRIES
+
+
+def _conv_as_row_matmul(module, kernel, bias, x):
+    """A stride-1 2-D convolution as ``rows @ T``: each output row gathers the ``kh`` input rows
+    it reads, (N·H', kh·W·C), and T (kh·W·C, W'·O) is the kernel laid out as a block-Toeplitz
+    matrix, so the whole layer is one dense matmul. Same result as ``lax.conv`` up to float
+    summation order."""
+    kh, kw, cin, cout = kernel.shape
+    if module.padding == "SAME":
+        pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (1, 1), "SAME")
+        x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    n, height, width, _ = x.shape
+    out_h, out_w = height - kh + 1, width - kw + 1
+    toeplitz = np.zeros((kh, width, cin, out_w, cout), np.asarray(kernel).dtype)
+    for j in range(out_w):
+        toeplitz[:, j:j + kw, :, j, :] = kernel
+    rows = jnp.stack([x[:, a:a + out_h] for a in range(kh)], axis=2)  # (N, H', kh, W, C)
+    out = rows.reshape(n * out_h, kh * width * cin) @ toeplitz.reshape(-1, out_w * cout)
+    out = out.reshape(n, out_h, out_w, cout)
+    return out if bias is None else out + bias
 
 
 @dataclasses.dataclass

@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -146,3 +147,32 @@ def test_units_mixed_before_their_consumer_are_left_whole():
     params = _kill(params, "Dense_0", outputs=(0, 1), bias=0.3)  # constant, but mixed with 11, 10
     compacted = _check(model, params, images)
     assert compacted.layers["Dense_0"].kernel.shape[-1] == 12
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+@pytest.mark.parametrize("cin, cout, kernel_size, shape", [
+    (1, 7, (5, 5), (28, 28)), (3, 4, (3, 3), (9, 13)), (8, 2, (1, 4), (6, 7)), (2, 5, (4, 2), (5, 5))])
+def test_small_channel_conv_as_row_matmul_equals_xla_conv(padding, cin, cout, kernel_size,
+                                                          shape):
+    from hoyertrim.compact import _conv_as_row_matmul, _row_matmul_applies
+    rng = np.random.default_rng(cin + cout)
+    module = nn.Conv(cout, kernel_size, padding=padding)
+    x = jnp.asarray(rng.normal(size=(3, *shape, cin)), jnp.float32)
+    kernel = rng.normal(size=(*kernel_size, cin, cout)).astype(np.float32)
+    bias = rng.normal(size=cout).astype(np.float32)
+    expected = module.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+    assert _row_matmul_applies(module, kernel, x)
+    np.testing.assert_allclose(_conv_as_row_matmul(module, kernel, bias, x), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_row_matmul_is_only_used_where_it_is_exact():
+    from hoyertrim.compact import _row_matmul_applies
+    x = jnp.zeros((1, 8, 8, 2))
+    kernel = np.zeros((3, 3, 2, 4), np.float32)
+    assert not _row_matmul_applies(nn.Conv(4, (3, 3), strides=2), kernel, x)
+    assert not _row_matmul_applies(nn.Conv(4, (3, 3), kernel_dilation=2), kernel, x)
+    assert not _row_matmul_applies(nn.Conv(4, (3, 3), padding="CIRCULAR"), kernel, x)
+    assert not _row_matmul_applies(nn.Conv(4, (3, 3), padding=((1, 1), (1, 1))), kernel, x)
+    assert not _row_matmul_applies(nn.Conv(4, (3, 3)), np.zeros((3, 3, 9, 4)),
+                                   jnp.zeros((1, 8, 8, 9)))  # many input channels: XLA's conv
