@@ -15,7 +15,6 @@ settings reuses the finished stage and other settings get another directory.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pathlib
@@ -219,14 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_out(args, stage: str, model: str) -> str:
+    from hoyertrim.pipeline import default_directory
     settings = {k: v for k, v in sorted(vars(args).items())
                 if k not in ("out", "no_progress", "data_dir", "command")}
     for key in ("parent", "teacher", "reference", "checkpoint"):
         if settings.get(key):
             settings[key] = str(pathlib.Path(settings[key]).expanduser().absolute())
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    short = model.rpartition(":")[2].split("/")[-1].lower() or "model"
-    return os.path.join("runs", f"{stage}-{short}-{digest.hexdigest()[:8]}")
+    return str(default_directory(stage, model, settings))
 
 
 def _model_name(parent) -> str:

@@ -140,6 +140,15 @@ def model_of(manifest: Mapping) -> nn.Module:
 # Stage directories
 
 
+def default_directory(stage: str, model: str, settings: Mapping, root="runs") -> pathlib.Path:
+    """``root/<stage>-<model>-<hash of settings>``: where a stage goes when not told, so the same
+    settings (which include the parent directory) find the same directory and others another."""
+    import hashlib
+    digest = hashlib.sha256(json.dumps(dict(settings), sort_keys=True, default=str).encode())
+    short = model.rpartition(":")[2].split("/")[-1].lower() or "model"
+    return pathlib.Path(root) / f"{stage}-{short}-{digest.hexdigest()[:8]}"
+
+
 def read_manifest(directory) -> dict:
     """The manifest of a stage directory.
 

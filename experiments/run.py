@@ -1,0 +1,114 @@
+"""Runs named pipelines — chains of `hoyertrim.pipeline` stages, one per reported result row —
+and writes ``results/pipelines/<name>.json``.
+
+    python experiments/run.py --list
+    python experiments/run.py ghs_lenet5 hs_lenet300100
+
+A pipeline is a config: a list of (stage, settings). Each stage goes to
+``runs/pipeline/<stage>-<model>-<hash of its settings and parent>``, so pipelines that share a
+prefix (the same dense model) share its directories, a rerun reuses finished stages and resumes
+interrupted training, and a changed setting gets a new directory. The last stage (the reported
+point) and the first (the dense reference) are evaluated once on the test set; the results file
+names every stage's directory (`hoyertrim.load` reads each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import common  # noqa: F401  (silences jaxopt's deprecation warning)
+from hoyertrim import pipeline
+
+DENSE_LENET300100 = ("train", {"model": "lenet300100", "epochs": 30})
+DENSE_LENET5 = ("train", {"model": "lenet5", "epochs": 20})
+
+CONFIGS: dict[str, list[tuple[str, dict]]] = {
+    # The quick start's chain: Net-Trim without fine-tune, then compaction.
+    "nettrim_lenet300100": [DENSE_LENET300100,
+                            ("nettrim", {"epsilon": 0.1, "scheme": "cascade"}),
+                            ("compact", {})],
+    # The compaction benchmark's models: DeepHoyer with a short (3-epoch) fine-tune.
+    "ghs_lenet5": [DENSE_LENET5,
+                   ("regularize", {"penalty": "group_hoyer_square", "strength": 1e-2,
+                                   "epochs": 30}),
+                   ("prune", {"rule": "std", "value": 0.1}),
+                   ("finetune", {"epochs": 3, "learning_rate": 3e-4}),
+                   ("compact", {})],
+    "hs_lenet300100": [DENSE_LENET300100,
+                       ("regularize", {"penalty": "hoyer_square", "strength": 1e-4,
+                                       "epochs": 100}),
+                       ("prune", {"rule": "std", "value": 0.1}),
+                       ("finetune", {"epochs": 3, "learning_rate": 3e-4}),
+                       ("compact", {})],
+}
+
+_STAGES = {"train": pipeline.train, "regularize": pipeline.regularize,
+           "prune": pipeline.prune, "finetune": pipeline.finetune,
+           "nettrim": pipeline.nettrim, "compact": pipeline.compact}
+
+
+def run(name: str, *, root="runs/pipeline", data_dir=None, progress=True,
+        results_dir="results/pipelines") -> dict:
+    """Runs pipeline ``name`` (a key of `CONFIGS`) and writes its results file."""
+    started = time.perf_counter()
+    parent, model, stages = None, None, []
+    for stage, settings in CONFIGS[name]:
+        model = settings.get("model", model)
+        key = {"stage": stage, "parent": None if parent is None else str(parent), **settings}
+        out = pipeline.default_directory(stage, model, key, root).absolute()
+        kwargs = dict(settings, data_dir=data_dir, command=["python", "experiments/run.py", name])
+        if stage in ("train", "regularize", "finetune", "nettrim"):
+            kwargs["progress"] = progress
+        if stage == "train":
+            result = pipeline.train(kwargs.pop("model"), out, **kwargs)
+        else:
+            result = _STAGES[stage](parent, out, **kwargs)
+        print(f"{name}: {stage} {'reused' if result.reused else 'wrote'} {result.directory}",
+              flush=True)
+        stages.append({"stage": stage, "settings": settings, "directory": str(result.directory),
+                       "results": {k: v for k, v in result.results.items() if k != "sparsity"}})
+        parent = result.directory
+    reference = stages[0]["directory"]
+    evaluated = [pipeline.evaluate(stages[-1]["directory"], data_dir=data_dir)]
+    if len(stages) > 1:
+        evaluated.insert(0, pipeline.evaluate(reference, data_dir=data_dir))
+    payload = {"name": name, "command": f"python experiments/run.py {name}",
+               "stages": stages, "test": evaluated,
+               "seconds_this_run": time.perf_counter() - started}
+    path = pathlib.Path(results_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    final = evaluated[-1]
+    print(f"{name}: test accuracy {100 * final['accuracy']:.2f}% (dense "
+          f"{100 * final.get('reference_accuracy', final['accuracy']):.2f}%); wrote {path}")
+    return payload
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("names", nargs="*", help="pipelines to run (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the pipelines and exit")
+    parser.add_argument("--root", default="runs/pipeline", help="where stage directories go")
+    parser.add_argument("--data-dir", default=None, help="data root holding mnist/")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in CONFIGS]
+    if args.list or not args.names or unknown:
+        if unknown:
+            print(f"unknown pipeline(s): {', '.join(unknown)}")
+        for name, stages in CONFIGS.items():
+            print(f"{name}: " + " → ".join(
+                f"{stage}({', '.join(f'{k}={v}' for k, v in settings.items())})"
+                for stage, settings in stages))
+        return 2 if unknown else 0
+    for name in args.names:
+        run(name, root=args.root, data_dir=args.data_dir, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
