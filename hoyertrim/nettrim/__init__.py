@@ -17,6 +17,7 @@ Modules, bottom to top:
   capture   finding a model's layers and recording their signals
   graph     what follows each layer (ReLU after folded affine steps, or not): which program
   network   `prune_network` (parallel / cascade), the checked certificate, save / load
+  peers     one-shot layer-wise peers as solvers: magnitude, Wanda, SparseGPT (also N:M)
 """
 
 from hoyertrim.nettrim.adapters import ConvAdapter, DenseAdapter, LayerAdapter, \
@@ -26,10 +27,11 @@ from hoyertrim.nettrim.capture import capture_layers
 from hoyertrim.nettrim.graph import Follower
 from hoyertrim.nettrim.network import CertificateError, PrunedNetwork, load_pruned, \
     prune_network, save_pruned
+from hoyertrim.nettrim import peers
 from hoyertrim.nettrim.problem import LayerSolution
 from hoyertrim.nettrim.search import KEPT_FRACTION_TOLERANCE, solve_layer
 
 __all__ = ["CertificateError", "ConvAdapter", "DenseAdapter", "Follower",
            "KEPT_FRACTION_TOLERANCE", "LayerAdapter", "LayerSolution", "PrunedNetwork",
-           "capture_layers", "load_pruned", "prune_network", "register_adapter", "save_pruned",
+           "capture_layers", "load_pruned", "peers", "prune_network", "register_adapter", "save_pruned",
            "solve_layer", "solve_layer_admm", "supported_types"]

@@ -167,8 +167,9 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
       max_rows: a layer with more signal rows (conv: images × positions) uses a random subset.
       batch_size: images per forward pass.
       key: PRNG key for the row subsets and the held-out split.
-      solver: `solve_layer`, or `solve_layer_admm` for Dense/Conv layers with bias and no
-        folding.
+      solver: `solve_layer`, `solve_layer_admm` (for Dense/Conv layers with bias and no
+        folding), or a one-shot peer from `peers` (``magnitude_layer``, ``wanda_layer``,
+        ``sparsegpt_layer``; with ``kept_fraction``, and ``nm=(N, M)`` for N:M patterns).
       devices: parallel scheme only: solve the (independent) layers concurrently, one worker per
         device (e.g. ``jax.devices()``); the result is the same as on one device. Default: one
         layer after another, each spread over all devices along its neurons.
@@ -326,6 +327,8 @@ def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsil
         extra["offset"] = offset
     if support is not None:
         extra["support"] = support
+    if getattr(solver, "uses_trained_weights", False):  # a one-shot peer (`peers`)
+        extra.update(trained_kernel=folded_kernel, trained_bias=folded_bias)
     if kept_fraction is not None:
         extra["kept_fraction"], mode = kept_fraction, "kept_fraction"
     else:
