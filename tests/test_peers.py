@@ -117,3 +117,30 @@ def test_sparsegpt_meets_the_layer_count_across_blocks(seed, kept, block_size):
     x, w = rng.normal(size=(50, 24)), rng.normal(size=(24, 6))
     kernel = peers.sparsegpt_kernel(x, w, kept_fraction=kept, block_size=block_size)
     assert np.count_nonzero(kernel) == round(kept * w.size)
+
+
+def test_nettrim_nm_recovers_a_planted_two_four_neuron_layer():
+    """y = relu(x·W*) with W* exactly 2:4: Net-Trim's N:M mode finds W*'s pattern and re-fits
+    the weights to (near) zero discrepancy."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    planted = rng.normal(size=(16, 3)) * peers.nm_mask(rng.random((16, 3)), 2, 4)
+    y = np.maximum(x @ planted, 0)
+    solution = nettrim.solve_layer_nm(x, y, nm=(2, 4), fit_bias=False, maxiter=2000, tol=1e-7)
+    kernel = solution.kernel
+    assert np.all((kernel != 0).reshape(4, 4, 3).sum(axis=1) <= 2)
+    np.testing.assert_array_equal(kernel != 0, planted != 0)
+    assert solution.discrepancy < 1e-2
+
+
+def test_nettrim_nm_through_prune_network():
+    rng = np.random.default_rng(5)
+    images = rng.normal(size=(300, 4, 4, 2)).astype(np.float32)
+    model = _MLP()
+    params = model.init(jax.random.PRNGKey(1), images[:1])["params"]
+    pruned = nettrim.prune_network(model, params, images, kept_fraction=0.5, nm=(2, 4),
+                                   solver=nettrim.solve_layer_nm, heldout=0, progress=False)
+    kernel = np.asarray(pruned.params["Dense_0"]["kernel"])
+    assert np.all((kernel != 0).reshape(8, 4, 24).sum(axis=1) <= 2)
+    for layer in pruned.layers.values():
+        assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4) + 1e-6

@@ -29,9 +29,9 @@ from hoyertrim.nettrim.network import CertificateError, PrunedNetwork, load_prun
     prune_network, save_pruned
 from hoyertrim.nettrim import peers
 from hoyertrim.nettrim.problem import LayerSolution
-from hoyertrim.nettrim.search import KEPT_FRACTION_TOLERANCE, solve_layer
+from hoyertrim.nettrim.search import KEPT_FRACTION_TOLERANCE, solve_layer, solve_layer_nm
 
 __all__ = ["CertificateError", "ConvAdapter", "DenseAdapter", "Follower",
            "KEPT_FRACTION_TOLERANCE", "LayerAdapter", "LayerSolution", "PrunedNetwork",
            "capture_layers", "load_pruned", "peers", "prune_network", "register_adapter", "save_pruned",
-           "solve_layer", "solve_layer_admm", "supported_types"]
+           "solve_layer", "solve_layer_admm", "solve_layer_nm", "supported_types"]

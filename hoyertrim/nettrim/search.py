@@ -286,3 +286,65 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
         presolve_iterations=presolve_iterations,
         lam_path=tuple({"lam": float(r["lam"]), "discrepancy": float(r["error"] / y_norm),
                         "kept_fraction": float(r["kept"])} for r in found.solves))
+
+
+def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bias=None,
+                   support=None, kept_fraction=None, relu: bool = True, v=None,
+                   fit_bias: bool = True, offset=None, maxiter: int = 300, tol: float = 1e-4,
+                   refit_maxiter: int = 2000, refit_lam: float = 1e-6, shard: bool = True,
+                   **options) -> LayerSolution:
+    """Net-Trim with an N:M pattern: every M consecutive inputs of an output unit keep at most N
+    weights (the 2:4 pattern sparse tensor cores run).
+
+    Net-Trim at kept fraction N/M (within ``support``) says which weights matter; each group
+    keeps its N largest |weights| of that solution (ties broken by the trained weights); then
+    the weights on that pattern are re-fit under Net-Trim's constraints (active outputs matched,
+    inactive ones held ≤ v) at a negligible ℓ1 weight (``refit_lam`` × the λ that prunes
+    everything), which removes the ℓ1 shrinkage of the first solve instead of only masking it.
+    Certified at the discrepancy it reaches, like the kept-fraction mode.
+
+    Args:
+      nm: (N, M); the layer's input count must be a multiple of M.
+      trained_kernel: (N_in, M_out) the trained weights (tie-breaks among zeros of the first
+        solve); `network.prune_network` passes it.
+      trained_bias, kept_fraction: ignored (prune_network passes them; the pattern fixes the
+        kept fraction).
+      refit_maxiter: FISTA iterations of the re-fit (a least-squares-like problem converges
+        slower than a strongly regularized one).
+      relu, v, fit_bias, offset, maxiter, tol, shard, options: as in `solve_layer`.
+    """
+    from hoyertrim.nettrim.peers import nm_mask
+    n, m = nm
+    if not 0 < n <= m:
+        raise ValueError(f"N:M needs 0 < N ≤ M, got {n}:{m}.")
+    x = np.asarray(x)
+    if x.shape[1] % m:
+        raise ValueError(f"N:M groups M consecutive inputs; this layer has {x.shape[1]} inputs, "
+                         f"not a multiple of M = {m}.")
+    started = time.perf_counter()
+    allowed = np.ones((x.shape[1], np.shape(y)[1]), bool) if support is None \
+        else np.asarray(support, bool)
+    common = dict(relu=relu, v=v, fit_bias=fit_bias, offset=offset)
+    first = solve_layer(x, y, kept_fraction=n / m, support=allowed, maxiter=maxiter, tol=tol,
+                        shard=shard, **common, **options)
+    scores = np.abs(first.kernel) + 1e-9 * (0 if trained_kernel is None
+                                            else np.abs(np.asarray(trained_kernel)))
+    pattern = nm_mask(np.where(allowed, scores, -np.inf), n, m) & allowed
+    data = layer_data(x, y, support=pattern, **common)
+    problem = NormalizedLayer(data, shard=shard, init_kernel=np.where(pattern, first.kernel, 0),
+                              init_bias=first.bias if fit_bias else None)
+    best = _solve(problem, refit_lam * problem.lam_max, problem.start, refit_maxiter, tol)
+    kernel, bias = problem.split(best["u_real"])
+    discrepancy = best["error"] / data.y_norm
+    return LayerSolution(
+        kernel=kernel, bias=bias, discrepancy=discrepancy, epsilon=discrepancy * (1 + 1e-3),
+        feasible=True, lam=best["lam"], iterations=first.iterations + best["iterations"],
+        converged=best["gap"] <= options.get("gap_tol", 0.05), duality_gap=best["gap"],
+        inactive_violation=best["violation"] / data.y_norm,
+        kept_fraction=float(np.count_nonzero(kernel) / allowed.sum()), solves=first.solves + 1,
+        seconds=time.perf_counter() - started, presolve_iterations=first.presolve_iterations,
+        lam_path=first.lam_path + ({"lam": best["lam"], "discrepancy": discrepancy,
+                                    "kept_fraction": best["kept"]},))
+
+
+solve_layer_nm.uses_trained_weights = True
