@@ -27,7 +27,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
+        if (action.default is not None and action.default is not False
+                and action.default != argparse.SUPPRESS and "%(default)" not in text
                 and action.option_strings):
             text += " (default: %(default)s)"
         return text
@@ -52,6 +53,16 @@ def _fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
+
+
+def _nm(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:M like 2:4, got {text}") from None
+    if not 0 < n <= m:
+        raise argparse.ArgumentTypeError(f"N:M needs 0 < N ≤ M, got {text}")
+    return n, m
 
 
 def _positive_int(text: str) -> int:
@@ -175,25 +186,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "stage, usually the dense model)")
     _common(p, training=True)
 
-    p = command("nettrim", "Net-Trim: certified layer-wise convex pruning, no retraining")
-    p.add_argument("parent", help="trained stage directory")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--epsilon", type=_fraction, default=0.1,
-                        help="relative discrepancy ε per layer (the cascade's first layer; later "
-                             "ones get √γ × what the pruned layers before leave)")
-    target.add_argument("--kept-fraction", type=_fraction, default=None,
-                        help="fraction of each layer's weights to keep, instead of ε")
-    p.add_argument("--scheme", choices=["parallel", "cascade"], default="cascade",
-                   help="parallel: layers independent; cascade: each sees the pruned ones "
-                        "before it")
-    p.add_argument("--samples", type=_positive_int, default=5000,
-                   help="training images that define the problems")
-    p.add_argument("--heldout", type=int, default=1000,
-                   help="validation images the certificates are measured on (0: none)")
-    p.add_argument("--maxiter", type=_positive_int, default=300,
-                   help="FISTA iterations per solve")
-    p.add_argument("--seed", type=int, default=0, help="seeds row subsets of large layers")
-    _common(p)
+    for name, help_text in (
+            ("nettrim", "Net-Trim: certified layer-wise convex pruning, no retraining"),
+            ("oneshot", "one-shot layer-wise peers (SparseGPT, Wanda, magnitude) on the same "
+                        "calibration images, with the same checked per-layer report")):
+        p = command(name, help_text)
+        p.add_argument("parent", help="trained stage directory")
+        if name == "oneshot":
+            p.add_argument("--method", choices=["sparsegpt", "wanda", "magnitude"],
+                           default="sparsegpt", help="which peer")
+        target = p.add_mutually_exclusive_group(required=name == "oneshot")
+        if name == "nettrim":
+            target.add_argument("--epsilon", type=_fraction, default=0.1,
+                                help="relative discrepancy ε per layer (the cascade's first "
+                                     "layer; later ones get √γ × what the pruned layers "
+                                     "before leave)")
+        target.add_argument("--kept-fraction", type=_fraction, default=None,
+                            help="fraction of each layer's weights to keep"
+                                 + (", instead of ε" if name == "nettrim" else ""))
+        target.add_argument("--nm", type=_nm, default=None,
+                            help="N:M pattern, e.g. 2:4 (layers whose input count is a "
+                                 "multiple of M)")
+        p.add_argument("--scheme", choices=["parallel", "cascade"], default="cascade",
+                       help="parallel: layers independent; cascade: each sees the pruned ones "
+                            "before it")
+        p.add_argument("--samples", type=_positive_int, default=5000,
+                       help="training images that define the problems")
+        p.add_argument("--heldout", type=int, default=1000,
+                       help="validation images the discrepancies are measured on (0: none)")
+        if name == "nettrim":
+            p.add_argument("--maxiter", type=_positive_int, default=300,
+                           help="FISTA iterations per solve")
+        p.add_argument("--seed", type=int, default=0, help="seeds row subsets of large layers")
+        _common(p)
 
     p = command("compact", "remove dead units and store the smaller arrays compressed")
     p.add_argument("parent", help="pruned stage directory")
@@ -291,12 +316,14 @@ def _run(args, command_line) -> int:
             args.parent, out, epochs=args.epochs, learning_rate=args.learning_rate,
             batch_size=args.batch_size, weight_decay=args.weight_decay, distill=args.distill,
             teacher=args.teacher, seed=args.seed, progress=progress, **common)
-    elif args.command == "nettrim":
+    elif args.command in ("nettrim", "oneshot"):
+        explicit = args.kept_fraction is not None or args.nm is not None
         result = pipeline.nettrim(
-            args.parent, out, epsilon=None if args.kept_fraction is not None else args.epsilon,
-            kept_fraction=args.kept_fraction, scheme=args.scheme, samples=args.samples,
-            heldout=args.heldout, maxiter=args.maxiter, seed=args.seed, progress=progress,
-            **common)
+            args.parent, out, epsilon=None if explicit else getattr(args, "epsilon", None),
+            kept_fraction=args.kept_fraction, nm=args.nm,
+            method=getattr(args, "method", "nettrim"), scheme=args.scheme,
+            samples=args.samples, heldout=args.heldout, maxiter=getattr(args, "maxiter", 300),
+            seed=args.seed, progress=progress, **common)
     else:
         result = pipeline.compact(args.parent, out, **common)
     print(_headline(result))

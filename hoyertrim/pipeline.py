@@ -661,20 +661,40 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
     return _result(stage)
 
 
+ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
 def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float | None = None,
+            nm: tuple[int, int] | None = None, method: str = "nettrim",
             scheme: str = "cascade", samples: int = 5000, heldout: int = 1000,
             maxiter: int = 300, seed: int = 0, data_dir=None, progress=True,
             command=None) -> StageResult:
-    """Net-Trim (`nettrim.prune_network`) of the parent network from ``samples`` training
-    images, its certificates checked on them and measured on ``heldout`` validation images."""
+    """Layer-wise pruning of the parent network from ``samples`` training images, each layer's
+    discrepancy checked by a forward pass on them and measured on ``heldout`` validation images.
+
+    Args:
+      epsilon / kept_fraction / nm: Net-Trim's ε, or a kept fraction per layer, or an N:M
+        pattern (then only the layers whose input count is a multiple of M are pruned).
+      method: ``"nettrim"`` (`nettrim.solve_layer`; N:M: `solve_layer_nm`) or a one-shot peer
+        (``"sparsegpt"``, ``"wanda"``, ``"magnitude"``: `nettrim.peers`; kept fraction or N:M
+        only). A peer's stage is called ``oneshot``.
+      scheme: ``"parallel"`` or ``"cascade"`` (for the peers: sequential, as their papers run).
+    """
     from hoyertrim import nettrim as nettrim_lib
+    from hoyertrim.nettrim import peers
     from hoyertrim.train import mode_kwargs
-    if (epsilon is None) == (kept_fraction is None):
-        raise StageError("Give exactly one of --epsilon and --kept-fraction.")
-    if epsilon is not None and not 0 < epsilon < 1:
-        raise StageError(f"ε must be in (0, 1), got {epsilon}.")
+    if method not in ("nettrim", *ONESHOT_METHODS):
+        raise StageError(f"Unknown method {method!r}; choose nettrim, "
+                         f"{', '.join(ONESHOT_METHODS)}.")
+    if sum(v is not None for v in (epsilon, kept_fraction, nm)) != 1:
+        raise StageError("Give exactly one of --epsilon, --kept-fraction and --nm.")
+    if epsilon is not None and (method != "nettrim" or not 0 < epsilon < 1):
+        raise StageError(f"ε must be in (0, 1), got {epsilon}." if method == "nettrim" else
+                         f"{method} prunes to a kept fraction or N:M, not to an ε.")
     if kept_fraction is not None and not 0 < kept_fraction <= 1:
         raise StageError(f"The kept fraction must be in (0, 1], got {kept_fraction}.")
+    if nm is not None and not (len(nm) == 2 and 0 < nm[0] <= nm[1]):
+        raise StageError(f"N:M needs 0 < N ≤ M, got {nm}.")
     if scheme not in ("parallel", "cascade"):
         raise StageError(f"scheme must be 'parallel' or 'cascade', got {scheme!r}.")
     if samples < 1 or heldout < 0 or maxiter < 1:
@@ -682,8 +702,26 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
     parent_manifest, model, loaded = _parent(parent)
     config = dict(epsilon=epsilon, kept_fraction=kept_fraction, scheme=scheme, samples=samples,
                   heldout=heldout, maxiter=maxiter, seed=seed)
-    manifest = _manifest("nettrim", config, parent=parent_manifest, parent_dir=parent,
+    if nm is not None:
+        config["nm"] = list(nm)
+    if method != "nettrim":
+        config["method"] = method
+    stage_name = "nettrim" if method == "nettrim" else "oneshot"
+    manifest = _manifest(stage_name, config, parent=parent_manifest, parent_dir=parent,
                          command=command)
+    solver = {"nettrim": nettrim_lib.solve_layer_nm if nm else nettrim_lib.solve_layer,
+              "sparsegpt": peers.sparsegpt_layer, "wanda": peers.wanda_layer,
+              "magnitude": peers.magnitude_layer}[method]
+    options, layers = {}, None
+    if nm is not None:
+        options = {"nm": tuple(nm)}
+        kept_fraction = nm[0] / nm[1]
+        layers = [name for name, kernel in _kernels(loaded.params).items()
+                  if int(np.prod(kernel.shape[:-1])) % nm[1] == 0]
+        if not layers:
+            raise StageError(f"No layer has an input count that is a multiple of {nm[1]}.")
+    if method == "nettrim" and nm is None:
+        options["maxiter"] = maxiter
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
@@ -694,16 +732,27 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         started = time.perf_counter()
         pruned = nettrim_lib.prune_network(
             model, variables, data.train.images[:samples], epsilon=epsilon,
-            kept_fraction=kept_fraction, scheme=scheme,
+            kept_fraction=kept_fraction, scheme=scheme, solver=solver, layers=layers,
             heldout=data.validation.images[:heldout] if heldout else 0,
-            apply_kwargs=mode_kwargs(model, False), maxiter=maxiter,
-            key=jax.random.PRNGKey(seed), progress=progress)
+            apply_kwargs=mode_kwargs(model, False), key=jax.random.PRNGKey(seed),
+            progress=progress, **options)
         seconds = time.perf_counter() - started
         _save_network(stage.out, pruned.params, pruned.masks, loaded.model_state)
         layers = {name: {k: v for k, v in layer.items()} for name, layer in pruned.layers.items()}
         stage.finish(_summary(model, pruned.params, loaded.model_state, data, {
             "layers": layers, "heldout": pruned.heldout, "solve_seconds": seconds}))
     return _result(stage)
+
+
+def _kernels(params, prefix="") -> dict:
+    """{layer path: kernel} of a params tree."""
+    found = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            if "kernel" in value and not isinstance(value["kernel"], Mapping):
+                found[f"{prefix}{key}"] = np.asarray(value["kernel"])
+            found.update(_kernels(value, f"{prefix}{key}/"))
+    return found
 
 
 def compact(parent, out, *, data_dir=None, command=None) -> StageResult:

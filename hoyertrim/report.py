@@ -47,9 +47,16 @@ def stage_label(manifest: dict) -> str:
         return f"pruned ({config['rule'].replace('_', ' ')} {config['value']:g})"
     if stage == "finetune":
         return "fine-tuned" + (" (distilled)" if config.get("distill") else "")
-    if stage == "nettrim":
-        target = (f"ε={config['epsilon']:g}" if config.get("epsilon") is not None
-                  else f"kept {100 * config['kept_fraction']:g}%")
+    if stage in ("nettrim", "oneshot"):
+        if config.get("nm"):
+            target = "{}:{}".format(*config["nm"])
+        elif config.get("epsilon") is not None:
+            target = f"ε={config['epsilon']:g}"
+        else:
+            target = f"kept {100 * config['kept_fraction']:g}%"
+        names = {"sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "magnitude"}
+        if stage == "oneshot":
+            return f"{names[config['method']]} {target}"
         return f"Net-Trim {config['scheme']} {target}"
     return "compact"
 
@@ -192,7 +199,7 @@ def _figures(paths, manifests, out, plt) -> dict[str, str]:
         ax.grid(alpha=0.3, which="both")
         figures["accuracy_vs_kept"] = _save(fig, out, "accuracy_vs_kept.png", plt)
 
-    trimmed = [p for p in paths if manifests[p]["stage"] == "nettrim"][:3]
+    trimmed = [p for p in paths if manifests[p]["stage"] in ("nettrim", "oneshot")][:3]
     if trimmed:
         fig, axes = plt.subplots(1, len(trimmed), figsize=(4.2 * len(trimmed), 3.4),
                                  squeeze=False)
@@ -306,7 +313,7 @@ def _markdown(paths, manifests, figures) -> str:
                  "else on the validation split.")
     for path in paths:
         manifest = manifests[path]
-        if manifest["stage"] != "nettrim":
+        if manifest["stage"] not in ("nettrim", "oneshot"):
             continue
         results = manifest["results"]
         lines += ["", f"## {stage_label(manifest)} (`{path.name}`)", "",

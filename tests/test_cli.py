@@ -226,3 +226,28 @@ def test_import_weights_trained_elsewhere(tmp_path, capsys, tiny_data_root, form
                          '{"width": 5}', "--out", str(tmp_path / "wrong"), *data)
     assert status == 1 and "do not fit" in err and "Conv_0/kernel" in err
     assert not (tmp_path / "wrong").exists()
+
+
+def test_oneshot_peers_and_nm_through_the_command(chain, capsys, tiny_data_root):
+    data = ["--data-dir", str(tiny_data_root), "--no-progress", "--samples", "600",
+            "--heldout", "100"]
+    assert cli.main(["oneshot", str(chain / "dense"), "--method", "sparsegpt", "--nm", "2:4",
+                     "--out", str(chain / "sparsegpt24"), *data]) == 0
+    manifest = pipeline.read_manifest(chain / "sparsegpt24")
+    assert manifest["stage"] == "oneshot" and manifest["config"]["nm"] == [2, 4]
+    params = hoyertrim.load(chain / "sparsegpt24").params
+    # Conv_0's 3·3·1 = 9 inputs are no multiple of 4: left dense, the others 2:4.
+    assert set(manifest["results"]["layers"]) == {"Dense_0", "Dense_1"}
+    assert np.all(np.asarray(params["Conv_0"]["kernel"]) != 0)
+    dense0 = np.asarray(params["Dense_0"]["kernel"])
+    assert np.all((dense0 != 0).reshape(-1, 4, dense0.shape[1]).sum(axis=1) <= 2)
+    assert cli.main(["oneshot", str(chain / "dense"), "--method", "wanda", "--kept-fraction",
+                     "0.3", "--out", str(chain / "wanda30"), *data]) == 0
+    for layer in pipeline.read_manifest(chain / "wanda30")["results"]["layers"].values():
+        assert layer["kept_fraction"] == pytest.approx(0.3, abs=0.01)
+        assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4) + 1e-6
+    with pytest.raises(SystemExit) as exit_info:  # a peer needs a kept fraction or N:M
+        cli.main(["oneshot", str(chain / "dense"), "--method", "wanda", "--out",
+                  str(chain / "none"), *data])
+    assert exit_info.value.code == 2 and "one of the arguments" in capsys.readouterr().err
+    assert not (chain / "none").exists()
