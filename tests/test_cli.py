@@ -244,7 +244,8 @@ def test_oneshot_peers_and_nm_through_the_command(chain, capsys, tiny_data_root)
     assert cli.main(["oneshot", str(chain / "dense"), "--method", "wanda", "--kept-fraction",
                      "0.3", "--out", str(chain / "wanda30"), *data]) == 0
     for layer in pipeline.read_manifest(chain / "wanda30")["results"]["layers"].values():
-        assert layer["kept_fraction"] == pytest.approx(0.3, abs=0.01)
+        # Wanda keeps round(0.3·inputs) per output unit: Conv_0 has 9 inputs, so 3.
+        assert layer["kept_fraction"] == pytest.approx(0.3, abs=0.04)
         assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4) + 1e-6
     with pytest.raises(SystemExit) as exit_info:  # a peer needs a kept fraction or N:M
         cli.main(["oneshot", str(chain / "dense"), "--method", "wanda", "--out",
