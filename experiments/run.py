@@ -7,9 +7,9 @@ and writes ``results/pipelines/<name>.json``.
 A pipeline is a config: a list of (stage, settings). Each stage goes to
 ``runs/pipeline/<stage>-<model>-<hash of its settings and parent>``, so pipelines that share a
 prefix (the same dense model) share its directories, a rerun reuses finished stages and resumes
-interrupted training, and a changed setting gets a new directory. The last stage (the reported
-point) and the first (the dense reference) are evaluated once on the test set; the results file
-names every stage's directory (`hoyertrim.load` reads each).
+interrupted training, and a changed setting gets a new directory. The dense reference and every
+pruned network of the chain are evaluated once on the test set; the results file names every
+stage's directory (`hoyertrim.load` reads each).
 """
 
 from __future__ import annotations
@@ -45,6 +45,31 @@ CONFIGS: dict[str, list[tuple[str, dict]]] = {
                        ("compact", {})],
 }
 
+# Net-Trim's RQ5: the same architecture (784-300-1000-100-10) trained plain, with dropout, and
+# with L1 or Hoyer-Square added for 30 more epochs; then Net-Trim cascade ε = 0.1, no fine-tune.
+DENSE_FC = ("train", {"model": "nettrim_fc", "epochs": 30})
+NETTRIM_FC = ("nettrim", {"epsilon": 0.1, "scheme": "cascade"})
+CONFIGS.update({
+    "regnets_plain": [DENSE_FC, NETTRIM_FC],
+    "regnets_dropout": [("train", {"model": "nettrim_fc", "model_kwargs": {"dropout_rate": 0.3},
+                                   "epochs": 30}), NETTRIM_FC],
+    "regnets_l1": [DENSE_FC, ("regularize", {"penalty": "l1", "strength": 2e-5, "epochs": 30}),
+                   NETTRIM_FC],
+    "regnets_hs": [DENSE_FC, ("regularize", {"penalty": "hoyer_square", "strength": 1e-4,
+                                             "epochs": 30}), NETTRIM_FC],
+})
+
+# The flagship ("hoyertrim"): DeepHoyer's HS training and pruning, then Net-Trim's certified
+# re-fit of what survived (cascade, keeping HS's zeros), then a short distilled fine-tune.
+HS_PRUNED_LENET300100 = CONFIGS["hs_lenet300100"][:3]
+for _epsilon in (0.05, 0.1, 0.2, 0.3):
+    CONFIGS[f"hoyertrim_lenet300100_eps{_epsilon:g}"] = HS_PRUNED_LENET300100 + [
+        ("nettrim", {"epsilon": _epsilon, "scheme": "cascade", "within_nonzeros": True}),
+        ("finetune", {"epochs": 30, "learning_rate": 3e-4, "distill": True}),
+        ("compact", {})]
+CONFIGS["hs_distill_lenet300100"] = HS_PRUNED_LENET300100 + [
+    ("finetune", {"epochs": 30, "learning_rate": 3e-4, "distill": True})]
+
 _STAGES = {"train": pipeline.train, "regularize": pipeline.regularize,
            "prune": pipeline.prune, "finetune": pipeline.finetune,
            "nettrim": pipeline.nettrim, "compact": pipeline.compact}
@@ -71,10 +96,11 @@ def run(name: str, *, root="runs/pipeline", data_dir=None, progress=True,
         stages.append({"stage": stage, "settings": settings, "directory": str(result.directory),
                        "results": {k: v for k, v in result.results.items() if k != "sparsity"}})
         parent = result.directory
-    reference = stages[0]["directory"]
-    evaluated = [pipeline.evaluate(stages[-1]["directory"], data_dir=data_dir)]
-    if len(stages) > 1:
-        evaluated.insert(0, pipeline.evaluate(reference, data_dir=data_dir))
+    # The test set, once per reported point: the dense reference and every pruned network (a
+    # compact stage computes its parent's function, checked when it was written).
+    evaluated = [pipeline.evaluate(stage["directory"], data_dir=data_dir) for index, stage
+                 in enumerate(stages) if index == 0 or stage["stage"] in (
+                     "prune", "nettrim", "oneshot", "finetune")]
     payload = {"name": name, "command": f"python experiments/run.py {name}",
                "stages": stages, "test": evaluated,
                "seconds_this_run": time.perf_counter() - started}

@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scheme", choices=["parallel", "cascade"], default="cascade",
                        help="parallel: layers independent; cascade: each sees the pruned ones "
                             "before it")
+        p.add_argument("--within-nonzeros", action="store_true",
+                       help="keep the parent's zeros: re-fit each layer on its nonzeros only")
         p.add_argument("--samples", type=_positive_int, default=5000,
                        help="training images that define the problems")
         p.add_argument("--heldout", type=int, default=1000,
@@ -322,6 +324,7 @@ def _run(args, command_line) -> int:
             args.parent, out, epsilon=None if explicit else getattr(args, "epsilon", None),
             kept_fraction=args.kept_fraction, nm=args.nm,
             method=getattr(args, "method", "nettrim"), scheme=args.scheme,
+            within_nonzeros=args.within_nonzeros,
             samples=args.samples, heldout=args.heldout, maxiter=getattr(args, "maxiter", 300),
             seed=args.seed, progress=progress, **common)
     else:

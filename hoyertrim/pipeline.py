@@ -666,7 +666,7 @@ ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
 
 def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float | None = None,
             nm: tuple[int, int] | None = None, method: str = "nettrim",
-            scheme: str = "cascade", samples: int = 5000, heldout: int = 1000,
+            within_nonzeros: bool = False, scheme: str = "cascade", samples: int = 5000, heldout: int = 1000,
             maxiter: int = 300, seed: int = 0, data_dir=None, progress=True,
             command=None) -> StageResult:
     """Layer-wise pruning of the parent network from ``samples`` training images, each layer's
@@ -678,6 +678,8 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
       method: ``"nettrim"`` (`nettrim.solve_layer`; N:M: `solve_layer_nm`) or a one-shot peer
         (``"sparsegpt"``, ``"wanda"``, ``"magnitude"``: `nettrim.peers`; kept fraction or N:M
         only). A peer's stage is called ``oneshot``.
+      within_nonzeros: re-fit each layer on its current nonzeros only (a network pruned
+        before, e.g. by DeepHoyer, only gets sparser).
       scheme: ``"parallel"`` or ``"cascade"`` (for the peers: sequential, as their papers run).
     """
     from hoyertrim import nettrim as nettrim_lib
@@ -706,6 +708,8 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         config["nm"] = list(nm)
     if method != "nettrim":
         config["method"] = method
+    if within_nonzeros:
+        config["within_nonzeros"] = True
     stage_name = "nettrim" if method == "nettrim" else "oneshot"
     manifest = _manifest(stage_name, config, parent=parent_manifest, parent_dir=parent,
                          command=command)
@@ -735,7 +739,7 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             kept_fraction=kept_fraction, scheme=scheme, solver=solver, layers=layers,
             heldout=data.validation.images[:heldout] if heldout else 0,
             apply_kwargs=mode_kwargs(model, False), key=jax.random.PRNGKey(seed),
-            progress=progress, **options)
+            progress=progress, within_nonzeros=within_nonzeros, **options)
         seconds = time.perf_counter() - started
         _save_network(stage.out, pruned.params, pruned.masks, loaded.model_state)
         layers = {name: {k: v for k, v in layer.items()} for name, layer in pruned.layers.items()}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hoyertrim import nettrim
+from hoyertrim import masks, nettrim
 from hoyertrim.models import MLP
 
 
@@ -253,7 +253,7 @@ _SHARDED_SCRIPT = """
 import json, sys, warnings
 warnings.filterwarnings("ignore")
 import jax, numpy as np
-from hoyertrim import nettrim
+from hoyertrim import masks, nettrim
 rng = np.random.default_rng(0)
 x = rng.normal(size=(200, 20)).astype(np.float32)
 y = np.maximum(x @ (rng.normal(size=(20, 7)) * (rng.random((20, 7)) < 0.3)), 0).astype(np.float32)
@@ -301,7 +301,7 @@ _DEVICES_SCRIPT = """
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import jax, numpy as np
-from hoyertrim import nettrim
+from hoyertrim import masks, nettrim
 from hoyertrim.models import MLP
 model = MLP(hidden=(24, 16), num_classes=5, input_shape=(12,))
 params = model.init(jax.random.PRNGKey(0), np.zeros((1, 12), np.float32))["params"]
@@ -334,3 +334,20 @@ def test_devices_only_for_the_parallel_scheme():
     with pytest.raises(ValueError, match="only the parallel scheme"):
         nettrim.prune_network(model, params, images, epsilon=0.1, scheme="cascade",
                               devices=jax.devices())
+
+
+def test_within_nonzeros_only_makes_a_pruned_network_sparser():
+    model, params, images = _small_net()
+    pruned_before = masks.apply_masks(params, masks.magnitude_masks(params, 0.6))
+    refit = nettrim.prune_network(model, pruned_before, images, epsilon=0.05, scheme="cascade",
+                                  within_nonzeros=True, heldout=0, progress=False)
+    free = nettrim.prune_network(model, pruned_before, images, epsilon=0.05, scheme="cascade",
+                                 heldout=0, progress=False)
+    for name in refit.params:
+        before = np.asarray(pruned_before[name]["kernel"]) != 0
+        after = np.asarray(refit.params[name]["kernel"]) != 0
+        assert not np.any(after & ~before)  # no pruned weight comes back
+        assert refit.layers[name]["measured"] <= refit.layers[name]["epsilon"] * (1 + 1e-4)
+    # Without the constraint the re-fit is free to use weights the magnitude rule removed.
+    assert any(np.any((np.asarray(free.params[n]["kernel"]) != 0)
+                      & (np.asarray(pruned_before[n]["kernel"]) == 0)) for n in free.params)

@@ -140,7 +140,7 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
                   apply_kwargs: Mapping | None = None, heldout=0.1, max_rows: int = 20000,
                   batch_size: int = 1000, key=None, solver: Callable = solve_layer,
                   devices: Sequence[jax.Device] | None = None, progress: bool = True,
-                  **solver_kwargs) -> PrunedNetwork:
+                  within_nonzeros: bool = False, **solver_kwargs) -> PrunedNetwork:
     """Net-Trim over a Flax model's Dense/Conv layers (and any registered layer type).
 
     Args:
@@ -174,6 +174,9 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         device (e.g. ``jax.devices()``); the result is the same as on one device. Default: one
         layer after another, each spread over all devices along its neurons.
       progress: progress bars (layers; each layer's λ search).
+      within_nonzeros: keep every pruned weight at zero: each layer is re-fit on the support of
+        its current nonzeros (e.g. a network already pruned by DeepHoyer), so it only gets
+        sparser.
       **solver_kwargs: passed to the solver.
 
     Returns:
@@ -221,7 +224,8 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         inputs, z = original[name]
         return _prune_layer(
             found[name], layer_variables(params, name), followers[name], inputs, x_hat, z,
-            rows[name], epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma, solver=solver,
+            rows[name], epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma,
+            solver=solver, within_nonzeros=within_nonzeros,
             solver_kwargs={**solver_kwargs, **extra, **(
                 {"progress": inner_progress} if solver is solve_layer else {})})
 
@@ -293,11 +297,13 @@ def _split_heldout(images, heldout, key):
 
 
 def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsilon,
-                 kept_fraction, gamma, solver, solver_kwargs):
+                 kept_fraction, gamma, solver, solver_kwargs, within_nonzeros=False):
     adapter, module = layer.adapter, layer.module
     kernel = adapter.matrix(module, layer_params).astype(np.float64)
     bias = adapter.bias(module, layer_params)
     support = adapter.support(module, layer_params)
+    if within_nonzeros:
+        support = (kernel != 0) if support is None else (support & (kernel != 0))
     num_outputs = kernel.shape[1]
     z_rows = np.asarray(z).reshape(-1, num_outputs)
     z_rows = z_rows if rows is None else z_rows[rows]
