@@ -17,7 +17,7 @@ def _planted(seed, n, s, p):
 
 
 @pytest.mark.parametrize("seed, n, s, p", [
-    (0, 30, 3, 12), (2, 25, 5, 10),
+    (0, 30, 3, 12), pytest.param(2, 25, 5, 10, marks=pytest.mark.slow),
     pytest.param(1, 40, 4, 30, marks=pytest.mark.slow),
     pytest.param(3, 20, 2, 40, marks=pytest.mark.slow)])
 def test_relu_program_matches_cvxpy(seed, n, s, p):
@@ -38,7 +38,8 @@ def test_relu_program_matches_cvxpy(seed, n, s, p):
     assert np.all(x[~active] @ got <= 1e-7)
 
 
-@pytest.mark.parametrize("seed, n, s, p", [(4, 30, 3, 10), (5, 40, 6, 25)])
+@pytest.mark.parametrize("seed, n, s, p", [(4, 30, 3, 10),
+                                           pytest.param(5, 40, 6, 25, marks=pytest.mark.slow)])
 def test_basis_pursuit_matches_cvxpy(seed, n, s, p):
     x, planted = _planted(seed, n, s, p)
     y = x @ planted

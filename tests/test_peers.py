@@ -71,9 +71,12 @@ class _MLP(nn.Module):
         return nn.Dense(8)(x)
 
 
-@pytest.mark.parametrize("solver", [peers.magnitude_layer, peers.wanda_layer,
-                                    peers.sparsegpt_layer])
-@pytest.mark.parametrize("scheme", ["parallel", "cascade"])
+@pytest.mark.parametrize("solver, scheme", [
+    (peers.sparsegpt_layer, "cascade"), (peers.wanda_layer, "parallel"),
+    pytest.param(peers.magnitude_layer, "parallel", marks=pytest.mark.slow),
+    pytest.param(peers.sparsegpt_layer, "parallel", marks=pytest.mark.slow),
+    pytest.param(peers.wanda_layer, "cascade", marks=pytest.mark.slow),
+    pytest.param(peers.magnitude_layer, "cascade", marks=pytest.mark.slow)])
 def test_peers_run_through_prune_network_with_checked_reports(solver, scheme):
     rng = np.random.default_rng(2)
     images = rng.normal(size=(300, 4, 4, 2)).astype(np.float32)
