@@ -178,6 +178,7 @@ def plot(payload, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     colors = dict(zip(METHODS, ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#7f7f7f")))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
     for ax, key, title in ((axes[0], "test_accuracy", "no fine-tune"),
@@ -194,6 +195,9 @@ def plot(payload, path):
         ax.axhline(payload["dense_test_accuracy"], color="black", lw=0.8, ls="--",
                    label="dense")
         ax.set_xscale("log")
+        ax.set_xticks([5, 10, 20, 30, 50])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("weights kept (%)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{payload['model']}, {title}")
