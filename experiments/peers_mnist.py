@@ -88,7 +88,7 @@ def main(argv=None):
     dense_dir = dense_stage(args)
     dense = pipeline.load(dense_dir)
     model, params = dense.model, dense.params
-    dataset = pipeline._load_data(dense.manifest, args.data_dir)
+    dataset = pipeline.load_data(dense.manifest, args.data_dir)
     calibration = dataset.train.images[:args.samples]
     heldout = dataset.validation.images[:1000]
 

@@ -2,7 +2,6 @@
 (`tiny_data_root`) and a model defined in a user's own file."""
 
 import json
-import pathlib
 import subprocess
 import sys
 import textwrap

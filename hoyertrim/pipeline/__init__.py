@@ -1,0 +1,37 @@
+"""The pruning pipeline as stages over directories: what the ``hoyertrim`` command and the
+experiments call.
+
+Each stage reads the directory of the stage before it (none for `train`) and writes a new one:
+
+    hoyertrim.json  the manifest: stage, model (zoo name or ``module:Class`` / ``file.py:Class``
+                    and its keyword arguments), dataset, the stage's full config, the parent
+                    directory, provenance (command, package versions, time), status, results
+    network/        params, masks (True = kept) and the other collections (orbax), for every
+                    stage but `compact`
+    checkpoints/    the resumable run of a training stage (`checkpoint.Checkpointer`)
+    compact/        the compact model (`compact.save_compact`)
+
+A directory is keyed by its manifest's (stage, model, dataset, parent, config): asking for a
+finished stage with the same key reuses it, with another key is refused (`StageError`), so a
+changed setting never silently reuses a stale result. A stage that fails leaves no directory
+behind unless it holds resumable checkpoints.
+
+Stages record validation accuracy; the test set is evaluated by `evaluate`, once per point.
+
+Modules: `directory` (manifests, keyed reuse, load), `modelspec` (which model), `training`
+(train, adopt, regularize, finetune), `pruning` (prune, nettrim / one-shot peers), `export`
+(compact, evaluate).
+"""
+
+from hoyertrim.pipeline.directory import FORMAT, MANIFEST, StageError, StageResult, \
+    default_directory, directory_bytes, load, read_manifest
+from hoyertrim.pipeline.directory import _load_data as load_data
+from hoyertrim.pipeline.export import compact, evaluate
+from hoyertrim.pipeline.modelspec import model_of, model_spec, resolve_model
+from hoyertrim.pipeline.pruning import ONESHOT_METHODS, PRUNE_RULES, nettrim, prune, prune_masks
+from hoyertrim.pipeline.training import adopt, finetune, regularize, train
+
+__all__ = ["FORMAT", "MANIFEST", "ONESHOT_METHODS", "PRUNE_RULES", "StageError", "StageResult",
+           "adopt", "compact", "default_directory", "directory_bytes", "evaluate", "finetune",
+           "load", "load_data", "model_of", "model_spec", "nettrim", "prune", "prune_masks",
+           "read_manifest", "regularize", "resolve_model", "train"]

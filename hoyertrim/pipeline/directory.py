@@ -1,0 +1,274 @@
+"""Stage directories: the manifest, reuse of a finished stage with the same key and refusal of
+another, removal of what a failed stage created, saving and loading the networks."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import sys
+from importlib import metadata
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+
+
+MANIFEST = "hoyertrim.json"
+FORMAT = 1
+
+
+class StageError(ValueError):
+    """A stage cannot run as asked (bad input, a directory holding another run); the message
+    says what to do. The command line prints it as one line."""
+
+
+def default_directory(stage: str, model: str, settings: Mapping, root="runs") -> pathlib.Path:
+    """``root/<stage>-<model>-<hash of settings>``: where a stage goes when not told, so the same
+    settings (which include the parent directory) find the same directory and others another."""
+    import hashlib
+    digest = hashlib.sha256(json.dumps(dict(settings), sort_keys=True, default=str).encode())
+    short = model.rpartition(":")[2].split("/")[-1].lower() or "model"
+    return pathlib.Path(root) / f"{stage}-{short}-{digest.hexdigest()[:8]}"
+
+
+def read_manifest(directory) -> dict:
+    """The manifest of a stage directory.
+
+    Raises:
+      StageError: the directory does not exist or is not a stage directory.
+    """
+    path = pathlib.Path(directory).expanduser().absolute()
+    if not path.is_dir():
+        raise StageError(f"{directory} does not exist.")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise StageError(f"{directory} is not a hoyertrim stage directory (no {MANIFEST}); "
+                         "give one that a hoyertrim command wrote.")
+    try:
+        manifest = json.loads(file.read_text())
+    except ValueError as error:
+        raise StageError(f"{file} is damaged ({error}).") from error
+    if manifest.get("format") != FORMAT:
+        raise StageError(f"{directory} was written in format {manifest.get('format')}; this "
+                         f"hoyertrim reads format {FORMAT}.")
+    return manifest
+
+
+def _versions() -> dict:
+    names = ("hoyertrim", "jax", "jaxlib", "flax", "optax", "jaxopt", "orbax-checkpoint", "numpy")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return {"python": sys.version.split()[0], **found, "backend": jax.default_backend()}
+
+
+def _key(manifest: Mapping) -> dict:
+    return {k: manifest.get(k) for k in ("stage", "model", "dataset", "parent", "config")}
+
+
+def _differences(old: Mapping, new: Mapping, prefix="") -> list[str]:
+    found = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            found += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            found.append(f"{prefix}{k}: {a!r} there, {b!r} asked")
+    return found
+
+
+class _Stage:
+    """Opens a stage directory for a manifest: reuses a finished one with the same key, refuses
+    one with another, removes what it created if the stage fails before leaving checkpoints."""
+
+    def __init__(self, out, manifest: dict):
+        self.out = pathlib.Path(out).expanduser().absolute()
+        self.manifest = manifest
+        self.done = False
+        self.created = False
+
+    def __enter__(self) -> "_Stage":
+        file = self.out / MANIFEST
+        if file.is_file():
+            old = read_manifest(self.out)
+            differences = _differences(_key(old), _key(self.manifest))
+            if differences:
+                raise StageError(f"{self.out} holds another run ({'; '.join(differences[:3])}); "
+                                 "choose another --out or delete it.")
+            if old.get("status") == "complete":
+                self.manifest, self.done = old, True
+                return self
+        elif self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+            raise StageError(f"{self.out} exists and is not a hoyertrim stage directory; choose "
+                             "another --out.")
+        self.created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write({**self.manifest, "status": "running"})
+        except OSError as error:
+            raise StageError(f"Cannot write to {self.out}: {error.strerror or error}.") from error
+        return self
+
+    def _write(self, manifest):
+        tmp = self.out / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
+        os.replace(tmp, self.out / MANIFEST)
+
+    def finish(self, results: Mapping) -> None:
+        self.manifest = {**self.manifest, "status": "complete", "results": dict(results)}
+        self._write(self.manifest)
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None or self.done:
+            return False
+        resumable = any((self.out / "checkpoints").glob("[0-9]*"))
+        if self.created and not resumable:
+            shutil.rmtree(self.out, ignore_errors=True)
+        elif not resumable and self.created is False and (self.out / MANIFEST).is_file():
+            # An existing directory we only added a running manifest to: put it back as empty.
+            if not any(p.name != MANIFEST for p in self.out.iterdir()):
+                (self.out / MANIFEST).unlink()
+        return False
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _manifest(stage: str, config: Mapping, *, parent: Mapping | None = None,
+              parent_dir=None, model: Mapping | None = None, dataset: str | None = None,
+              command: Sequence[str] | None = None) -> dict:
+    return {
+        "format": FORMAT, "stage": stage,
+        "model": model if model is not None else parent["model"],
+        "dataset": dataset if dataset is not None else parent["dataset"],
+        "input_shape": None if parent is None else parent["input_shape"],
+        "parent": None if parent_dir is None else str(pathlib.Path(parent_dir).absolute()),
+        "root": None if parent is None else (parent.get("root") or str(
+            pathlib.Path(parent_dir).absolute())),
+        "config": dict(config),
+        "provenance": {"command": list(command) if command is not None else list(sys.argv),
+                       "versions": _versions(),
+                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                           timespec="seconds")},
+    }
+
+
+@dataclasses.dataclass
+class StageResult:
+    """Where a stage wrote and what it measured (``reused``: an identical finished stage)."""
+
+    directory: pathlib.Path
+    stage: str
+    results: dict
+    reused: bool
+
+
+def _result(stage: _Stage) -> StageResult:
+    return StageResult(stage.out, stage.manifest["stage"], dict(stage.manifest.get("results", {})),
+                       stage.done)
+
+
+def _save_network(directory: pathlib.Path, params, masks, model_state: Mapping) -> None:
+    import orbax.checkpoint as ocp
+    items = dict(params=ocp.args.StandardSave(params), masks=ocp.args.StandardSave(masks))
+    if model_state:
+        items["state"] = ocp.args.StandardSave(dict(model_state))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(directory / "network", ocp.args.Composite(**items), force=True)
+
+
+def _load_data(manifest: Mapping, data_dir):
+    from hoyertrim.data import load_dataset
+    return load_dataset(manifest["dataset"], data_dir)
+
+
+def load(directory, step: int | None = None):
+    """Loads any hoyertrim directory with no optimizer or model template.
+
+    A stage directory (any ``hoyertrim`` command's output) comes back with its ``model`` rebuilt
+    from the manifest and, for a compact stage, the `compact.CompactModel` (then ``params`` and
+    ``masks`` are None); a training run's checkpoint directory or a `nettrim.save_pruned`
+    directory comes back as `checkpoint.load` reads it. ``Loaded.apply(images)`` runs it.
+    """
+    from hoyertrim import checkpoint
+    path = pathlib.Path(directory).expanduser().absolute()
+    if not (path / MANIFEST).is_file():
+        return checkpoint.load(path, step)
+    manifest = read_manifest(path)
+    if manifest.get("status") != "complete":
+        raise StageError(f"{directory} holds an unfinished {manifest['stage']} stage; run its "
+                         "command again to finish it.")
+    from hoyertrim.pipeline.modelspec import model_of
+    model = model_of(manifest)
+    if manifest["stage"] == "compact":
+        from hoyertrim.compact import load_compact
+        compacted = load_compact(path / "compact", model)
+        return checkpoint.Loaded(None, {}, None, manifest["config"], None, path,
+                                 manifest=manifest, model=model, compact=compacted)
+    loaded = checkpoint.load(path / "network")
+    return dataclasses.replace(loaded, config=manifest["config"], directory=path,
+                               manifest=manifest, model=model)
+
+
+
+
+def _nonzero(params):
+    """Masks of a network: True where a kernel weight is nonzero (pruned weights are exact
+    zeros), everything else kept."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: (np.asarray(p) != 0) if getattr(path[-1], "key", None) == "kernel"
+        else np.ones(np.shape(p), bool), params)
+
+
+def _parent(directory):
+    from hoyertrim import checkpoint
+    manifest = read_manifest(directory)
+    if manifest.get("status") != "complete":
+        raise StageError(f"{directory} holds an unfinished {manifest['stage']} stage; finish it "
+                         "first (run its command again).")
+    if manifest["stage"] == "compact":
+        raise StageError(f"{directory} is a compact model; give the stage before compaction.")
+    loaded = checkpoint.load(pathlib.Path(directory).expanduser().absolute() / "network")
+    from hoyertrim.pipeline.modelspec import model_of
+    return manifest, model_of(manifest), loaded
+
+
+
+
+def directory_bytes(path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
+def _batched(fn, images, batch_size=1000) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])
+
+
+def _summary(model, params, model_state, dataset, extra=None) -> dict:
+    from hoyertrim import masks as masks_lib
+    from hoyertrim.train import mode_kwargs, predict_accuracy
+    report = masks_lib.sparsity_report(params, model, dataset.image_shape,
+                                       model_state=model_state,
+                                       apply_kwargs=mode_kwargs(model, False))
+    return {"val_accuracy": predict_accuracy(model, params, model_state,
+                                             dataset.validation.images,
+                                             dataset.validation.labels),
+            "kept_fraction": report.kept_fraction, "compression": report.compression,
+            "architecture": report.architecture, "sparsity": report.as_dict(), **(extra or {})}

@@ -1,0 +1,98 @@
+"""The compact stage and the evaluation of any stage on the test (or another) split."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from hoyertrim.pipeline.directory import StageError, StageResult, _batched, _load_data, \
+    _manifest, _parent, _result, _Stage, directory_bytes, load, read_manifest
+
+
+def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
+    """Removes dead units (`compact.compact`) and stores the smaller arrays compressed; checks
+    that the compact model's logits equal the parent's on the validation images."""
+    from hoyertrim import compact as compact_lib
+    from hoyertrim.train import mode_kwargs
+    parent_manifest, model, loaded = _parent(parent)
+    manifest = _manifest("compact", {}, parent=parent_manifest, parent_dir=parent,
+                         command=command)
+    with _Stage(out, manifest) as stage:
+        if stage.done:
+            return _result(stage)
+        data = _load_data(manifest, data_dir)
+        variables = {"params": loaded.params, **loaded.model_state}
+        kwargs = mode_kwargs(model, False)
+        compacted = compact_lib.compact(model, variables, data.validation.images[:256],
+                                        apply_kwargs=kwargs)
+        compact_lib.save_compact(stage.out / "compact", compacted)
+        reloaded = compact_lib.load_compact(stage.out / "compact", model)
+        original = _batched(lambda x: model.apply(variables, x, **kwargs),
+                            data.validation.images)
+        smaller = _batched(reloaded.apply, data.validation.images)
+        scale = float(np.max(np.abs(original)))
+        difference = float(np.max(np.abs(original - smaller)))
+        if not difference <= 1e-4 * max(scale, 1.0):
+            raise StageError(f"The compact model's logits differ from the pruned model's by "
+                             f"{difference:.3g} (largest logit {scale:.3g}); not written. "
+                             "Please report this with the model.")
+        stage.finish({
+            "weights_stored": compacted.weights(),
+            "weights_nonzero": int(sum(np.count_nonzero(layer.kernel)
+                                       for layer in compacted.layers.values())),
+            "layers": {name: {"kernel_shape": list(np.shape(layer.kernel)),
+                              "inputs_read": None if layer.input_index is None
+                              else int(np.size(layer.input_index)),
+                              "outputs_kept": int(np.size(layer.output_index))}
+                       for name, layer in compacted.layers.items()},
+            "bytes_on_disk": directory_bytes(stage.out / "compact"),
+            "parent_bytes_on_disk": directory_bytes(pathlib.Path(parent).expanduser().absolute()
+                                                    / "network"),
+            "max_logit_difference": difference,
+            "val_accuracy": float(np.mean(np.argmax(smaller, -1) == data.validation.labels))})
+    return _result(stage)
+
+
+def evaluate(directory, *, reference=None, split: str = "test", data_dir=None) -> dict:
+    """Accuracy of a stage on a split; with a reference stage (default: the chain's first
+    stage) the top-1 agreement and the logits' relative error ‖f − f_ref‖_F / ‖f_ref‖_F; the
+    sparsity report (per-layer kept fraction and FLOPs) and bytes on disk.
+
+    Writes ``evaluation-<split>.json`` into the stage directory and returns it.
+    """
+    if split not in ("train", "validation", "test"):
+        raise StageError(f"split must be train, validation or test, got {split!r}.")
+    path = pathlib.Path(directory).expanduser().absolute()
+    manifest = read_manifest(path)
+    loaded = load(path)
+    data = _load_data(manifest, data_dir)
+    images, labels = getattr(data, split).images, getattr(data, split).labels
+    logits = loaded.predict(images)
+    result = {"directory": str(path), "stage": manifest["stage"], "split": split,
+              "accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
+              "examples": int(len(labels))}
+    reference = reference or manifest.get("root")
+    if reference:
+        reference_loaded = load(reference)
+        reference_logits = reference_loaded.predict(images)
+        result.update(reference=str(pathlib.Path(reference).absolute()),
+                      agreement=float(np.mean(np.argmax(logits, -1)
+                                              == np.argmax(reference_logits, -1))),
+                      logits_relative_error=float(np.linalg.norm(logits - reference_logits)
+                                                  / np.linalg.norm(reference_logits)),
+                      reference_accuracy=float(np.mean(np.argmax(reference_logits, -1)
+                                                       == labels)))
+    if loaded.compact is None:
+        from hoyertrim import masks as masks_lib
+        from hoyertrim.train import mode_kwargs
+        result["sparsity"] = masks_lib.sparsity_report(
+            loaded.params, loaded.model, data.image_shape, model_state=loaded.model_state,
+            apply_kwargs=mode_kwargs(loaded.model, False)).as_dict()
+        result["bytes_on_disk"] = directory_bytes(path / "network")
+    else:
+        result["weights_stored"] = loaded.compact.weights()
+        result["bytes_on_disk"] = directory_bytes(path / "compact")
+    (path / f"evaluation-{split}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result

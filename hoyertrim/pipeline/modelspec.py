@@ -1,0 +1,96 @@
+"""Which model a stage directory holds: a zoo name, ``package.module:Name`` or
+``file.py:Name`` with keyword arguments, resolved to a linen module."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pathlib
+import sys
+from typing import Mapping
+
+import flax.linen as nn
+
+from hoyertrim.pipeline.directory import StageError
+
+
+def resolve_model(spec: str, kwargs: Mapping | None = None, *,
+                  search_path: str | None = None) -> nn.Module:
+    """The model a spec names.
+
+    Args:
+      spec: a zoo name (`models.MODELS`), ``package.module:Name`` (imported; the current
+        directory is searched) or ``path/to/file.py:Name``. ``Name`` is a linen Module class or
+        a function returning a module.
+      kwargs: keyword arguments for it (e.g. ``{"dropout_rate": 0.3}``).
+      search_path: a directory to put on ``sys.path`` for the import (the manifest records the
+        one the model was first resolved from).
+
+    Raises:
+      StageError: the spec does not name a model; says why.
+    """
+    from hoyertrim import models
+    kwargs = dict(kwargs or {})
+    if ":" not in spec:
+        if spec not in models.MODELS:
+            raise StageError(f"Unknown model {spec!r}: give a zoo name ({', '.join(models.MODELS)})"
+                             " or your own as package.module:ClassName or file.py:ClassName.")
+        return _build(lambda **kw: models.create_model(spec, **kw), kwargs, spec)
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py"):
+        path = pathlib.Path(where).expanduser()
+        if not path.is_file():
+            raise StageError(f"Model file {where} does not exist.")
+        module_name = f"_hoyertrim_user_{abs(hash(str(path.absolute())))}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            loader = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[module_name] = module
+            try:
+                loader.loader.exec_module(module)
+            except Exception as error:
+                del sys.modules[module_name]
+                raise StageError(f"Importing {where} failed: {type(error).__name__}: {error}") \
+                    from error
+    else:
+        for directory in (search_path, os.getcwd()):
+            if directory and directory not in sys.path:
+                sys.path.insert(0, directory)
+        try:
+            module = importlib.import_module(where)
+        except ImportError as error:
+            raise StageError(f"Cannot import {where!r} for --model {spec}: {error}. Run from the "
+                             "directory that holds it or install it.") from error
+    target = getattr(module, name, None)
+    if target is None:
+        raise StageError(f"{where} has no {name!r} (for --model {spec}).")
+    return _build(target, kwargs, spec)
+
+
+def _build(factory, kwargs, spec) -> nn.Module:
+    try:
+        model = factory(**kwargs)
+    except TypeError as error:
+        raise StageError(f"Cannot build {spec} with keyword arguments {kwargs}: {error}") from error
+    if not isinstance(model, nn.Module):
+        raise StageError(f"{spec} built a {type(model).__name__}, not a flax.linen Module.")
+    return model
+
+
+def model_spec(spec: str, kwargs: Mapping | None = None) -> dict:
+    """The manifest's record of a model: file paths made absolute, the import directory kept."""
+    where, colon, name = spec.rpartition(":")
+    if colon and where.endswith(".py"):
+        spec = f"{pathlib.Path(where).expanduser().absolute()}:{name}"
+    record = {"spec": spec, "kwargs": dict(kwargs or {})}
+    if colon and not where.endswith(".py"):
+        record["search_path"] = os.getcwd()
+    return record
+
+
+def model_of(manifest: Mapping) -> nn.Module:
+    record = manifest["model"]
+    return resolve_model(record["spec"], record.get("kwargs"),
+                         search_path=record.get("search_path"))

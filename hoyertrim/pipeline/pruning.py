@@ -1,0 +1,163 @@
+"""Pruning stages: a rule on the weights (`prune`), and the layer-wise methods on calibration
+images — Net-Trim or a one-shot peer (`nettrim`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+
+from hoyertrim.pipeline.directory import StageError, StageResult, _load_data, _manifest, \
+    _nonzero, _parent, _result, _save_network, _Stage, _summary
+
+
+PRUNE_RULES = ("threshold", "std", "magnitude", "global_magnitude", "group", "group_std")
+
+
+
+
+def prune_masks(params, rule: str, value: float):
+    """Masks of one pruning rule (`PRUNE_RULES`) at ``value``.
+
+    ``threshold``: |w| < value; ``std``: |w| < value·std(w) per tensor (DeepHoyer's rule);
+    ``magnitude`` / ``global_magnitude``: the smallest weights to sparsity ``value`` per layer /
+    over all layers; ``group``: whole units with group norm < value·max; ``group_std``: units
+    with group norm < value·std of the group norms.
+    """
+    from hoyertrim import masks as masks_lib
+    if rule not in PRUNE_RULES:
+        raise StageError(f"Unknown prune rule {rule!r}; choose one of {', '.join(PRUNE_RULES)}.")
+    if value < 0 or (rule.endswith("magnitude") and not value < 1):
+        raise StageError(f"The {rule} rule needs a value in "
+                         f"{'[0, 1)' if rule.endswith('magnitude') else '[0, ∞)'}, got {value}.")
+    if rule == "threshold":
+        return masks_lib.threshold_masks(params, value)
+    if rule == "std":
+        return masks_lib.std_threshold_masks(params, value)
+    if rule in ("magnitude", "global_magnitude"):
+        return masks_lib.magnitude_masks(params, value,
+                                         scope="global" if rule == "global_magnitude" else "layer")
+    if rule == "group":
+        return masks_lib.group_masks(params, fraction_of_max=value)
+    return masks_lib.group_masks(params, std_scale=value)
+
+
+def prune(parent, out, *, rule: str = "std", value: float = 0.1, data_dir=None,
+          command=None) -> StageResult:
+    """One-shot pruning of the parent's weights by a rule (`prune_masks`); no training."""
+    from hoyertrim import masks as masks_lib
+    parent_manifest, model, loaded = _parent(parent)
+    masks = prune_masks(loaded.params, rule, value)  # checks rule and value before any write
+    manifest = _manifest("prune", {"rule": rule, "value": value}, parent=parent_manifest,
+                         parent_dir=parent, command=command)
+    with _Stage(out, manifest) as stage:
+        if stage.done:
+            return _result(stage)
+        data = _load_data(manifest, data_dir)
+        # Kernel masks from the rule, and whatever the parent had pruned stays pruned.
+        masks = jax.tree.map(lambda m, old: np.asarray(m) & np.asarray(old), masks,
+                             _nonzero(loaded.params))
+        params = masks_lib.apply_masks(loaded.params, masks)
+        _save_network(stage.out, params, masks, loaded.model_state)
+        stage.finish(_summary(model, params, loaded.model_state, data))
+    return _result(stage)
+
+
+ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float | None = None,
+            nm: tuple[int, int] | None = None, method: str = "nettrim",
+            within_nonzeros: bool = False, scheme: str = "cascade", samples: int = 5000, heldout: int = 1000,
+            maxiter: int = 300, seed: int = 0, data_dir=None, progress=True,
+            command=None) -> StageResult:
+    """Layer-wise pruning of the parent network from ``samples`` training images, each layer's
+    discrepancy checked by a forward pass on them and measured on ``heldout`` validation images.
+
+    Args:
+      epsilon / kept_fraction / nm: Net-Trim's ε, or a kept fraction per layer, or an N:M
+        pattern (then only the layers whose input count is a multiple of M are pruned).
+      method: ``"nettrim"`` (`nettrim.solve_layer`; N:M: `solve_layer_nm`) or a one-shot peer
+        (``"sparsegpt"``, ``"wanda"``, ``"magnitude"``: `nettrim.peers`; kept fraction or N:M
+        only). A peer's stage is called ``oneshot``.
+      within_nonzeros: re-fit each layer on its current nonzeros only (a network pruned
+        before, e.g. by DeepHoyer, only gets sparser).
+      scheme: ``"parallel"`` or ``"cascade"`` (for the peers: sequential, as their papers run).
+    """
+    from hoyertrim import nettrim as nettrim_lib
+    from hoyertrim.nettrim import peers
+    from hoyertrim.train import mode_kwargs
+    if method not in ("nettrim", *ONESHOT_METHODS):
+        raise StageError(f"Unknown method {method!r}; choose nettrim, "
+                         f"{', '.join(ONESHOT_METHODS)}.")
+    if sum(v is not None for v in (epsilon, kept_fraction, nm)) != 1:
+        raise StageError("Give exactly one of --epsilon, --kept-fraction and --nm.")
+    if epsilon is not None and (method != "nettrim" or not 0 < epsilon < 1):
+        raise StageError(f"ε must be in (0, 1), got {epsilon}." if method == "nettrim" else
+                         f"{method} prunes to a kept fraction or N:M, not to an ε.")
+    if kept_fraction is not None and not 0 < kept_fraction <= 1:
+        raise StageError(f"The kept fraction must be in (0, 1], got {kept_fraction}.")
+    if nm is not None and not (len(nm) == 2 and 0 < nm[0] <= nm[1]):
+        raise StageError(f"N:M needs 0 < N ≤ M, got {nm}.")
+    if scheme not in ("parallel", "cascade"):
+        raise StageError(f"scheme must be 'parallel' or 'cascade', got {scheme!r}.")
+    if samples < 1 or heldout < 0 or maxiter < 1:
+        raise StageError("samples and maxiter must be >= 1 and heldout >= 0.")
+    parent_manifest, model, loaded = _parent(parent)
+    config = dict(epsilon=epsilon, kept_fraction=kept_fraction, scheme=scheme, samples=samples,
+                  heldout=heldout, maxiter=maxiter, seed=seed)
+    if nm is not None:
+        config["nm"] = list(nm)
+    if method != "nettrim":
+        config["method"] = method
+    if within_nonzeros:
+        config["within_nonzeros"] = True
+    stage_name = "nettrim" if method == "nettrim" else "oneshot"
+    manifest = _manifest(stage_name, config, parent=parent_manifest, parent_dir=parent,
+                         command=command)
+    solver = {"nettrim": nettrim_lib.solve_layer_nm if nm else nettrim_lib.solve_layer,
+              "sparsegpt": peers.sparsegpt_layer, "wanda": peers.wanda_layer,
+              "magnitude": peers.magnitude_layer}[method]
+    options, layers = {}, None
+    if nm is not None:
+        options = {"nm": tuple(nm)}
+        kept_fraction = nm[0] / nm[1]
+        layers = [name for name, kernel in _kernels(loaded.params).items()
+                  if int(np.prod(kernel.shape[:-1])) % nm[1] == 0]
+        if not layers:
+            raise StageError(f"No layer has an input count that is a multiple of {nm[1]}.")
+    if method == "nettrim" and nm is None:
+        options["maxiter"] = maxiter
+    with _Stage(out, manifest) as stage:
+        if stage.done:
+            return _result(stage)
+        data = _load_data(manifest, data_dir)
+        if samples > len(data.train):
+            raise StageError(f"--samples {samples} exceeds the {len(data.train)} training images.")
+        variables = {"params": loaded.params, **loaded.model_state}
+        started = time.perf_counter()
+        pruned = nettrim_lib.prune_network(
+            model, variables, data.train.images[:samples], epsilon=epsilon,
+            kept_fraction=kept_fraction, scheme=scheme, solver=solver, layers=layers,
+            heldout=data.validation.images[:heldout] if heldout else 0,
+            apply_kwargs=mode_kwargs(model, False), key=jax.random.PRNGKey(seed),
+            progress=progress, within_nonzeros=within_nonzeros, **options)
+        seconds = time.perf_counter() - started
+        _save_network(stage.out, pruned.params, pruned.masks, loaded.model_state)
+        layers = {name: {k: v for k, v in layer.items()} for name, layer in pruned.layers.items()}
+        stage.finish(_summary(model, pruned.params, loaded.model_state, data, {
+            "layers": layers, "heldout": pruned.heldout, "solve_seconds": seconds}))
+    return _result(stage)
+
+
+def _kernels(params, prefix="") -> dict:
+    """{layer path: kernel} of a params tree."""
+    found = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            if "kernel" in value and not isinstance(value["kernel"], Mapping):
+                found[f"{prefix}{key}"] = np.asarray(value["kernel"])
+            found.update(_kernels(value, f"{prefix}{key}/"))
+    return found

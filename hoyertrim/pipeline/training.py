@@ -1,0 +1,252 @@
+"""Training stages: a dense model (`train`), weights trained elsewhere (`adopt`), DeepHoyer's
+regularized training (`regularize`) and the masked fine-tune (`finetune`)."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hoyertrim.pipeline.directory import StageError, StageResult, _load_data, _manifest, \
+    _nonzero, _parent, _result, _save_network, _Stage, _summary
+from hoyertrim.pipeline.modelspec import model_spec, resolve_model
+
+
+def _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed,
+                  select):
+    if epochs < 1 or batch_size < 1:
+        raise StageError(f"epochs and batch size must be >= 1 (got {epochs}, {batch_size}).")
+    if learning_rate <= 0:
+        raise StageError(f"The learning rate must be > 0, got {learning_rate}.")
+    if select not in ("best", "last"):
+        raise StageError(f"select must be 'best' or 'last', got {select!r}.")
+    return dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                learning_rate=learning_rate, schedule=schedule, weight_decay=weight_decay,
+                seed=seed, select=select)
+
+
+def _fit_stage(stage: _Stage, model, tx, dataset, params, model_state, config, *, teacher=None,
+               progress=True):
+    """Trains into ``stage.out/checkpoints`` (resuming), returns the selected state."""
+    from hoyertrim.checkpoint import Checkpointer
+    from hoyertrim.train import create_train_state, fit
+    state = create_train_state(model, tx, jax.random.PRNGKey(config["seed"]), dataset.image_shape,
+                               params=params, model_state=model_state)
+    started = time.perf_counter()
+    with Checkpointer(stage.out / "checkpoints") as checkpointer:
+        _, history = fit(model, tx, dataset, epochs=config["epochs"],
+                         batch_size=config["batch_size"], state=state, checkpointer=checkpointer,
+                         config=config, teacher=teacher, metrics_log=stage.out / "metrics.jsonl",
+                         progress=progress)
+        step = checkpointer.best_step() if config["select"] == "best" else \
+            checkpointer.latest_step()
+        selected, _ = checkpointer.restore(state, step)
+    return selected, step, time.perf_counter() - started
+
+
+def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str = "mnist",
+          epochs: int = 30, batch_size: int = 128, optimizer: str = "adam",
+          learning_rate: float = 1e-3, schedule: str = "cosine", weight_decay: float = 0.0,
+          seed: int = 0, data_dir=None, progress: bool = True, command=None) -> StageResult:
+    """Trains a dense model from scratch; keeps the best-validation epoch.
+
+    Args:
+      model: zoo name or ``module:Class`` / ``file.py:Class`` (see `resolve_model`).
+      out: the stage directory to write (resumed if it holds this run's checkpoints).
+    """
+    record = model_spec(model, model_kwargs)
+    module = resolve_model(record["spec"], record["kwargs"], search_path=record.get("search_path"))
+    config = _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight_decay,
+                           seed, "best")
+    manifest = _manifest("train", config, model=record, dataset=dataset, command=command)
+    with _Stage(out, manifest) as stage:
+        if stage.done:
+            return _result(stage)
+        data = _load_data(manifest, data_dir)
+        stage.manifest["input_shape"] = list(data.image_shape)
+        tx = _optimizer(config, len(data.train))
+        state, step, seconds = _fit_stage(stage, module, tx, data, None, None, config,
+                                          progress=progress)
+        _save_network(stage.out, state.params, _nonzero(state.params), state.model_state)
+        stage.finish(_summary(module, state.params, state.model_state, data,
+                              {"epoch": step, "train_seconds": seconds}))
+    return _result(stage)
+
+
+def _read_tree(path: pathlib.Path):
+    """A pytree from an orbax checkpoint directory (a `Checkpointer` run's newest step, or one
+    PyTree/StandardSave item), a flax msgpack file or an .npz of '/'-separated leaf names."""
+    if path.is_file() and path.suffix == ".npz":
+        tree: dict = {}
+        with np.load(path) as arrays:
+            for name in arrays.files:
+                *keys, leaf = name.split("/")
+                node = tree
+                for key in keys:
+                    node = node.setdefault(key, {})
+                node[leaf] = arrays[name]
+        return tree
+    if path.is_file():
+        from flax import serialization
+        return serialization.msgpack_restore(path.read_bytes())
+    import orbax.checkpoint as ocp
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()), reverse=True)
+    if steps:
+        path = path / str(steps[0])
+        items = [p for p in path.iterdir() if p.is_dir()]
+        if len(items) == 1 or (path / "state").is_dir():  # a CheckpointManager step: its item
+            path = path / "state" if (path / "state").is_dir() else items[0]
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path)
+
+
+def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
+          dataset: str = "mnist", data_dir=None, command=None) -> StageResult:
+    """Makes a model trained elsewhere the first stage of a chain: its weights (an orbax
+    checkpoint directory, a flax ``.msgpack`` file of `flax.serialization.to_bytes`, or an
+    ``.npz`` with '/'-separated leaf names) are checked against the model's own init and
+    written as a stage directory.
+
+    The checkpoint may hold the variables dict (``params`` and e.g. ``batch_stats``), a train
+    state with a ``params`` entry (and ``batch_stats`` or ``model_state``), or the params alone.
+
+    Raises:
+      StageError: unreadable checkpoint, or its tree does not fit the model (the mismatching
+        leaves are named).
+    """
+    from hoyertrim.checkpoint import CheckpointMismatchError, _check_structure
+    from hoyertrim.train import mode_kwargs
+    path = pathlib.Path(checkpoint).expanduser().absolute()
+    if not path.exists():
+        raise StageError(f"{checkpoint} does not exist.")
+    record = model_spec(model, model_kwargs)
+    module = resolve_model(record["spec"], record["kwargs"], search_path=record.get("search_path"))
+    try:
+        tree = flax.core.unfreeze(_read_tree(path))
+    except Exception as error:  # orbax and msgpack raise many types for what they cannot read
+        raise StageError(f"Cannot read weights from {checkpoint} ({type(error).__name__}: "
+                         f"{error}); give an orbax checkpoint directory, a .msgpack or an .npz."
+                         ) from error
+    if not isinstance(tree, dict):
+        raise StageError(f"{checkpoint} holds a {type(tree).__name__}, not a tree of arrays.")
+    if "params" in tree:
+        params = tree["params"]
+        model_state = dict(tree.get("model_state") or {})
+        model_state.update({k: v for k, v in tree.items()
+                            if k in ("batch_stats", "cache") and v})
+    else:
+        params, model_state = tree, {}
+    config = {"checkpoint": str(path)}
+    manifest = _manifest("import", config, model=record, dataset=dataset, command=command)
+    with _Stage(out, manifest) as stage:
+        if stage.done:
+            return _result(stage)
+        data = _load_data(manifest, data_dir)
+        stage.manifest["input_shape"] = list(data.image_shape)
+        expected = flax.core.unfreeze(module.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, *data.image_shape)), **mode_kwargs(module, False)))
+        try:
+            _check_structure(params, expected.pop("params"), "params")
+            _check_structure(model_state, expected, "other collections")
+        except CheckpointMismatchError as error:
+            details = " ".join(str(error).splitlines()[1:-1]).replace("target", "model")
+            raise StageError(f"The weights in {checkpoint} do not fit {model}: {details}") \
+                from error
+        params = jax.tree.map(np.asarray, params)
+        _save_network(stage.out, params, _nonzero(params), model_state)
+        stage.finish(_summary(module, params, model_state, data))
+    return _result(stage)
+
+
+def _optimizer(config, num_train):
+    from hoyertrim.train import make_optimizer
+    try:
+        return make_optimizer(config["optimizer"], config["learning_rate"],
+                              total_steps=config["epochs"] * (num_train // config["batch_size"]),
+                              schedule=config["schedule"], weight_decay=config["weight_decay"])
+    except ValueError as error:
+        raise StageError(str(error)) from error
+
+
+def regularize(parent, out, *, penalty: str = "hoyer_square", strength: float = 1e-4,
+               epochs: int = 30, batch_size: int = 128, optimizer: str = "adam",
+               learning_rate: float = 1e-3, schedule: str = "cosine", weight_decay: float = 0.0,
+               seed: int = 0, data_dir=None, progress=True, command=None) -> StageResult:
+    """Trains from the parent's params with a sparsity penalty (`transforms.REGULARIZERS`)
+    chained before the optimizer; keeps the last epoch (sparsity is this stage's point; the
+    fine-tune selects on validation)."""
+    from hoyertrim.transforms import REGULARIZERS
+    if penalty not in REGULARIZERS:
+        raise StageError(f"Unknown penalty {penalty!r}; choose one of "
+                         f"{', '.join(sorted(REGULARIZERS))}.")
+    if strength <= 0:
+        raise StageError(f"The penalty strength must be > 0, got {strength}.")
+    parent_manifest, model, loaded = _parent(parent)
+    config = {"penalty": penalty, "strength": strength, **_train_config(
+        epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed, "last")}
+    manifest = _manifest("regularize", config, parent=parent_manifest, parent_dir=parent,
+                         command=command)
+    with _Stage(out, manifest) as stage:
+        if stage.done:
+            return _result(stage)
+        data = _load_data(manifest, data_dir)
+        tx = optax.chain(REGULARIZERS[penalty](strength), _optimizer(config, len(data.train)))
+        state, step, seconds = _fit_stage(stage, model, tx, data, loaded.params,
+                                          loaded.model_state, config, progress=progress)
+        _save_network(stage.out, state.params, _nonzero(state.params), state.model_state)
+        stage.finish(_summary(model, state.params, state.model_state, data,
+                              {"epoch": step, "train_seconds": seconds}))
+    return _result(stage)
+
+
+def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
+             batch_size: int = 128, weight_decay: float = 0.0, distill: bool = False,
+             teacher=None, seed: int = 0, data_dir=None, progress=True,
+             command=None) -> StageResult:
+    """Masked fine-tune (`transforms.masked_fine_tuning`: pruned weights stay exactly 0), Adam
+    with a cosine schedule; best validation epoch kept.
+
+    Args:
+      distill: fine-tune towards a teacher (`train.distillation_loss`) instead of plain
+        cross-entropy; ``teacher`` is a stage directory, by default the chain's first stage.
+    """
+    from hoyertrim.masks import apply_masks
+    from hoyertrim.train import frozen_teacher
+    from hoyertrim.transforms import masked_fine_tuning
+    parent_manifest, model, loaded = _parent(parent)
+    teacher_dir = None
+    if distill:
+        teacher_dir = str(pathlib.Path(teacher or parent_manifest.get("root") or parent)
+                          .expanduser().absolute())
+    elif teacher is not None:
+        raise StageError("A teacher is only used with distillation (--distill).")
+    config = {"distill": distill, "teacher": teacher_dir, **_train_config(
+        epochs, batch_size, "adam", learning_rate, "cosine", weight_decay, seed, "best")}
+    manifest = _manifest("finetune", config, parent=parent_manifest, parent_dir=parent,
+                         command=command)
+    teacher_fn = None
+    if distill:
+        teacher_manifest, teacher_model, teacher_loaded = _parent(teacher_dir)
+        teacher_fn = frozen_teacher(teacher_model, teacher_loaded.params,
+                                    teacher_loaded.model_state)
+    with _Stage(out, manifest) as stage:
+        if stage.done:
+            return _result(stage)
+        data = _load_data(manifest, data_dir)
+        masks = _nonzero(loaded.params)
+        tx = masked_fine_tuning(_optimizer(config, len(data.train)), masks)
+        state, step, seconds = _fit_stage(stage, model, tx, data, apply_masks(loaded.params, masks),
+                                          loaded.model_state, config, teacher=teacher_fn,
+                                          progress=progress)
+        _save_network(stage.out, state.params, masks, state.model_state)
+        stage.finish(_summary(model, state.params, state.model_state, data,
+                              {"epoch": step, "train_seconds": seconds}))
+    return _result(stage)
