@@ -67,6 +67,11 @@ for _epsilon in (0.05, 0.1, 0.2, 0.3):
         ("nettrim", {"epsilon": _epsilon, "scheme": "cascade", "within_nonzeros": True}),
         ("finetune", {"epochs": 30, "learning_rate": 3e-4, "distill": True}),
         ("compact", {})]
+# The other order: Net-Trim on the HS-regularized network itself (no magnitude rule first).
+for _epsilon in (0.1, 0.2, 0.3):
+    CONFIGS[f"hoyertrim_from_hs_lenet300100_eps{_epsilon:g}"] = CONFIGS["hs_lenet300100"][:2] + [
+        ("nettrim", {"epsilon": _epsilon, "scheme": "cascade"}),
+        ("finetune", {"epochs": 30, "learning_rate": 3e-4, "distill": True})]
 CONFIGS["hs_distill_lenet300100"] = HS_PRUNED_LENET300100 + [
     ("finetune", {"epochs": 30, "learning_rate": 3e-4, "distill": True})]
 
