@@ -14,8 +14,9 @@ w*, the program recovers w* exactly once P = O(s log(N/s)).
     minimize 1ᵀu + 1ᵀv   s.t.   X(u − v) + diag(d)·r = b,   u, v, r ≥ 0,
 
 (d = 1 on inequality rows; an equality row's unused slack costs 1, so it ends at 0) and solves it
-with Mehrotra's predictor-corrector interior-point method in float64: a fixed number of steps of
-pure array code, so it runs under `jax.jit` and `jax.vmap` over many problems at once.
+with Mehrotra's predictor-corrector interior-point method in float64: pure array code in a
+`jax.lax.while_loop` (at most ``iterations`` steps, stopping at convergence), so it runs under
+`jax.jit` and `jax.vmap` over many problems at once.
 ``jax_enable_x64`` must be on (the experiment and the tests turn it on).
 """
 
@@ -73,7 +74,7 @@ def solve_l1(x: jax.Array, y: jax.Array, inequality: jax.Array, *, iterations: i
         dual_residual = jnp.linalg.norm(a.T @ lam + s - c) / (1.0 + jnp.linalg.norm(c))
         return jnp.abs(primal - dual) / (1.0 + jnp.abs(primal)) + residual + dual_residual
 
-    def body(_, state):
+    def step(state):
         z, s, lam = state
         mu = z @ s / n
         dz_a, ds_a, _ = newton(z, s, lam, z * s)
@@ -83,14 +84,18 @@ def solve_l1(x: jax.Array, y: jax.Array, inequality: jax.Array, *, iterations: i
         dz, ds, dlam = newton(z, s, lam, z * s + dz_a * ds_a - sigma * mu)
         alpha_p = jnp.minimum(1.0, 0.995 * _step_length(z, dz))
         alpha_d = jnp.minimum(1.0, 0.995 * _step_length(s, ds))
-        new = (jnp.maximum(z + alpha_p * dz, 1e-300), jnp.maximum(s + alpha_d * ds, 1e-300),
-               lam + alpha_d * dlam)
-        # Once converged, further steps only meet round-off (z/s spans 1e±30): stay put.
-        done = converged(z, s, lam) < tol
-        return jax.tree.map(lambda old, step: jnp.where(done, old, step), state, new)
+        return (jnp.maximum(z + alpha_p * dz, 1e-300), jnp.maximum(s + alpha_d * ds, 1e-300),
+                lam + alpha_d * dlam)
+
+    # Stop once converged: further steps only meet round-off (z/s spans 1e±30). Under vmap the
+    # loop runs until every problem has stopped; a stopped one keeps its iterate.
+    def keep_going(carry):
+        count, state = carry
+        return (count < iterations) & (converged(*state) >= tol)
 
     start = (jnp.full(n, scale, x.dtype), jnp.ones(n, x.dtype), jnp.zeros(num_rows, x.dtype))
-    z, s, lam = jax.lax.fori_loop(0, iterations, body, start)
+    _, (z, s, lam) = jax.lax.while_loop(keep_going, lambda c: (c[0] + 1, step(c[1])),
+                                        (0, start))
     return z[:num_inputs] - z[num_inputs:2 * num_inputs], converged(z, s, lam)
 
 
