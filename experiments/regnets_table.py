@@ -21,12 +21,18 @@ from hoyertrim import masks, pipeline
 from hoyertrim.train import predict_accuracy
 
 NAMES = {"regnets_plain": "plain", "regnets_dropout": "dropout 0.3",
-         "regnets_l1": "+ 30 epochs L1 2e-5", "regnets_hs": "+ 30 epochs HS 1e-4"}
+         "regnets_l1": "+ 30 epochs L1 2e-5", "regnets_hs": "+ 30 epochs HS 1e-4",
+         "regnets_plain_refit": "plain; Net-Trim + re-fit",
+         "regnets_l1_refit": "+ 30 epochs L1 2e-5; Net-Trim + re-fit",
+         "regnets_hs_refit": "+ 30 epochs HS 1e-4; Net-Trim + re-fit"}
 
 
 def main():
     rows = {}
     for name, label in NAMES.items():
+        if not pathlib.Path(f"results/pipelines/{name}.json").is_file():
+            print(f"(no results/pipelines/{name}.json: run python experiments/run.py {name})")
+            continue
         payload = json.loads(pathlib.Path(f"results/pipelines/{name}.json").read_text())
         stages = {stage["stage"]: stage["directory"] for stage in payload["stages"]}
         parent = pathlib.Path(stages.get("regularize") or stages["train"])

@@ -75,6 +75,10 @@ for _epsilon in (0.1, 0.2, 0.3):
 CONFIGS["hs_distill_lenet300100"] = HS_PRUNED_LENET300100 + [
     ("finetune", {"epochs": 30, "learning_rate": 3e-4, "distill": True})]
 
+NETTRIM_FC_REFIT = ("nettrim", {"epsilon": 0.1, "scheme": "cascade", "refit": True})
+for _name in ("plain", "l1", "hs"):
+    CONFIGS[f"regnets_{_name}_refit"] = CONFIGS[f"regnets_{_name}"][:-1] + [NETTRIM_FC_REFIT]
+
 _STAGES = {"train": pipeline.train, "regularize": pipeline.regularize,
            "prune": pipeline.prune, "finetune": pipeline.finetune,
            "nettrim": pipeline.nettrim, "compact": pipeline.compact}

@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "nettrim":
             p.add_argument("--maxiter", type=_positive_int, default=300,
                            help="FISTA iterations per solve")
+            p.add_argument("--refit", action="store_true",
+                           help="debias the kept weights after the λ search (same support, "
+                                "lower discrepancy)")
         p.add_argument("--seed", type=int, default=0, help="seeds row subsets of large layers")
         _common(p)
 
@@ -323,7 +326,7 @@ def _run(args, command_line) -> int:
             args.parent, out, epsilon=None if explicit else getattr(args, "epsilon", None),
             kept_fraction=args.kept_fraction, nm=args.nm,
             method=getattr(args, "method", "nettrim"), scheme=args.scheme,
-            within_nonzeros=args.within_nonzeros,
+            within_nonzeros=args.within_nonzeros, refit=getattr(args, "refit", False),
             samples=args.samples, heldout=args.heldout, maxiter=getattr(args, "maxiter", 300),
             seed=args.seed, progress=progress, **common)
     else:

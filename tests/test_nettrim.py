@@ -351,3 +351,19 @@ def test_within_nonzeros_only_makes_a_pruned_network_sparser():
     # Without the constraint the re-fit is free to use weights the magnitude rule removed.
     assert any(np.any((np.asarray(free.params[n]["kernel"]) != 0)
                       & (np.asarray(pruned_before[n]["kernel"]) == 0)) for n in free.params)
+
+
+def test_refit_debiases_the_kept_weights_within_the_certificate():
+    model, params, images = _small_net()
+    plain = nettrim.prune_network(model, params, images, epsilon=0.1, scheme="cascade",
+                                  heldout=0, progress=False)
+    refit = nettrim.prune_network(model, params, images, epsilon=0.1, scheme="cascade",
+                                  heldout=0, progress=False, refit=True)
+    first = "dense0"  # same inputs in both runs: the re-fit's effect alone
+    assert refit.layers[first]["refit"]["used"]
+    assert refit.layers[first]["measured"] < 0.9 * plain.layers[first]["measured"]
+    kept_before = np.asarray(plain.params[first]["kernel"]) != 0
+    kept_after = np.asarray(refit.params[first]["kernel"]) != 0
+    assert not np.any(kept_after & ~kept_before)  # the support never grows
+    for layer in refit.layers.values():
+        assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4)

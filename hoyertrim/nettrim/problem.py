@@ -45,6 +45,7 @@ class LayerSolution:
       presolve_iterations: iterations spent on the subsampled presolves.
       lam_path: the full-size solves of the λ search in the order made, each
         ``{"lam", "discrepancy", "kept_fraction"}``.
+      refit: with ``solve_layer(refit=True)``: ``{"discrepancy_before", "iterations", "used"}``.
     """
 
     kernel: np.ndarray
@@ -62,6 +63,7 @@ class LayerSolution:
     presolve_iterations: int = 0
     duality_gap: float | None = None
     lam_path: tuple = ()
+    refit: dict | None = None
 
     def summary(self) -> dict:
         """The scalar fields, JSON-ready."""

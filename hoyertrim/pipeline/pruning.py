@@ -70,7 +70,7 @@ ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
 
 def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float | None = None,
             nm: tuple[int, int] | None = None, method: str = "nettrim",
-            within_nonzeros: bool = False, scheme: str = "cascade", samples: int = 5000, heldout: int = 1000,
+            within_nonzeros: bool = False, refit: bool = False, scheme: str = "cascade", samples: int = 5000, heldout: int = 1000,
             maxiter: int = 300, seed: int = 0, data_dir=None, progress=True,
             command=None) -> StageResult:
     """Layer-wise pruning of the parent network from ``samples`` training images, each layer's
@@ -84,6 +84,8 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         only). A peer's stage is called ``oneshot``.
       within_nonzeros: re-fit each layer on its current nonzeros only (a network pruned
         before, e.g. by DeepHoyer, only gets sparser).
+      refit: Net-Trim only: debias the kept weights after the λ search (`solve_layer`'s
+        ``refit``): the same support, a lower discrepancy.
       scheme: ``"parallel"`` or ``"cascade"`` (for the peers: sequential, as their papers run).
     """
     from hoyertrim import nettrim as nettrim_lib
@@ -114,6 +116,10 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         config["method"] = method
     if within_nonzeros:
         config["within_nonzeros"] = True
+    if refit:
+        if method != "nettrim" or nm is not None:
+            raise StageError("--refit is Net-Trim's (its N:M mode always re-fits).")
+        config["refit"] = True
     stage_name = "nettrim" if method == "nettrim" else "oneshot"
     manifest = _manifest(stage_name, config, parent=parent_manifest, parent_dir=parent,
                          command=command)
@@ -130,6 +136,8 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             raise StageError(f"No layer has an input count that is a multiple of {nm[1]}.")
     if method == "nettrim" and nm is None:
         options["maxiter"] = maxiter
+        if refit:
+            options["refit"] = True
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
