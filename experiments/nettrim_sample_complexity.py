@@ -137,8 +137,9 @@ def plot(payload, path):
         x = np.array(ps) / n
         y = np.array(ss) / n
         image = ax.pcolormesh(x, y, grid, shading="nearest", cmap="gray", vmin=0, vmax=1)
-        ax.contour(x, y, grid, levels=[0.5], colors="#d62728")
-        ax.contour(x, y, linear, levels=[0.5], colors="#1f77b4", linestyles="--")
+        if len(ss) > 1 and len(ps) > 1:  # a contour needs a 2-D grid
+            ax.contour(x, y, grid, levels=[0.5], colors="#d62728")
+            ax.contour(x, y, linear, levels=[0.5], colors="#1f77b4", linestyles="--")
         ax.plot([], [], color="#d62728", label="Net-Trim (ReLU) 50%")
         ax.plot([], [], color="#1f77b4", ls="--", label="basis pursuit 50%")
         ax.set_xlabel("P / N")

@@ -15,8 +15,8 @@ w*, the program recovers w* exactly once P = O(s log(N/s)).
 
 (d = 1 on inequality rows; an equality row's unused slack costs 1, so it ends at 0) and solves it
 with Mehrotra's predictor-corrector interior-point method in float64: pure array code in a
-`jax.lax.while_loop` (at most ``iterations`` steps, stopping at convergence), so it runs under
-`jax.jit` and `jax.vmap` over many problems at once.
+`jax.lax.fori_loop` of ``iterations`` steps (a converged problem keeps its iterate), so it runs
+under `jax.jit` and `jax.vmap` over many problems at once.
 ``jax_enable_x64`` must be on (the experiment and the tests turn it on).
 """
 
@@ -40,7 +40,7 @@ def solve_l1(x: jax.Array, y: jax.Array, inequality: jax.Array, *, iterations: i
       x: (P, N) float64 inputs.
       y: (P,) float64 right-hand sides (0 on the inactive rows of Net-Trim's program).
       inequality: (P,) bool, True where the row is ``≤``.
-      iterations: at most this many interior-point steps (each: two P×P Cholesky solves).
+      iterations: interior-point steps (each: two P×P Cholesky solves).
       tol: steps stop changing the iterate once its optimality measure is below this.
 
     Returns:
@@ -87,15 +87,15 @@ def solve_l1(x: jax.Array, y: jax.Array, inequality: jax.Array, *, iterations: i
         return (jnp.maximum(z + alpha_p * dz, 1e-300), jnp.maximum(s + alpha_d * ds, 1e-300),
                 lam + alpha_d * dlam)
 
-    # Stop once converged: further steps only meet round-off (z/s spans 1e±30). Under vmap the
-    # loop runs until every problem has stopped; a stopped one keeps its iterate.
-    def keep_going(carry):
-        count, state = carry
-        return (count < iterations) & (converged(*state) >= tol)
+    # A fixed trip count (a data-dependent while loop syncs with the host every step on CPU,
+    # which stalls when the cores are busy); once converged a problem keeps its iterate:
+    # further steps only meet round-off (z/s spans 1e±30).
+    def body(_, state):
+        done = converged(*state) < tol
+        return jax.tree.map(lambda old, new: jnp.where(done, old, new), state, step(state))
 
     start = (jnp.full(n, scale, x.dtype), jnp.ones(n, x.dtype), jnp.zeros(num_rows, x.dtype))
-    _, (z, s, lam) = jax.lax.while_loop(keep_going, lambda c: (c[0] + 1, step(c[1])),
-                                        (0, start))
+    z, s, lam = jax.lax.fori_loop(0, iterations, body, start)
     return z[:num_inputs] - z[num_inputs:2 * num_inputs], converged(z, s, lam)
 
 
