@@ -21,8 +21,15 @@ import argparse
 import functools
 import json
 import math
+import os
 import pathlib
 import time
+
+# Pinned to one core before jax starts: on jax 0.10.2 this vmapped float64 program hangs for
+# some shapes (e.g. N = 40, P = 32) when XLA's CPU runtime runs it on two threads; on one it
+# finishes in seconds.
+if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import common  # noqa: F401  (silences jaxopt's deprecation warning)
 import jax
@@ -100,6 +107,9 @@ def main(argv=None):
                         "linear_success": float(np.mean(linear_err < SUCCESS)),
                         "worst_optimality": float(worst.max())}
                 cells.append(cell)
+                print(f"  N={n} s={s} P={p}: Net-Trim {cell['relu_success']:.2f}, basis pursuit "
+                      f"{cell['linear_success']:.2f} ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
                 rates["relu"].append(cell["relu_success"])
                 rates["linear"].append(cell["linear_success"])
             scale = s * math.log(n / s)
