@@ -38,7 +38,7 @@ def test_relu_program_matches_cvxpy(seed, n, s, p):
     assert np.all(x[~active] @ got <= 1e-7)
 
 
-@pytest.mark.parametrize("seed, n, s, p", [(4, 30, 3, 10),
+@pytest.mark.parametrize("seed, n, s, p", [pytest.param(4, 30, 3, 10, marks=pytest.mark.slow),
                                            pytest.param(5, 40, 6, 25, marks=pytest.mark.slow)])
 def test_basis_pursuit_matches_cvxpy(seed, n, s, p):
     x, planted = _planted(seed, n, s, p)

@@ -336,6 +336,7 @@ def test_devices_only_for_the_parallel_scheme():
                               devices=jax.devices())
 
 
+@pytest.mark.slow
 def test_within_nonzeros_only_makes_a_pruned_network_sparser():
     model, params, images = _small_net()
     pruned_before = masks.apply_masks(params, masks.magnitude_masks(params, 0.6))
@@ -353,6 +354,7 @@ def test_within_nonzeros_only_makes_a_pruned_network_sparser():
                       & (np.asarray(pruned_before[n]["kernel"]) == 0)) for n in free.params)
 
 
+@pytest.mark.slow
 def test_refit_debiases_the_kept_weights_within_the_certificate():
     model, params, images = _small_net()
     plain = nettrim.prune_network(model, params, images, epsilon=0.1, scheme="cascade",

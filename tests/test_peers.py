@@ -136,6 +136,7 @@ def test_nettrim_nm_recovers_a_planted_two_four_neuron_layer():
     assert solution.discrepancy < 1e-2
 
 
+@pytest.mark.slow
 def test_nettrim_nm_through_prune_network():
     rng = np.random.default_rng(5)
     images = rng.normal(size=(300, 4, 4, 2)).astype(np.float32)
