@@ -81,6 +81,15 @@ def nonzero_masks(params) -> Any:
     return jax.tree.map(lambda p: jnp.asarray(p) != 0, params)
 
 
+def kernel_nonzero_masks(params) -> Any:
+    """The masks of a pruned network as Net-Trim and the pipeline stages store them: True where
+    a kernel (a leaf named ``kernel``) is nonzero — pruned weights are exact zeros — and every
+    other leaf (biases, BatchNorm) kept."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: (jnp.asarray(p) != 0) if getattr(path[-1], "key", None) == "kernel"
+        else jnp.ones(jnp.shape(p), bool), params)
+
+
 def threshold_masks(params, threshold: float, where: LeafFilter = is_kernel):
     """Keeps weights with ``|w| ≥ threshold`` (and w ≠ 0) in the selected leaves."""
     if threshold < 0:

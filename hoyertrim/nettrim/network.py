@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hoyertrim.masks import SparsityReport, sparsity_report
+from hoyertrim.masks import SparsityReport, kernel_nonzero_masks, sparsity_report
 from hoyertrim.nettrim import graph
 from hoyertrim.nettrim.capture import Recorder, find_layers, layer_variables, select_layers
 from hoyertrim.nettrim.search import solve_layer
@@ -436,9 +436,7 @@ def _check(record, params, pruned, collections, names, followers, original, samp
             heldout["top1_agreement"] = float(np.mean(np.argmax(out, -1)
                                                       == np.argmax(reference_out, -1)))
     pruned = jax.tree.map(jnp.asarray, pruned)
-    masks = jax.tree_util.tree_map_with_path(
-        lambda path, p: (p != 0) if getattr(path[-1], "key", None) == "kernel"
-        else jnp.ones(jnp.shape(p), bool), pruned)
+    masks = kernel_nonzero_masks(pruned)
     variables = {"params": pruned, **collections} if collections else None
     return PrunedNetwork(params=pruned, masks=masks, layers=reports, scheme=scheme,
                          variables=variables, heldout=heldout)

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
+from hoyertrim.masks import top_k_mask
 from hoyertrim.nettrim.problem import LayerSolution
 
 
@@ -65,11 +67,8 @@ def nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
 
 
 def _top_k(scores: np.ndarray, keep: int) -> np.ndarray:
-    """bool mask of the ``keep`` highest entries (ties to the lower flat index)."""
-    order = np.argsort(-scores.reshape(-1), kind="stable")
-    mask = np.zeros(scores.size, bool)
-    mask[order[:keep]] = True
-    return mask.reshape(scores.shape)
+    """`masks.top_k_mask` (the library's one tie rule: ties to the lower flat index), as NumPy."""
+    return np.asarray(top_k_mask(jnp.asarray(scores), keep))
 
 
 def _allowed(support, kernel):

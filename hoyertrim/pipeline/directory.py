@@ -228,14 +228,6 @@ def load(directory, step: int | None = None):
 
 
 
-def _nonzero(params):
-    """Masks of a network: True where a kernel weight is nonzero (pruned weights are exact
-    zeros), everything else kept."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: (np.asarray(p) != 0) if getattr(path[-1], "key", None) == "kernel"
-        else np.ones(np.shape(p), bool), params)
-
-
 def _parent(directory):
     from hoyertrim import checkpoint
     manifest = read_manifest(directory)

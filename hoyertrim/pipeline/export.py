@@ -29,8 +29,7 @@ def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
                                         apply_kwargs=kwargs)
         compact_lib.save_compact(stage.out / "compact", compacted)
         reloaded = compact_lib.load_compact(stage.out / "compact", model)
-        original = _batched(lambda x: model.apply(variables, x, **kwargs),
-                            data.validation.images)
+        original = loaded.predict(data.validation.images, model=model)  # jitted, batched
         smaller = _batched(reloaded.apply, data.validation.images)
         scale = float(np.max(np.abs(original)))
         difference = float(np.max(np.abs(original - smaller)))

@@ -9,8 +9,9 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from hoyertrim.masks import kernel_nonzero_masks
 from hoyertrim.pipeline.directory import StageError, StageResult, _load_data, _manifest, \
-    _nonzero, _parent, _result, _save_network, _Stage, _summary
+    _parent, _result, _save_network, _Stage, _summary
 
 
 PRUNE_RULES = ("threshold", "std", "magnitude", "global_magnitude", "group", "group_std")
@@ -58,7 +59,7 @@ def prune(parent, out, *, rule: str = "std", value: float = 0.1, data_dir=None,
         data = _load_data(manifest, data_dir)
         # Kernel masks from the rule, and whatever the parent had pruned stays pruned.
         masks = jax.tree.map(lambda m, old: np.asarray(m) & np.asarray(old), masks,
-                             _nonzero(loaded.params))
+                             kernel_nonzero_masks(loaded.params))
         params = masks_lib.apply_masks(loaded.params, masks)
         _save_network(stage.out, params, masks, loaded.model_state)
         stage.finish(_summary(model, params, loaded.model_state, data))
@@ -70,7 +71,8 @@ ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
 
 def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float | None = None,
             nm: tuple[int, int] | None = None, method: str = "nettrim",
-            within_nonzeros: bool = False, refit: bool = False, scheme: str = "cascade", samples: int = 5000, heldout: int = 1000,
+            within_nonzeros: bool = False, refit: bool = False, scheme: str = "cascade",
+            samples: int = 5000, heldout: int = 1000,
             maxiter: int = 300, seed: int = 0, data_dir=None, progress=True,
             command=None) -> StageResult:
     """Layer-wise pruning of the parent network from ``samples`` training images, each layer's

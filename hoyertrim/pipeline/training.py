@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hoyertrim.masks import kernel_nonzero_masks
 from hoyertrim.pipeline.directory import StageError, StageResult, _load_data, _manifest, \
-    _nonzero, _parent, _result, _save_network, _Stage, _summary
+    _parent, _result, _save_network, _Stage, _summary
 from hoyertrim.pipeline.modelspec import model_spec, resolve_model
 
 
@@ -73,7 +74,7 @@ def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str 
         tx = _optimizer(config, len(data.train))
         state, step, seconds = _fit_stage(stage, module, tx, data, None, None, config,
                                           progress=progress)
-        _save_network(stage.out, state.params, _nonzero(state.params), state.model_state)
+        _save_network(stage.out, state.params, kernel_nonzero_masks(state.params), state.model_state)
         stage.finish(_summary(module, state.params, state.model_state, data,
                               {"epoch": step, "train_seconds": seconds}))
     return _result(stage)
@@ -161,7 +162,7 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
             raise StageError(f"The weights in {checkpoint} do not fit {model}: {details}") \
                 from error
         params = jax.tree.map(np.asarray, params)
-        _save_network(stage.out, params, _nonzero(params), model_state)
+        _save_network(stage.out, params, kernel_nonzero_masks(params), model_state)
         stage.finish(_summary(module, params, model_state, data))
     return _result(stage)
 
@@ -201,7 +202,7 @@ def regularize(parent, out, *, penalty: str = "hoyer_square", strength: float = 
         tx = optax.chain(REGULARIZERS[penalty](strength), _optimizer(config, len(data.train)))
         state, step, seconds = _fit_stage(stage, model, tx, data, loaded.params,
                                           loaded.model_state, config, progress=progress)
-        _save_network(stage.out, state.params, _nonzero(state.params), state.model_state)
+        _save_network(stage.out, state.params, kernel_nonzero_masks(state.params), state.model_state)
         stage.finish(_summary(model, state.params, state.model_state, data,
                               {"epoch": step, "train_seconds": seconds}))
     return _result(stage)
@@ -241,7 +242,7 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
         if stage.done:
             return _result(stage)
         data = _load_data(manifest, data_dir)
-        masks = _nonzero(loaded.params)
+        masks = kernel_nonzero_masks(loaded.params)
         tx = masked_fine_tuning(_optimizer(config, len(data.train)), masks)
         state, step, seconds = _fit_stage(stage, model, tx, data, apply_masks(loaded.params, masks),
                                           loaded.model_state, config, teacher=teacher_fn,
