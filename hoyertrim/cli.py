@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--refit", action="store_true",
                            help="debias the kept weights after the λ search (same support, "
                                 "lower discrepancy)")
+            p.add_argument("--polish", type=int, default=0, metavar="ROUNDS",
+                           help="with --epsilon: rounds of debias-then-threshold after each "
+                                "layer's λ search (fewer weights at the same ε; ~50 extra "
+                                "iterations a round)")
         p.add_argument("--seed", type=int, default=0, help="seeds row subsets of large layers")
         _common(p)
 
@@ -327,6 +331,7 @@ def _run(args, command_line) -> int:
             kept_fraction=args.kept_fraction, nm=args.nm,
             method=getattr(args, "method", "nettrim"), scheme=args.scheme,
             within_nonzeros=args.within_nonzeros, refit=getattr(args, "refit", False),
+            polish=getattr(args, "polish", 0),
             samples=args.samples, heldout=args.heldout, maxiter=getattr(args, "maxiter", 300),
             seed=args.seed, progress=progress, **common)
     else:

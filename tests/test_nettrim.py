@@ -369,3 +369,27 @@ def test_refit_debiases_the_kept_weights_within_the_certificate():
     assert not np.any(kept_after & ~kept_before)  # the support never grows
     for layer in refit.layers.values():
         assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4)
+
+
+def test_polish_keeps_fewer_weights_inside_the_same_certificate():
+    x, y = _layer(2, samples=400, inputs=40, outputs=8, density=0.4)
+    epsilon = 0.1
+    plain = nettrim.solve_layer(x, y, epsilon=epsilon, search_tol=0.03)
+    polished = nettrim.solve_layer(x, y, epsilon=epsilon, search_tol=0.03, polish=2)
+    # The certificate, recomputed here from the returned weights.
+    achieved = np.linalg.norm(np.maximum(x @ polished.kernel + polished.bias, 0) - y) / \
+        np.linalg.norm(y)
+    assert achieved == pytest.approx(polished.discrepancy, rel=1e-4)
+    assert achieved <= epsilon and polished.feasible
+    kept_plain, kept_polished = plain.kernel != 0, polished.kernel != 0
+    assert not np.any(kept_polished & ~kept_plain)  # re-fit on the support, then only removals
+    assert kept_polished.sum() < 0.95 * kept_plain.sum()
+    assert polished.polish["kept_before"] == pytest.approx(plain.kept_fraction)
+    assert sum(polished.polish["removed"]) == kept_plain.sum() - kept_polished.sum()
+    assert polished.kept_fraction == pytest.approx(np.mean(kept_polished))
+
+
+def test_polish_is_for_epsilon_mode():
+    x, y = _layer()
+    with pytest.raises(ValueError, match="refit=True"):
+        nettrim.solve_layer(x, y, kept_fraction=0.3, polish=1)

@@ -46,6 +46,8 @@ class LayerSolution:
       lam_path: the full-size solves of the λ search in the order made, each
         ``{"lam", "discrepancy", "kept_fraction"}``.
       refit: with ``solve_layer(refit=True)``: ``{"discrepancy_before", "iterations", "used"}``.
+      polish: with ``solve_layer(polish=k)``: ``{"kept_before", "discrepancy_before",
+        "iterations", "removed"}`` (weights removed per round).
     """
 
     kernel: np.ndarray
@@ -64,6 +66,7 @@ class LayerSolution:
     duality_gap: float | None = None
     lam_path: tuple = ()
     refit: dict | None = None
+    polish: dict | None = None
 
     def summary(self) -> dict:
         """The scalar fields, JSON-ready."""

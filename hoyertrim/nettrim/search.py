@@ -23,6 +23,7 @@ import time
 import warnings
 from typing import Callable
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -195,11 +196,13 @@ def _multilevel_search(data: LayerData, make_goal: Callable[[LayerData], _Goal],
 
 def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | None = None,
                 relu: bool = True, v=None, fit_bias: bool = True, offset=None, support=None,
-                maxiter: int = 300, tol: float = 1e-4, gap_tol: float = 0.05, search_tol: float = 0.03,
+                maxiter: int = 300, tol: float = 1e-4, gap_tol: float = 0.05,
+                search_tol: float | None = None,
                 max_solves: int = 30, lam_range: float = 1e-6, init_kernel=None, init_bias=None,
                 presolve_samples: int | None = 2000, shard: bool = True,
                 progress: bool = False, refit: bool = False, refit_maxiter: int = 2000,
-                refit_lam: float = 1e-6) -> LayerSolution:
+                refit_lam: float = 1e-6, polish: int = 0,
+                polish_maxiter: int = 50) -> LayerSolution:
     """Prunes one layer: the sparsest kernel whose outputs stay within ``epsilon`` of ``y``.
 
     Args:
@@ -220,7 +223,9 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
         tol × the largest gradient entry at zero.
       gap_tol: ``converged`` is reported when the layer's relative duality gap at the returned
         λ is at most this (the objective is then provably within this fraction of optimal).
-      search_tol: the λ search stops once ``(1 − search_tol)·epsilon ≤ discrepancy ≤ epsilon``.
+      search_tol: the λ search stops once ``(1 − search_tol)·epsilon ≤ discrepancy ≤ epsilon``;
+        default 0.03, or 0.15 with ``polish`` (which removes weights up to epsilon itself, so the
+        search only needs a feasible start: usually its first full-size solve).
       max_solves: limit of the λ search.
       lam_range: smallest λ tried, relative to the λ that prunes everything.
       init_kernel, init_bias: warm start for the first solve (e.g. the trained weights).
@@ -235,6 +240,12 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
         ``refit_maxiter`` FISTA iterations): ℓ1 also shrinks the weights it keeps, and this
         debiasing lowers the discrepancy at the same support (kept only if it does), so the
         certificate still holds with room to spare. ``LayerSolution.refit`` says what it gave.
+      polish: epsilon mode: rounds of debias-then-threshold after the λ search (`_polish`): the
+        kept weights are re-fit on their support (``polish_maxiter`` FISTA iterations at
+        ``refit_lam``), then the smallest are removed while the measured discrepancy stays
+        ≤ epsilon. Each round costs about ``polish_maxiter`` full-size iterations and removes
+        what ℓ1's shrinkage had made necessary: on MNIST's first layer one round keeps ~15%
+        fewer weights at the same epsilon. ``LayerSolution.polish`` says what it gave.
 
     Returns:
       A `LayerSolution`. If epsilon (or the kept fraction) cannot be met a warning is issued; for
@@ -248,7 +259,12 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
                          f"got {epsilon}.")
     if kept_fraction is not None and not 0 < kept_fraction <= 1:
         raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}.")
+    if polish and epsilon is None:
+        raise ValueError("polish removes weights down to epsilon; with kept_fraction use "
+                         "refit=True to lower the discrepancy at the kept fraction instead.")
     data = layer_data(x, y, v=v, relu=relu, fit_bias=fit_bias, offset=offset, support=support)
+    if search_tol is None:
+        search_tol = 0.15 if polish else 0.03
     if epsilon is not None:
         def make_goal(d):
             return _Goal.discrepancy(epsilon, d.y_norm, search_tol)
@@ -265,7 +281,10 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
         found, problem, presolve_iterations = _multilevel_search(
             data, make_goal, presolve_samples, (init_kernel, init_bias), dict(shard=shard),
             search, bar)
-    best = found.best
+    best, polish_report = found.best, None
+    if polish and found.feasible is not None:
+        best, polish_report = _polish(problem, best, epsilon * data.y_norm, rounds=polish,
+                                      maxiter=polish_maxiter, tol=tol, lam=refit_lam)
     y_norm = data.y_norm
     discrepancy = best["error"] / y_norm
     if epsilon is None:
@@ -299,13 +318,72 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
     return LayerSolution(
         kernel=kernel, bias=bias, discrepancy=discrepancy, epsilon=certified,
         feasible=discrepancy <= certified, lam=best["lam"],
-        iterations=sum(r["iterations"] for r in found.solves), converged=best["gap"] <= gap_tol,
+        iterations=sum(r["iterations"] for r in found.solves) + (polish_report or {}).get(
+            "iterations", 0), converged=best["gap"] <= gap_tol,
         duality_gap=best["gap"],
         inactive_violation=violation / y_norm, kept_fraction=kept,
         solves=len(found.solves), seconds=time.perf_counter() - started,
-        presolve_iterations=presolve_iterations, refit=refit_report,
+        presolve_iterations=presolve_iterations, refit=refit_report, polish=polish_report,
         lam_path=tuple({"lam": float(r["lam"]), "discrepancy": float(r["error"] / y_norm),
                         "kept_fraction": float(r["kept"])} for r in found.solves))
+
+
+def _polish(problem: NormalizedLayer, result: dict, target_error: float, *, rounds: int,
+            maxiter: int, tol: float, lam: float) -> tuple[dict, dict]:
+    """Debias, then threshold, ``rounds`` times, starting from a feasible λ-search solve.
+
+    ℓ1 shrinks the weights it keeps, so the kept weights are re-fit on their support at a
+    negligible ℓ1 weight (``lam`` × the λ that prunes everything; ``maxiter`` FISTA iterations,
+    warm) — the discrepancy drops well below ε — and then the smallest weights (by |ũ|, their
+    output contribution in the normalized problem, whose columns all have the same norm) are
+    removed, as many as keep the measured error ≤ ``target_error`` (bisection on their count).
+    Every candidate is measured on the real weights, so the result is feasible by construction.
+
+    Returns the final solve's record (the ℓ1 solve's λ and duality gap) and
+    ``{"kept_before", "discrepancy_before", "iterations", "removed"}``.
+    """
+    weights = problem.penalty_weights
+    penalized = jnp.isfinite(weights) & (weights > 0)
+    real_cells = max(int(problem.data.support.sum()), 1)
+
+    def error(u):
+        return measure(problem.data, problem.to_real(u), problem.device_data)
+
+    def without(u, threshold):
+        return jnp.where(penalized & (jnp.abs(u) <= threshold), 0.0, u)
+
+    u, (best_error, violation) = result["u"], (result["error"], result["violation"])
+    iterations, removed = 0, []
+    for _ in range(rounds):
+        on_support = jnp.where(weights == 0, 0.0, jnp.where(u != 0, lam * problem.lam_max * weights,
+                                                             jnp.inf))
+        refit, counts = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d, u,
+                                 on_support, maxiter, problem.abs_tol * tol)
+        iterations += int(np.max(counts))
+        refit_error = error(refit)
+        if refit_error[0] < best_error:
+            u, (best_error, violation) = refit, refit_error
+        u_host = np.asarray(u)
+        scores = np.sort(np.abs(u_host)[np.asarray(penalized) & (u_host != 0)])
+        feasible, infeasible = 0, len(scores) + 1  # counts of removed weights
+        while infeasible - feasible > 1:
+            count = (feasible + infeasible) // 2
+            candidate_error = error(without(u, scores[count - 1]))
+            if candidate_error[0] <= target_error:
+                feasible, feasible_error = count, candidate_error
+            else:
+                infeasible = count
+        removed.append(feasible)
+        if not feasible:
+            break
+        u, (best_error, violation) = without(u, scores[feasible - 1]), feasible_error
+    u_real = problem.to_real(u)
+    kernel, _ = problem.split(u_real)
+    polished = dict(result, u=u, u_real=u_real, error=best_error, violation=violation,
+                    kept=np.count_nonzero(kernel) / real_cells)
+    return polished, {"kept_before": result["kept"],
+                      "discrepancy_before": result["error"] / problem.y_norm,
+                      "iterations": iterations, "removed": removed}
 
 
 def _refit(x, y, pattern, kernel, bias, common: dict, *, shard: bool, maxiter: int, tol: float,

@@ -71,7 +71,8 @@ ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
 
 def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float | None = None,
             nm: tuple[int, int] | None = None, method: str = "nettrim",
-            within_nonzeros: bool = False, refit: bool = False, scheme: str = "cascade",
+            within_nonzeros: bool = False, refit: bool = False, polish: int = 0,
+            scheme: str = "cascade",
             samples: int = 5000, heldout: int = 1000,
             maxiter: int = 300, seed: int = 0, data_dir=None, progress=True,
             command=None) -> StageResult:
@@ -88,6 +89,8 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         before, e.g. by DeepHoyer, only gets sparser).
       refit: Net-Trim only: debias the kept weights after the λ search (`solve_layer`'s
         ``refit``): the same support, a lower discrepancy.
+      polish: Net-Trim with ε only: rounds of debias-then-threshold after each layer's λ
+        search (`solve_layer`'s ``polish``): fewer weights at the same ε.
       scheme: ``"parallel"`` or ``"cascade"`` (for the peers: sequential, as their papers run).
     """
     from hoyertrim import nettrim as nettrim_lib
@@ -122,6 +125,11 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         if method != "nettrim" or nm is not None:
             raise StageError("--refit is Net-Trim's (its N:M mode always re-fits).")
         config["refit"] = True
+    if polish:
+        if method != "nettrim" or epsilon is None or polish < 0:
+            raise StageError("--polish needs Net-Trim with --epsilon and a count of rounds >= 1 "
+                             "(it removes weights down to ε).")
+        config["polish"] = polish
     stage_name = "nettrim" if method == "nettrim" else "oneshot"
     manifest = _manifest(stage_name, config, parent=parent_manifest, parent_dir=parent,
                          command=command)
@@ -140,6 +148,8 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         options["maxiter"] = maxiter
         if refit:
             options["refit"] = True
+        if polish:
+            options["polish"] = polish
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
