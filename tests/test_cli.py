@@ -113,6 +113,8 @@ def test_same_command_reuses_the_stage_and_other_settings_are_refused(chain, cap
     (["nettrim", "{work}/nowhere"], "does not exist"),
     (["nettrim", "{work}/dense", "--samples", "999999"], "exceeds the 800 training images"),
     (["compact", "{work}/small"], "is a compact model"),
+    (["nettrim", "{work}/dense", "--kept-fraction", "0.3", "--polish", "1"],
+     "--polish needs Net-Trim with --epsilon"),
     (["prune", "{work}/dense", "--rule", "magnitude", "--value", "1.5"], "needs a value in"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_folder(chain, capsys, tiny_data_root, argv,
@@ -252,3 +254,24 @@ def test_oneshot_peers_and_nm_through_the_command(chain, capsys, tiny_data_root)
                   str(chain / "none"), *data])
     assert exit_info.value.code == 2 and "one of the arguments" in capsys.readouterr().err
     assert not (chain / "none").exists()
+
+
+def test_polish_through_the_command_keeps_fewer_weights(chain, tiny_data_root):
+    data = ["--data-dir", str(tiny_data_root), "--no-progress", "--samples", "600",
+            "--heldout", "200"]
+    assert cli.main(["nettrim", str(chain / "dense"), "--epsilon", "0.1", "--polish", "1",
+                     "--out", str(chain / "polished"), *data]) == 0
+    manifest = pipeline.read_manifest(chain / "polished")
+    plain = pipeline.read_manifest(chain / "trimmed")  # the chain's ε = 0.1 without polish
+    assert manifest["config"]["polish"] == 1
+    layers = manifest["results"]["layers"]
+    for layer in layers.values():
+        assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4)
+    polished = [name for name, layer in layers.items() if layer.get("polish")]
+    assert polished  # at least one layer went through a polish round, and it removed weights
+    assert sum(sum(layers[n]["polish"]["removed"]) for n in polished) > 0
+    kept = hoyertrim.load(chain / "polished").params
+    before = hoyertrim.load(chain / "trimmed").params
+    assert sum(int(np.count_nonzero(kept[n]["kernel"])) for n in kept) < \
+        sum(int(np.count_nonzero(before[n]["kernel"])) for n in before)
+    assert plain["config"].get("polish") is None

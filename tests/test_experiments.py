@@ -89,3 +89,22 @@ def test_nettrim_experiment_runs(dense_run, data_root, tmp_path):
         str(dense_dir), "--workdir", str(other), "--no-progress"])
     assert again["kept_fraction"] == point["kept_fraction"] and again["distill"]
     assert again["nettrim"] == point["nettrim"]
+
+
+@pytest.mark.slow
+def test_error_propagation_experiment_measures_within_its_bounds(data_root, tmp_path):
+    import nettrim_error_propagation
+    results = tmp_path / "propagation.json"
+    payload = nettrim_error_propagation.main([
+        "--models", "lenet300100", "--dense-epochs", "1", "--epsilons", "0.1", "--samples", "400",
+        "--heldout", "200", "--root", str(tmp_path / "runs"), "--results", str(results),
+        "--data-dir", str(data_root), "--no-progress"])
+    assert json.loads(results.read_text()) == json.loads(json.dumps(payload))
+    assert results.with_suffix(".png").exists()
+    by_scheme = {p["scheme"]: p for p in payload["points"]}
+    assert set(by_scheme) == {"parallel", "cascade"}
+    for layer in by_scheme["parallel"]["layers"]:  # the propagation bound holds at every layer
+        assert 0 < layer["measured"] <= layer["parallel_bound"] * (1 + 1e-5)
+    for layer in by_scheme["cascade"]["layers"]:  # the cascade certificate is network-level
+        assert 0 < layer["measured"] <= layer["epsilon"] * (1 + 1e-4)
+        assert layer["measured"] <= layer["cascade_bound"] * (1 + 1e-5)
