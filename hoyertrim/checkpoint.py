@@ -286,8 +286,13 @@ class Loaded:
             variables = {"params": self.params, **self.model_state}
             kwargs = mode_kwargs(model, False)
             forward = jax.jit(lambda x: model.apply(variables, x, **kwargs))
-        return np.concatenate([np.asarray(forward(images[i:i + batch_size]))
-                               for i in range(0, len(images), batch_size)])
+        return predict_in_batches(forward, images, batch_size)
+
+
+def predict_in_batches(forward, images, batch_size: int = 1000) -> np.ndarray:
+    """``forward`` (images (b, ...) → (b, ...)) over ``images`` in batches, as one numpy array."""
+    return np.concatenate([np.asarray(forward(images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])
 
 
 def load(directory: str | os.PathLike, step: int | None = None) -> Loaded:

@@ -248,11 +248,6 @@ def directory_bytes(path) -> int:
     return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
 
 
-def _batched(fn, images, batch_size=1000) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
-
-
 def _summary(model, params, model_state, dataset, extra=None) -> dict:
     from hoyertrim import masks as masks_lib
     from hoyertrim.train import mode_kwargs, predict_accuracy

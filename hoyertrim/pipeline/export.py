@@ -7,7 +7,8 @@ import pathlib
 
 import numpy as np
 
-from hoyertrim.pipeline.directory import StageError, StageResult, _batched, _load_data, \
+from hoyertrim.checkpoint import predict_in_batches
+from hoyertrim.pipeline.directory import StageError, StageResult, _load_data, \
     _manifest, _parent, _result, _Stage, directory_bytes, load, read_manifest
 
 
@@ -30,7 +31,7 @@ def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
         compact_lib.save_compact(stage.out / "compact", compacted)
         reloaded = compact_lib.load_compact(stage.out / "compact", model)
         original = loaded.predict(data.validation.images, model=model)  # jitted, batched
-        smaller = _batched(reloaded.apply, data.validation.images)
+        smaller = predict_in_batches(reloaded.apply, data.validation.images)
         scale = float(np.max(np.abs(original)))
         difference = float(np.max(np.abs(original - smaller)))
         if not difference <= 1e-4 * max(scale, 1.0):
