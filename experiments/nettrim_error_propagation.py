@@ -162,6 +162,7 @@ def main(argv=None):
 
 def plot(payload, out):
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     models = sorted({p["model"] for p in payload["points"]})
@@ -190,6 +191,8 @@ def plot(payload, out):
                 ax.plot(eps, [layer[key] for layer in last], style, label=label)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.set_xticks(eps, [f"{e:g}" for e in eps])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlabel("ε (first layer; parallel: every layer)")
             ax.set_ylabel("output discrepancy / ‖y_L‖")
             ax.set_title(f"{name}, {scheme}")
