@@ -61,6 +61,22 @@ class PatchConv(nn.Module):
         return patches @ kernel.reshape(-1, self.features) + bias
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling with stride 2 of NHWC images with even H and W: (B, H, W, C) ->
+    (B, H/2, W/2, C).
+
+    The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``, as a reshape and a max: its
+    gradient is a compare-and-select instead of XLA's select-and-scatter, which on CPU made
+    LeNet-5's training epoch ~1.4x slower (same process, same inputs). The gradients are equal
+    except where two inputs of a window tie at their (positive) maximum, where this one splits
+    it between them.
+    """
+    batch, height, width, channels = x.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"max_pool_2x2 needs even height and width, got {x.shape}.")
+    return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
 # Net-Trim prunes PatchConv like the nn.Conv it stands for, through its own patches.
 nettrim_adapters.register_adapter(
     PatchConv, nettrim_adapters.ConvAdapter(
@@ -105,10 +121,8 @@ class LeNet5(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_input(x, self.input_shape, "LeNet5")
-        x = nn.relu(PatchConv(20, (5, 5), name="conv0")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(PatchConv(50, (5, 5), name="conv1")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(nn.relu(PatchConv(20, (5, 5), name="conv0")(x)))
+        x = max_pool_2x2(nn.relu(PatchConv(50, (5, 5), name="conv1")(x)))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(500, name="dense0")(x))
         return nn.Dense(self.num_classes, name="dense1")(x)

@@ -80,3 +80,18 @@ def test_patch_conv_matches_flax_conv():
         jnp.shape, params)
     params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero bias too
     assert jnp.allclose(patch.apply(params, x), conv.apply(params, x), atol=1e-5)
+
+
+def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient_without_ties():
+    from hoyertrim.models import max_pool_2x2
+    import flax.linen as nn
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 6, 4))  # continuous: no ties
+    def flax_pool(x):
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
+    assert jnp.array_equal(max_pool_2x2(x), flax_pool(x))
+    weights = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 3, 4))
+    ours = jax.grad(lambda x: jnp.sum(weights * max_pool_2x2(x)))(x)
+    theirs = jax.grad(lambda x: jnp.sum(weights * flax_pool(x)))(x)
+    assert jnp.array_equal(ours, theirs)
+    with pytest.raises(ValueError, match="even height and width"):
+        max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
