@@ -194,7 +194,8 @@ def test_resolve_model_import_path(tmp_path, monkeypatch):
     assert pipeline.model_spec("user_pkg.nets:TinyCNN")["search_path"] == str(tmp_path)
 
 
-@pytest.mark.parametrize("form", ["orbax", pytest.param("msgpack", marks=pytest.mark.slow),
+@pytest.mark.parametrize("form", [pytest.param("orbax", marks=pytest.mark.slow),
+                                  pytest.param("msgpack", marks=pytest.mark.slow),
                                   pytest.param("npz", marks=pytest.mark.slow)])
 def test_import_weights_trained_elsewhere(tmp_path, capsys, tiny_data_root, form):
     import flax

@@ -33,6 +33,7 @@ def _check(model, variables, images, kwargs=None, fewer_than=None):
     return compacted
 
 
+@pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_mlp_dead_units_are_removed_and_their_constants_carried():
     model = MLP(hidden=(20, 12), num_classes=4, input_shape=(6, 6, 1))
     images = jax.random.uniform(jax.random.PRNGKey(1), (64, 6, 6, 1))

@@ -134,6 +134,7 @@ def test_no_readable_checkpoint_is_a_clear_error_or_a_fresh_start(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+@pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     model, dataset = small_mlp(), synthetic(1000)
     fit(model, optax.sgd(0.01), dataset, epochs=1, batch_size=50, progress=False,

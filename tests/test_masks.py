@@ -47,6 +47,7 @@ def test_count_masks_keep_exact_counts():
     assert int(m["dense0"]["kernel"].sum()) == 7 and int(m["dense1"]["kernel"].sum()) == 0
 
 
+@pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_group_masks_remove_whole_units():
     w = jnp.ones((4, 3)).at[:, 1].set(1e-3).at[2, :].set(1e-3)
     m = masks_lib.group_masks({"l": {"kernel": w}}, fraction_of_max=0.1)["l"]["kernel"]

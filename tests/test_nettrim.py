@@ -141,7 +141,7 @@ def _small_net():
 
 
 @pytest.mark.parametrize("scheme", [pytest.param("parallel", marks=pytest.mark.slow),
-                                    "cascade"])
+                                    pytest.param("cascade", marks=pytest.mark.slow)])
 def test_network_schemes_certify_and_save(scheme, tmp_path):
     model, params, images = _small_net()
     epsilon = 0.05

@@ -69,6 +69,7 @@ def test_killed_and_resumed_run_is_bit_identical(small_mnist, tmp_path):
     assert int(resumed.step) == int(reference.step)
 
 
+@pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_checkpoint_restores_types_masks_config_and_keeps_latest_plus_best(tmp_path):
     from hoyertrim.masks import magnitude_masks
     from hoyertrim.transforms import masked, masks_in_state
@@ -155,6 +156,7 @@ def test_optimizer_errors():
         make_optimizer("lion", schedule="constant")
 
 
+@pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_distillation_loss_reduces_to_its_parts():
     logits = jax.random.normal(jax.random.PRNGKey(0), (8, 10))
     teacher = jax.random.normal(jax.random.PRNGKey(1), (8, 10))
