@@ -42,6 +42,19 @@ def write_json(path: pathlib.Path, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def dense_stage(settings: dict, *, root="runs/pipeline", data_dir=None,
+                progress: bool = True) -> pathlib.Path:
+    """The dense `train` stage of ``settings`` ({"model", "epochs", ...}) in the directory
+    `experiments/run.py` gives the same settings, so every script shares one dense model per
+    recipe; trained there if absent, reused if done."""
+    from hoyertrim import pipeline
+    key = {"stage": "train", "parent": None, **settings}
+    out = pipeline.default_directory("train", settings["model"], key, root).absolute()
+    kwargs = {k: v for k, v in settings.items() if k != "model"}
+    return pipeline.train(settings["model"], out, data_dir=data_dir, progress=progress,
+                          **kwargs).directory
+
+
 def restore_dense(args, model, dataset):
     """Best-validation dense params from train_dense.py's checkpoints (trains them if absent).
 

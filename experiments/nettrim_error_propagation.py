@@ -46,19 +46,9 @@ import numpy as np
 
 import common
 from hoyertrim import nettrim, pipeline
+from run import DENSE_FC, DENSE_LENET300100
 
-DENSE = {  # the dense stages of experiments/run.py (same settings, so the same directories)
-    "lenet300100": {"model": "lenet300100", "epochs": 30},
-    "nettrim_fc": {"model": "nettrim_fc", "epochs": 30},
-}
-
-
-def dense_stage(settings: dict, root, data_dir, progress: bool) -> pathlib.Path:
-    key = {"stage": "train", "parent": None, **settings}
-    out = pipeline.default_directory("train", settings["model"], key, root).absolute()
-    kwargs = {k: v for k, v in settings.items() if k != "model"}
-    return pipeline.train(settings["model"], out, data_dir=data_dir, progress=progress,
-                          **kwargs).directory
+DENSE = {"lenet300100": DENSE_LENET300100[1], "nettrim_fc": DENSE_FC[1]}
 
 
 def layer_outputs(model, params, images) -> dict[str, np.ndarray]:
@@ -128,7 +118,8 @@ def main(argv=None):
         settings = dict(DENSE[name])
         if args.dense_epochs:
             settings["epochs"] = args.dense_epochs
-        dense_dir = dense_stage(settings, args.root, args.data_dir, not args.no_progress)
+        dense_dir = common.dense_stage(settings, root=args.root, data_dir=args.data_dir,
+                                       progress=not args.no_progress)
         dense = pipeline.load(dense_dir)
         dataset = pipeline.load_data(dense.manifest, args.data_dir)
         calibration = dataset.train.images[:args.samples]

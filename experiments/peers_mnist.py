@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 import common
+from run import DENSE_LENET300100, DENSE_LENET5
 from hoyertrim import nettrim, pipeline
 from hoyertrim.nettrim import peers
 from hoyertrim.train import predict_accuracy
@@ -35,13 +36,13 @@ METHODS = {  # label: (solver, scheme)
     "Wanda": (peers.wanda_layer, "cascade"),
     "magnitude": (peers.magnitude_layer, "parallel"),
 }
-DENSE_EPOCHS = {"lenet300100": 30, "lenet5": 20}
+DENSE = {"lenet300100": DENSE_LENET300100[1], "lenet5": DENSE_LENET5[1]}  # run.py's recipes
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", choices=sorted(DENSE_EPOCHS), default="lenet300100")
+    parser.add_argument("--model", choices=sorted(DENSE), default="lenet300100")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95],
                         help="per-layer sparsity (1 − kept fraction) of every pruned layer")
     parser.add_argument("--nm", action="store_true", help="also the 2:4 pattern")
@@ -64,12 +65,8 @@ def parse_args(argv=None):
 def dense_stage(args) -> pathlib.Path:
     if args.dense:
         return pathlib.Path(args.dense)
-    settings = {"model": args.model, "epochs": DENSE_EPOCHS[args.model]}
-    out = pipeline.default_directory("train", args.model,
-                                     {"stage": "train", "parent": None, **settings},
-                                     "runs/pipeline")
-    return pipeline.train(args.model, out, epochs=settings["epochs"], data_dir=args.data_dir,
-                          progress=not args.no_progress).directory
+    return common.dense_stage(DENSE[args.model], data_dir=args.data_dir,
+                              progress=not args.no_progress)
 
 
 def nm_layers(params, m=4):

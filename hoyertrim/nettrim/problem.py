@@ -265,6 +265,11 @@ class NormalizedLayer:
                            * self.y_scale)
         return real
 
+    def kept_fraction(self, u_real) -> float:
+        """Nonzero fraction of the kernel entries ``support`` allows, of (N [+1], M) real weights."""
+        kernel, _ = self.split(u_real)
+        return np.count_nonzero(kernel) / max(int(self.data.support.sum()), 1)
+
     def split(self, u_real):
         """(N [+1], M) real weights → kernel (N, M) and bias (M,)."""
         if self.data.fit_bias:

@@ -74,7 +74,8 @@ def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str 
         tx = _optimizer(config, len(data.train))
         state, step, seconds = _fit_stage(stage, module, tx, data, None, None, config,
                                           progress=progress)
-        _save_network(stage.out, state.params, kernel_nonzero_masks(state.params), state.model_state)
+        _save_network(stage.out, state.params, kernel_nonzero_masks(state.params),
+                      state.model_state)
         stage.finish(_summary(module, state.params, state.model_state, data,
                               {"epoch": step, "train_seconds": seconds}))
     return _result(stage)
@@ -202,7 +203,8 @@ def regularize(parent, out, *, penalty: str = "hoyer_square", strength: float = 
         tx = optax.chain(REGULARIZERS[penalty](strength), _optimizer(config, len(data.train)))
         state, step, seconds = _fit_stage(stage, model, tx, data, loaded.params,
                                           loaded.model_state, config, progress=progress)
-        _save_network(stage.out, state.params, kernel_nonzero_masks(state.params), state.model_state)
+        _save_network(stage.out, state.params, kernel_nonzero_masks(state.params),
+                      state.model_state)
         stage.finish(_summary(model, state.params, state.model_state, data,
                               {"epoch": step, "train_seconds": seconds}))
     return _result(stage)
