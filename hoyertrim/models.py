@@ -66,8 +66,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     (B, H/2, W/2, C).
 
     The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``, as a reshape and a max: its
-    gradient is a compare-and-select instead of XLA's select-and-scatter, which on CPU made
-    LeNet-5's training epoch ~1.4x slower (same process, same inputs). The gradients are equal
+    gradient is a compare-and-select instead of XLA's select-and-scatter, which is slow on CPU
+    inside LeNet-5's training scan. The gradients are equal
     except where two inputs of a window tie at their (positive) maximum, where this one splits
     it between them.
     """
