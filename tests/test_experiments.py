@@ -1,6 +1,7 @@
 """End-to-end runs of the experiment scripts on real MNIST with tiny budgets."""
 
 import json
+import pathlib
 import shutil
 import sys
 
@@ -108,3 +109,48 @@ def test_error_propagation_experiment_measures_within_its_bounds(data_root, tmp_
     for layer in by_scheme["cascade"]["layers"]:  # the cascade certificate is network-level
         assert 0 < layer["measured"] <= layer["epsilon"] * (1 + 1e-4)
         assert layer["measured"] <= layer["cascade_bound"] * (1 + 1e-5)
+
+
+def _point(penalty, compression, val_error, test_error):
+    return {"penalty": penalty, "strength": 1e-4, "threshold": 0.1, "val_error": val_error,
+            "test_error": test_error, "compression": compression,
+            "flops_reduction_structured": 1.0, "architecture": "1-1"}
+
+
+def test_regularizer_frontier_selects_on_validation_only():
+    import deephoyer_regularizers
+    points = [_point("l1", 10, 2.0, 1.0), _point("l1", 40, 2.25, 1.0),
+              # most compressed and best on test, but over the validation tolerance
+              _point("l1", 90, 2.35, 0.5),
+              _point("hoyer", 50, 3.0, 1.0)]
+    rows = deephoyer_regularizers.frontier(points, dense_val_error=2.0, tolerance=0.3)
+    assert [r["penalty"] for r in rows] == ["l1", "hoyer"]
+    assert rows[0]["point"]["compression"] == 40 and rows[1]["point"] is None
+    table = deephoyer_regularizers.markdown("lenet300100", {"val_error": 2.0, "test_error": 1.5},
+                                            points, [0.3])
+    assert "| L1 | 0.0001 | 0.1 | 40.0x |" in table and "| Hoyer | — | — | none qualifies" in table
+
+
+@pytest.mark.slow
+def test_regularizer_comparison_runs_each_penalty_through_one_recipe(data_root, tmp_path):
+    import deephoyer_regularizers
+    results = tmp_path / "regularizers.json"
+    payload = deephoyer_regularizers.main([
+        "--model", "lenet300100", "--dense-epochs", "1", "--penalties", "hoyer_square",
+        "group_lasso", "--strengths", "3e-4", "--thresholds", "0.1", "0.2", "--reg-epochs", "1",
+        "--finetune-epochs", "1", "--root", str(tmp_path / "runs"), "--results", str(results),
+        "--data-dir", str(data_root), "--no-progress"])
+    assert json.loads(results.read_text()) == json.loads(json.dumps(payload))
+    assert results.with_suffix(".png").stat().st_size > 0
+    assert "| group lasso |" in results.with_suffix(".md").read_text()
+    points = payload["points"]
+    assert [(p["penalty"], p["threshold"]) for p in points] == [
+        ("hoyer_square", 0.1), ("hoyer_square", 0.2), ("group_lasso", 0.1), ("group_lasso", 0.2)]
+    for penalty in ("hoyer_square", "group_lasso"):  # a higher threshold prunes more
+        low, high = [p for p in points if p["penalty"] == penalty]
+        assert high["compression"] > low["compression"] > 1
+    for p in points:  # each point's errors are its own stage's, on 10k test / held-out images
+        evaluation = json.loads((pathlib.Path(p["directory"]) / "evaluation-test.json")
+                                .read_text())
+        assert p["test_error"] == pytest.approx(100 * (1 - evaluation["accuracy"]))
+        assert evaluation["examples"] == 10_000
