@@ -222,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="debias the kept weights after the λ search (same support, "
                                 "lower discrepancy)")
             p.add_argument("--polish", type=int, default=0, metavar="ROUNDS",
-                           help="with --epsilon: rounds of debias-then-threshold after each "
-                                "layer's λ search (fewer weights at the same ε; ~50 extra "
-                                "iterations a round)")
+                           help="rounds of debias-then-threshold after each layer's λ search: "
+                                "with --epsilon fewer weights at the same ε, with "
+                                "--kept-fraction the exact count at a lower discrepancy (~50 "
+                                "extra iterations a round)")
         p.add_argument("--seed", type=int, default=0, help="seeds row subsets of large layers")
         _common(p)
 

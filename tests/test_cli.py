@@ -113,8 +113,7 @@ def test_same_command_reuses_the_stage_and_other_settings_are_refused(chain, cap
     (["nettrim", "{work}/nowhere"], "does not exist"),
     (["nettrim", "{work}/dense", "--samples", "999999"], "exceeds the 800 training images"),
     (["compact", "{work}/small"], "is a compact model"),
-    (["nettrim", "{work}/dense", "--kept-fraction", "0.3", "--polish", "1"],
-     "--polish needs Net-Trim with --epsilon"),
+    (["nettrim", "{work}/dense", "--nm", "2:4", "--polish", "1"], "--polish is Net-Trim's"),
     (["prune", "{work}/dense", "--rule", "magnitude", "--value", "1.5"], "needs a value in"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_folder(chain, capsys, tiny_data_root, argv,

@@ -389,7 +389,27 @@ def test_polish_keeps_fewer_weights_inside_the_same_certificate():
     assert polished.kept_fraction == pytest.approx(np.mean(kept_polished))
 
 
-def test_polish_is_for_epsilon_mode():
+def test_polish_in_kept_fraction_mode_cuts_to_the_count_and_lowers_the_discrepancy():
+    x, y = _layer(3, samples=400, inputs=40, outputs=8, density=0.5)
+    plain = nettrim.solve_layer(x, y, kept_fraction=0.2)
+    polished = nettrim.solve_layer(x, y, kept_fraction=0.2, polish=2)
+    assert np.count_nonzero(polished.kernel) == round(0.2 * 40 * 8)  # the count, exactly
+    assert polished.kept_fraction == pytest.approx(0.2)
+    achieved = np.linalg.norm(np.maximum(x @ polished.kernel + polished.bias, 0) - y) / \
+        np.linalg.norm(y)  # the certificate, recomputed from the returned weights
+    assert achieved == pytest.approx(polished.discrepancy, rel=1e-4)
+    assert polished.epsilon >= achieved and polished.feasible
+    # ℓ1's shrinkage removed by the re-fits: well under the plain search at (about) the count.
+    assert abs(plain.kept_fraction - 0.2) <= nettrim.search.KEPT_FRACTION_TOLERANCE
+    assert polished.discrepancy < 0.8 * plain.discrepancy
+    report = polished.polish
+    assert report["kept_before"] >= 0.2 and len(report["removed"]) == 2
+    assert sum(report["removed"]) == round(report["kept_before"] * 320) - 64
+
+
+def test_polish_refuses_a_negative_round_count():
     x, y = _layer()
-    with pytest.raises(ValueError, match="refit=True"):
-        nettrim.solve_layer(x, y, kept_fraction=0.3, polish=1)
+    with pytest.raises(ValueError, match="number of rounds"):
+        nettrim.solve_layer(x, y, kept_fraction=0.3, polish=-1)
+
+

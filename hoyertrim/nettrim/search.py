@@ -59,6 +59,14 @@ class _Goal:
                      math.inf if low_kept <= 0 else 1.0 / low_kept,
                      1.0 / (fraction + KEPT_FRACTION_TOLERANCE), 1.0 / fraction)
 
+    @staticmethod
+    def kept_at_least(fraction: float, search_tol: float) -> "_Goal":
+        # Polish's search: any solve keeping between fraction and (1 + search_tol)·fraction
+        # will do, since the polish then cuts it to the count exactly.
+        high = min(fraction * (1 + search_tol), 1.0)
+        return _Goal(lambda r: 1.0 / max(r["kept"], 1e-9), 1.0 / fraction, 1.0 / high,
+                     2.0 / (fraction + high))
+
 
 def _solve(problem: NormalizedLayer, lam: float, start, maxiter: int, tol: float) -> dict:
     weights = lam * problem.penalty_weights
@@ -223,7 +231,9 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
         λ is at most this (the objective is then provably within this fraction of optimal).
       search_tol: the λ search stops once ``(1 − search_tol)·epsilon ≤ discrepancy ≤ epsilon``;
         default 0.03, or 0.15 with ``polish`` (which removes weights up to epsilon itself, so the
-        search only needs a feasible start: usually its first full-size solve).
+        search only needs a feasible start: usually its first full-size solve). In kept-fraction
+        mode with ``polish`` the search stops once it keeps between the fraction and
+        (1 + search_tol) times it (the polish cuts to the count); without polish, ±0.005.
       max_solves: limit of the λ search.
       lam_range: smallest λ tried, relative to the λ that prunes everything.
       init_kernel, init_bias: warm start for the first solve (e.g. the trained weights).
@@ -244,7 +254,10 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
         ≤ epsilon. Each round costs about ``polish_maxiter`` full-size iterations and removes
         what ℓ1's shrinkage had made necessary: on MNIST's first layer one round kept 13% (ε =
         0.05) and 29% (ε = 0.3) fewer weights than the plain search (benchmarks/nettrim_solver.py).
-        ``LayerSolution.polish`` says what it gave.
+        Kept-fraction mode (`_trim_to_count`): the loose search's solution is cut to exactly
+        round(kept_fraction × allowed entries) weights by |ũ| over ``polish`` rounds, the kept
+        weights re-fit on their support after each cut, and certified at the discrepancy
+        reached. ``LayerSolution.polish`` says what it gave.
 
     Returns:
       A `LayerSolution`. If epsilon (or the kept fraction) cannot be met a warning is issued; for
@@ -260,15 +273,15 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
         raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}.")
     if polish < 0:
         raise ValueError(f"polish is a number of rounds (>= 0), got {polish}.")
-    if polish and epsilon is None:
-        raise ValueError("polish removes weights down to epsilon; with kept_fraction use "
-                         "refit=True to lower the discrepancy at the kept fraction instead.")
     data = layer_data(x, y, v=v, relu=relu, fit_bias=fit_bias, offset=offset, support=support)
     if search_tol is None:
         search_tol = 0.15 if polish else 0.03
     if epsilon is not None:
         def make_goal(d):
             return _Goal.discrepancy(epsilon, d.y_norm, search_tol)
+    elif polish:
+        def make_goal(d):
+            return _Goal.kept_at_least(kept_fraction, search_tol)
     else:
         def make_goal(d):
             return _Goal.kept(kept_fraction)
@@ -284,8 +297,12 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
             search, bar)
     best, polish_report = found.best, None
     if polish and found.feasible is not None:
-        best, polish_report = _polish(problem, best, epsilon * data.y_norm, rounds=polish,
-                                      maxiter=polish_maxiter, tol=tol, lam=refit_lam)
+        options = dict(rounds=polish, maxiter=polish_maxiter, tol=tol, lam=refit_lam)
+        if epsilon is not None:
+            best, polish_report = _polish(problem, best, epsilon * data.y_norm, **options)
+        else:
+            keep = round(kept_fraction * int(data.support.sum()))
+            best, polish_report = _trim_to_count(problem, best, keep, **options)
     y_norm = data.y_norm
     discrepancy = best["error"] / y_norm
     if epsilon is None:
@@ -383,6 +400,53 @@ def _polish(problem: NormalizedLayer, result: dict, target_error: float, *, roun
     return polished, {"kept_before": result["kept"],
                       "discrepancy_before": result["error"] / problem.y_norm,
                       "iterations": iterations, "removed": removed}
+
+
+def _trim_to_count(problem: NormalizedLayer, result: dict, keep: int, *, rounds: int,
+                   maxiter: int, tol: float, lam: float) -> tuple[dict, dict]:
+    """Cuts a λ-search solve that keeps at least ``keep`` weights to ``keep`` (fewer only
+    where a re-fit itself lands on a zero).
+
+    Each of ``rounds`` rounds removes an equal share (geometrically) of what is left above
+    ``keep`` — the smallest |ũ|, as `_polish` ranks them — and re-fits the kept weights on their
+    support at a negligible ℓ1 weight (``lam`` × λ_max, ``maxiter`` warm FISTA iterations; kept
+    only if it lowers the measured discrepancy). Cutting in rounds lets each re-fit move weight
+    onto the survivors before the next cut. The discrepancy is measured on the real weights.
+
+    Returns the final record and ``{"kept_before", "discrepancy_before", "iterations",
+    "removed"}``.
+    """
+    weights = problem.penalty_weights
+    penalized = np.asarray(jnp.isfinite(weights) & (weights > 0))
+    u, (best_error, violation) = result["u"], (result["error"], result["violation"])
+    start = int(np.count_nonzero(np.asarray(u)[penalized]))
+    iterations, removed = 0, []
+    for index in range(1, rounds + 1):
+        u_host = np.asarray(u)
+        current = int(np.count_nonzero(u_host[penalized]))
+        target = max(keep, round(start * (keep / max(start, 1)) ** (index / rounds)))
+        if current > target:
+            candidates = np.flatnonzero(penalized & (u_host != 0))
+            order = np.argsort(np.abs(u_host.flat[candidates]), kind="stable")
+            cut = np.zeros(u_host.shape, bool)
+            cut.flat[candidates[order[:current - target]]] = True
+            u = jnp.where(cut, 0.0, u)  # on device, keeping u's sharding
+        removed.append(current - int(np.count_nonzero(np.asarray(u)[penalized])))
+        best_error, violation = measure(problem.data, problem.to_real(u), problem.device_data)
+        on_support = jnp.where(weights == 0, 0.0,
+                               jnp.where(u != 0, lam * problem.lam_max * weights, jnp.inf))
+        refit, counts = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d, u,
+                                 on_support, maxiter, problem.abs_tol * tol)
+        iterations += int(np.max(counts))
+        refit_error = measure(problem.data, problem.to_real(refit), problem.device_data)
+        if refit_error[0] < best_error:
+            u, (best_error, violation) = refit, refit_error
+    u_real = problem.to_real(u)
+    trimmed = dict(result, u=u, u_real=u_real, error=best_error, violation=violation,
+                   kept=problem.kept_fraction(u_real))
+    return trimmed, {"kept_before": result["kept"],
+                     "discrepancy_before": result["error"] / problem.y_norm,
+                     "iterations": iterations, "removed": removed}
 
 
 def _refit(x, y, pattern, kernel, bias, common: dict, *, shard: bool, maxiter: int, tol: float,

@@ -89,8 +89,9 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         before, e.g. by DeepHoyer, only gets sparser).
       refit: Net-Trim only: debias the kept weights after the λ search (`solve_layer`'s
         ``refit``): the same support, a lower discrepancy.
-      polish: Net-Trim with ε only: rounds of debias-then-threshold after each layer's λ
-        search (`solve_layer`'s ``polish``): fewer weights at the same ε.
+      polish: Net-Trim only: rounds of debias-then-threshold after each layer's λ search
+        (`solve_layer`'s ``polish``): with ε fewer weights at the same ε; with a kept fraction
+        a quicker search, the exact count, and a lower discrepancy.
       scheme: ``"parallel"`` or ``"cascade"`` (for the peers: sequential, as their papers run).
     """
     from hoyertrim import nettrim as nettrim_lib
@@ -126,9 +127,9 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             raise StageError("--refit is Net-Trim's (its N:M mode always re-fits).")
         config["refit"] = True
     if polish:
-        if method != "nettrim" or epsilon is None or polish < 0:
-            raise StageError("--polish needs Net-Trim with --epsilon and a count of rounds >= 1 "
-                             "(it removes weights down to ε).")
+        if method != "nettrim" or nm is not None or polish < 0:
+            raise StageError("--polish is Net-Trim's, with --epsilon or --kept-fraction (its N:M "
+                             "mode always re-fits), and takes a count of rounds >= 1.")
         config["polish"] = polish
     stage_name = "nettrim" if method == "nettrim" else "oneshot"
     manifest = _manifest(stage_name, config, parent=parent_manifest, parent_dir=parent,
