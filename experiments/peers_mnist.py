@@ -29,12 +29,16 @@ from hoyertrim import nettrim, pipeline
 from hoyertrim.nettrim import peers
 from hoyertrim.train import predict_accuracy
 
-METHODS = {  # label: (solver, scheme)
-    "Net-Trim parallel": (nettrim.solve_layer, "parallel"),
-    "Net-Trim cascade": (nettrim.solve_layer, "cascade"),
-    "SparseGPT": (peers.sparsegpt_layer, "cascade"),
-    "Wanda": (peers.wanda_layer, "cascade"),
-    "magnitude": (peers.magnitude_layer, "parallel"),
+METHODS = {  # label: (solver, scheme, solver options)
+    "Net-Trim parallel": (nettrim.solve_layer, "parallel", {}),
+    "Net-Trim cascade": (nettrim.solve_layer, "cascade", {}),
+    # A loose λ search cut to the exact count and re-fit (solve_layer's polish); not for 2:4,
+    # whose Net-Trim mode always re-fits.
+    "Net-Trim parallel + polish": (nettrim.solve_layer, "parallel", {"polish": 1}),
+    "Net-Trim cascade + polish": (nettrim.solve_layer, "cascade", {"polish": 1}),
+    "SparseGPT": (peers.sparsegpt_layer, "cascade", {}),
+    "Wanda": (peers.wanda_layer, "cascade", {}),
+    "magnitude": (peers.magnitude_layer, "parallel", {}),
 }
 DENSE = {"lenet300100": DENSE_LENET300100[1], "lenet5": DENSE_LENET5[1]}  # run.py's recipes
 
@@ -46,8 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95],
                         help="per-layer sparsity (1 − kept fraction) of every pruned layer")
     parser.add_argument("--nm", action="store_true", help="also the 2:4 pattern")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS),
-                        help="which methods")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
+                        default=[m for m in METHODS if not m.endswith("polish")],
+                        help="which methods (the polish variants only when named)")
     parser.add_argument("--samples", type=int, default=5000, help="calibration training images")
     parser.add_argument("--finetune-epochs", type=int, default=3,
                         help="masked fine-tune after pruning (0: none)")
@@ -99,17 +104,17 @@ def main(argv=None):
     targets = [f"{s:g}" for s in args.sparsity] + (["2:4"] if args.nm else [])
     for target in targets:
         for method in args.methods:
-            if (method, target) in done:
+            solver, scheme, solver_options = METHODS[method]
+            if (method, target) in done or (target == "2:4" and solver_options):
                 continue
-            solver, scheme = METHODS[method]
-            options, layers = {}, None
+            options, layers = dict(solver_options), None
             if target == "2:4":
                 layers = nm_layers(params)
                 options = {"kept_fraction": 0.5, "nm": (2, 4)}
                 if solver is nettrim.solve_layer:
                     solver = nettrim.solve_layer_nm
             else:
-                options = {"kept_fraction": 1 - float(target)}
+                options["kept_fraction"] = 1 - float(target)
             started = time.perf_counter()
             pruned = nettrim.prune_network(model, params, calibration, scheme=scheme,
                                            solver=solver, layers=layers, heldout=heldout,
@@ -176,7 +181,8 @@ def plot(payload, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    colors = dict(zip(METHODS, ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#7f7f7f")))
+    colors = {"Net-Trim parallel": "#1f77b4", "Net-Trim cascade": "#d62728", "SparseGPT": "#2ca02c",
+              "Wanda": "#ff7f0e", "magnitude": "#7f7f7f"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
     for ax, key, title in ((axes[0], "test_accuracy", "no fine-tune"),
                            (axes[1], "finetuned_test_accuracy", "after the same fine-tune")):
@@ -186,8 +192,10 @@ def plot(payload, path):
                            and p["target"] != "2:4" and key in p),
                           key=lambda p: p["kept_fraction"])
             if rows:
-                ax.plot([100 * p["kept_fraction"] for p in rows], [p[key] for p in rows], "o-",
-                        color=colors[method], label=method, ms=4)
+                base = method.removesuffix(" + polish")  # polish: the same colour, dashed
+                ax.plot([100 * p["kept_fraction"] for p in rows], [p[key] for p in rows],
+                        "o-" if base == method else "s--", color=colors[base], label=method,
+                        ms=4)
                 values += [p[key] for p in rows]
         ax.axhline(payload["dense_test_accuracy"], color="black", lw=0.8, ls="--",
                    label="dense")

@@ -75,6 +75,13 @@ for _epsilon in (0.1, 0.2, 0.3):
 CONFIGS["hs_distill_lenet300100"] = HS_PRUNED_LENET300100 + [
     ("finetune", {"epochs": 30, "learning_rate": 3e-4, "distill": True})]
 
+# Net-Trim + short fine-tune at ≤ 5% of the weights: cascade with polish (fewer weights at the
+# same ε), then a 30-epoch masked fine-tune distilled from the dense model.
+for _epsilon in (0.3, 0.35, 0.4, 0.45):
+    CONFIGS[f"nettrim_polish_ft_lenet300100_eps{_epsilon:g}"] = [
+        DENSE_LENET300100, ("nettrim", {"epsilon": _epsilon, "scheme": "cascade", "polish": 1}),
+        ("finetune", {"epochs": 30, "learning_rate": 1e-3, "distill": True})]
+
 NETTRIM_FC_REFIT = ("nettrim", {"epsilon": 0.1, "scheme": "cascade", "refit": True})
 for _name in ("plain", "l1", "hs"):
     CONFIGS[f"regnets_{_name}_refit"] = CONFIGS[f"regnets_{_name}"][:-1] + [NETTRIM_FC_REFIT]
