@@ -1,8 +1,9 @@
 """DeepHoyer's regularizer comparison (its RQ1–3): which sparsity penalty gives the best
 error-vs-compression and error-vs-FLOPs trade-off under one prune and fine-tune recipe.
 
-    python experiments/deephoyer_regularizers.py --model lenet300100
-    python experiments/deephoyer_regularizers.py --model lenet5
+    python experiments/deephoyer_regularizers.py --recipe lenet300100
+    python experiments/deephoyer_regularizers.py --recipe lenet5
+    python experiments/deephoyer_regularizers.py --recipe lenet300100_long
 
 For each regularizer — Hoyer-Square, Hoyer, L1, transformed L1 (element-wise), group lasso and
 Group-HS (whole units) — and each strength α of its sweep (`RECIPES`): regularized training from
@@ -16,7 +17,7 @@ visible accuracy loss.
 
 Every stage is a `hoyertrim.pipeline` directory under ``--root`` keyed by its settings, so a
 rerun reuses finished stages and resumes an interrupted one. Writes
-``results/deephoyer_regularizers_<model>.json`` (every point), ``.md`` (the per-regularizer
+``results/deephoyer_regularizers_<recipe>.json`` (every point), ``.md`` (the per-regularizer
 frontier, selected on validation) and ``.png`` (test error vs compression and vs forward FLOPs).
 """
 
@@ -48,6 +49,14 @@ RECIPES = {
                       "transformed_l1": (3e-5, 1e-4, 3e-4, 1e-3),
                       "group_hoyer_square": (3e-4, 1e-3, 3e-3, 1e-2),
                       "group_lasso": (3e-4, 1e-3, 3e-3, 1e-2)}},
+    # The budget check: the paper trains the regularized model much longer. The three element-wise
+    # penalties that lead the 20-epoch curves, at the strengths of their high-compression end,
+    # with 100 regularized epochs.
+    "lenet300100_long": {
+        "dense": DENSE_LENET300100[1], "reg_epochs": 100, "finetune_epochs": 5,
+        "thresholds": (0.1,),
+        "strengths": {"hoyer_square": (1e-4, 3e-4), "l1": (1e-4, 3e-4),
+                      "transformed_l1": (1e-4, 3e-4)}},
     "lenet5": {
         "dense": DENSE_LENET5[1], "reg_epochs": 8, "finetune_epochs": 4, "thresholds": (0.1,),
         "strengths": {"hoyer_square": (3e-5, 1e-4, 3e-4),
@@ -141,8 +150,10 @@ def plot(path, model, dense, points) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", choices=sorted(RECIPES), default="lenet300100")
-    parser.add_argument("--penalties", nargs="+", choices=list(LABELS), default=list(LABELS))
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="lenet300100",
+                        help="the model, its dense recipe and the sweep (`RECIPES`)")
+    parser.add_argument("--penalties", nargs="+", choices=list(LABELS), default=None,
+                        help="default: the recipe's")
     parser.add_argument("--strengths", type=float, nargs="+", default=None,
                         help="override every penalty's strength sweep (for quick runs)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=None,
@@ -160,11 +171,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    recipe = RECIPES[args.model]
+    recipe = RECIPES[args.recipe]
+    model = recipe["dense"]["model"]
     reg_epochs = args.reg_epochs or recipe["reg_epochs"]
     finetune_epochs = args.finetune_epochs or recipe["finetune_epochs"]
     thresholds = args.thresholds or recipe["thresholds"]
-    results = pathlib.Path(args.results or f"results/deephoyer_regularizers_{args.model}.json")
+    results = pathlib.Path(args.results or f"results/deephoyer_regularizers_{args.recipe}.json")
     progress = not args.no_progress
     started = time.perf_counter()
 
@@ -179,20 +191,20 @@ def main(argv=None) -> dict:
              "test_error": 100 * (1 - dense_test["accuracy"]), "directory": str(dense_dir)}
 
     points = []
-    for penalty in args.penalties:
+    for penalty in args.penalties or recipe["strengths"]:
         for strength in args.strengths or recipe["strengths"][penalty]:
             settings = {"penalty": penalty, "strength": strength, "epochs": reg_epochs}
             reg = pipeline.regularize(
-                dense_dir, stage_dir(args.root, "regularize", args.model, dense_dir, settings),
+                dense_dir, stage_dir(args.root, "regularize", model, dense_dir, settings),
                 data_dir=args.data_dir, progress=progress, **settings).directory
             for threshold in thresholds:
                 prune_settings = {"rule": "std", "value": threshold}
                 pruned = pipeline.prune(
-                    reg, stage_dir(args.root, "prune", args.model, reg, prune_settings),
+                    reg, stage_dir(args.root, "prune", model, reg, prune_settings),
                     data_dir=args.data_dir, **prune_settings).directory
                 ft_settings = {"epochs": finetune_epochs, "learning_rate": 3e-4}
                 tuned = pipeline.finetune(
-                    pruned, stage_dir(args.root, "finetune", args.model, pruned, ft_settings),
+                    pruned, stage_dir(args.root, "finetune", model, pruned, ft_settings),
                     data_dir=args.data_dir, progress=progress, **ft_settings).directory
                 point = point_of(tuned, penalty, strength, threshold, args.data_dir)
                 points.append(point)
@@ -202,9 +214,9 @@ def main(argv=None) -> dict:
                       f"{point['flops_reduction_structured']:.1f} structured "
                       f"({point['architecture']})", flush=True)
 
-    payload = {"model": args.model,
-               "command": f"python experiments/deephoyer_regularizers.py --model {args.model}",
-               "recipe": {"dense": dense_settings, "reg_epochs": reg_epochs,
+    payload = {"model": model, "recipe": args.recipe,
+               "command": f"python experiments/deephoyer_regularizers.py --recipe {args.recipe}",
+               "settings": {"dense": dense_settings, "reg_epochs": reg_epochs,
                           "finetune_epochs": finetune_epochs, "thresholds": list(thresholds),
                           "prune_rule": "std", "finetune_learning_rate": 3e-4},
                "dense": dense, "points": points,
@@ -214,8 +226,9 @@ def main(argv=None) -> dict:
                "environment": common.environment()}
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(payload, indent=1) + "\n")
-    results.with_suffix(".md").write_text(markdown(args.model, dense, points, args.tolerances))
-    plot(results.with_suffix(".png"), args.model, dense, points)
+    title = f"{model}, {reg_epochs} regularized epochs"
+    results.with_suffix(".md").write_text(markdown(title, dense, points, args.tolerances))
+    plot(results.with_suffix(".png"), title, dense, points)
     print(f"wrote {results} (.md, .png) in {time.perf_counter() - started:.0f} s")
     return payload
 

@@ -136,7 +136,7 @@ def test_regularizer_comparison_runs_each_penalty_through_one_recipe(data_root, 
     import deephoyer_regularizers
     results = tmp_path / "regularizers.json"
     payload = deephoyer_regularizers.main([
-        "--model", "lenet300100", "--dense-epochs", "1", "--penalties", "hoyer_square",
+        "--recipe", "lenet300100", "--dense-epochs", "1", "--penalties", "hoyer_square",
         "group_lasso", "--strengths", "3e-4", "--thresholds", "0.1", "0.2", "--reg-epochs", "1",
         "--finetune-epochs", "1", "--root", str(tmp_path / "runs"), "--results", str(results),
         "--data-dir", str(data_root), "--no-progress"])
