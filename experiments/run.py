@@ -82,6 +82,23 @@ for _epsilon in (0.3, 0.35, 0.4, 0.45):
         DENSE_LENET300100, ("nettrim", {"epsilon": _epsilon, "scheme": "cascade", "polish": 1}),
         ("finetune", {"epochs": 30, "learning_rate": 1e-3, "distill": True})]
 
+# The same budget in two steps: Net-Trim to ~15%, 10 distilled epochs, Net-Trim again on the
+# surviving weights, 20 distilled epochs.
+for _epsilon in (0.25, 0.3, 0.35):
+    CONFIGS[f"nettrim_twice_ft_lenet300100_eps{_epsilon:g}"] = [
+        DENSE_LENET300100, ("nettrim", {"epsilon": 0.2, "scheme": "cascade", "polish": 1}),
+        ("finetune", {"epochs": 10, "learning_rate": 1e-3, "distill": True}),
+        ("nettrim", {"epsilon": _epsilon, "scheme": "cascade", "polish": 1,
+                     "within_nonzeros": True}),
+        ("finetune", {"epochs": 20, "learning_rate": 1e-3, "distill": True})]
+
+# ... and in three steps of 10 distilled epochs each.
+CONFIGS["nettrim_thrice_ft_lenet300100"] = CONFIGS["nettrim_twice_ft_lenet300100_eps0.25"][:3] + [
+    ("nettrim", {"epsilon": 0.2, "scheme": "cascade", "polish": 1, "within_nonzeros": True}),
+    ("finetune", {"epochs": 10, "learning_rate": 1e-3, "distill": True}),
+    ("nettrim", {"epsilon": 0.2, "scheme": "cascade", "polish": 1, "within_nonzeros": True}),
+    ("finetune", {"epochs": 10, "learning_rate": 1e-3, "distill": True})]
+
 NETTRIM_FC_REFIT = ("nettrim", {"epsilon": 0.1, "scheme": "cascade", "refit": True})
 for _name in ("plain", "l1", "hs"):
     CONFIGS[f"regnets_{_name}_refit"] = CONFIGS[f"regnets_{_name}"][:-1] + [NETTRIM_FC_REFIT]
