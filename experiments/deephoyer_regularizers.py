@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dense-epochs", type=int, default=None,
                         help="override the dense recipe's epochs (for quick runs; another "
                              "directory)")
-    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.3],
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.3, 0.5],
                         help="frontier table: validation error within these points of dense")
     parser.add_argument("--root", default="runs/pipeline", help="where stage directories go")
     parser.add_argument("--results", default=None,
