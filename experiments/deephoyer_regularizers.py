@@ -123,6 +123,7 @@ def plot(path, model, dense, points) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for axis, key, xlabel in ((axes[0], "compression", "compression (weights / kept)"),
                               (axes[1], "flops_reduction_structured",
@@ -134,6 +135,8 @@ def plot(path, model, dense, points) -> None:
                           "o-" if penalty in ELEMENTWISE else "s--", ms=4, label=LABELS[penalty])
         axis.axhline(dense["test_error"], color="gray", lw=0.8, ls=":", label="dense")
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel(xlabel)
         axis.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("test error (%)")
