@@ -372,12 +372,9 @@ def _polish(problem: NormalizedLayer, result: dict, target_error: float, *, roun
     u, (best_error, violation) = result["u"], (result["error"], result["violation"])
     iterations, removed = 0, []
     for _ in range(rounds):
-        on_support = jnp.where(weights == 0, 0.0,
-                               jnp.where(u != 0, lam * problem.lam_max * weights, jnp.inf))
-        refit, counts = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d, u,
-                                 on_support, maxiter, problem.abs_tol * tol)
-        iterations += int(np.max(counts))
-        refit_error = error(refit)
+        refit, refit_error, count = _refit_on_support(problem, u, maxiter=maxiter, tol=tol,
+                                                      lam=lam)
+        iterations += count
         if refit_error[0] < best_error:
             u, (best_error, violation) = refit, refit_error
         u_host = np.asarray(u)
@@ -394,8 +391,27 @@ def _polish(problem: NormalizedLayer, result: dict, target_error: float, *, roun
         if not feasible:
             break
         u, (best_error, violation) = without(u, scores[feasible - 1]), feasible_error
+    return _polished(problem, result, u, best_error, violation, iterations, removed)
+
+
+def _refit_on_support(problem: NormalizedLayer, u, *, maxiter: int, tol: float, lam: float):
+    """The nonzeros of the normalized weights ``u`` re-fit at ``lam`` × λ_max (the others held
+    at 0; ``maxiter`` warm FISTA iterations). Returns the weights, their measured (error,
+    violation) and the iterations spent."""
+    weights = problem.penalty_weights
+    on_support = jnp.where(weights == 0, 0.0,
+                           jnp.where(u != 0, lam * problem.lam_max * weights, jnp.inf))
+    refit, counts = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d, u,
+                             on_support, maxiter, problem.abs_tol * tol)
+    return (refit, measure(problem.data, problem.to_real(refit), problem.device_data),
+            int(np.max(counts)))
+
+
+def _polished(problem: NormalizedLayer, result: dict, u, error: float, violation: float,
+              iterations: int, removed: list) -> tuple[dict, dict]:
+    """The record of a polished solve (``result``'s λ and duality gap) and the polish report."""
     u_real = problem.to_real(u)
-    polished = dict(result, u=u, u_real=u_real, error=best_error, violation=violation,
+    polished = dict(result, u=u, u_real=u_real, error=error, violation=violation,
                     kept=problem.kept_fraction(u_real))
     return polished, {"kept_before": result["kept"],
                       "discrepancy_before": result["error"] / problem.y_norm,
@@ -433,20 +449,12 @@ def _trim_to_count(problem: NormalizedLayer, result: dict, keep: int, *, rounds:
             u = jnp.where(cut, 0.0, u)  # on device, keeping u's sharding
         removed.append(current - int(np.count_nonzero(np.asarray(u)[penalized])))
         best_error, violation = measure(problem.data, problem.to_real(u), problem.device_data)
-        on_support = jnp.where(weights == 0, 0.0,
-                               jnp.where(u != 0, lam * problem.lam_max * weights, jnp.inf))
-        refit, counts = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d, u,
-                                 on_support, maxiter, problem.abs_tol * tol)
-        iterations += int(np.max(counts))
-        refit_error = measure(problem.data, problem.to_real(refit), problem.device_data)
+        refit, refit_error, count = _refit_on_support(problem, u, maxiter=maxiter, tol=tol,
+                                                      lam=lam)
+        iterations += count
         if refit_error[0] < best_error:
             u, (best_error, violation) = refit, refit_error
-    u_real = problem.to_real(u)
-    trimmed = dict(result, u=u, u_real=u_real, error=best_error, violation=violation,
-                   kept=problem.kept_fraction(u_real))
-    return trimmed, {"kept_before": result["kept"],
-                     "discrepancy_before": result["error"] / problem.y_norm,
-                     "iterations": iterations, "removed": removed}
+    return _polished(problem, result, u, best_error, violation, iterations, removed)
 
 
 def _refit(x, y, pattern, kernel, bias, common: dict, *, shard: bool, maxiter: int, tol: float,
