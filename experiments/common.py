@@ -42,14 +42,21 @@ def write_json(path: pathlib.Path, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def stage_directory(root, stage: str, model: str, parent, settings: dict) -> pathlib.Path:
+    """Where a pipeline stage with these settings and parent goes: the same directory for the
+    same (stage, parent, settings) in every script, so they share and resume stages."""
+    from hoyertrim import pipeline
+    key = {"stage": stage, "parent": None if parent is None else str(parent), **settings}
+    return pipeline.default_directory(stage, model, key, root).absolute()
+
+
 def dense_stage(settings: dict, *, root="runs/pipeline", data_dir=None,
                 progress: bool = True) -> pathlib.Path:
     """The dense `train` stage of ``settings`` ({"model", "epochs", ...}) in the directory
     `experiments/run.py` gives the same settings, so every script shares one dense model per
     recipe; trained there if absent, reused if done."""
     from hoyertrim import pipeline
-    key = {"stage": "train", "parent": None, **settings}
-    out = pipeline.default_directory("train", settings["model"], key, root).absolute()
+    out = stage_directory(root, "train", settings["model"], None, settings)
     kwargs = {k: v for k, v in settings.items() if k != "model"}
     return pipeline.train(settings["model"], out, data_dir=data_dir, progress=progress,
                           **kwargs).directory

@@ -33,6 +33,7 @@ import common
 from hoyertrim import pipeline
 from run import DENSE_LENET5, DENSE_LENET300100
 
+FINETUNE_LEARNING_RATE = 3e-4  # masked fine-tune, Adam with a cosine schedule
 ELEMENTWISE = ("hoyer_square", "hoyer", "l1", "transformed_l1")
 GROUPED = ("group_hoyer_square", "group_lasso")
 LABELS = {"hoyer_square": "Hoyer-Square", "hoyer": "Hoyer", "l1": "L1",
@@ -66,11 +67,6 @@ RECIPES = {
                       "group_hoyer_square": (1e-3, 3e-3, 1e-2),
                       "group_lasso": (3e-4, 1e-3, 3e-3)}},
 }
-
-
-def stage_dir(root, stage, model, parent, settings) -> pathlib.Path:
-    key = {"stage": stage, "parent": None if parent is None else str(parent), **settings}
-    return pipeline.default_directory(stage, model, key, root).absolute()
 
 
 def point_of(directory, penalty, strength, threshold, data_dir) -> dict:
@@ -170,7 +166,7 @@ def main(argv=None) -> dict:
                         help="frontier table: validation error within these points of dense")
     parser.add_argument("--root", default="runs/pipeline", help="where stage directories go")
     parser.add_argument("--results", default=None,
-                        help="results JSON (default results/deephoyer_regularizers_<model>.json)")
+                        help="results JSON (default results/deephoyer_regularizers_<recipe>.json)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -193,21 +189,24 @@ def main(argv=None) -> dict:
     dense = {"val_error": 100 * (1 - dense_val["accuracy"]),
              "test_error": 100 * (1 - dense_test["accuracy"]), "directory": str(dense_dir)}
 
+    def directory(stage, parent, settings):
+        return common.stage_directory(args.root, stage, model, parent, settings)
+
     points = []
     for penalty in args.penalties or recipe["strengths"]:
         for strength in args.strengths or recipe["strengths"][penalty]:
             settings = {"penalty": penalty, "strength": strength, "epochs": reg_epochs}
             reg = pipeline.regularize(
-                dense_dir, stage_dir(args.root, "regularize", model, dense_dir, settings),
+                dense_dir, directory("regularize", dense_dir, settings),
                 data_dir=args.data_dir, progress=progress, **settings).directory
             for threshold in thresholds:
                 prune_settings = {"rule": "std", "value": threshold}
                 pruned = pipeline.prune(
-                    reg, stage_dir(args.root, "prune", model, reg, prune_settings),
+                    reg, directory("prune", reg, prune_settings),
                     data_dir=args.data_dir, **prune_settings).directory
-                ft_settings = {"epochs": finetune_epochs, "learning_rate": 3e-4}
+                ft_settings = {"epochs": finetune_epochs, "learning_rate": FINETUNE_LEARNING_RATE}
                 tuned = pipeline.finetune(
-                    pruned, stage_dir(args.root, "finetune", model, pruned, ft_settings),
+                    pruned, directory("finetune", pruned, ft_settings),
                     data_dir=args.data_dir, progress=progress, **ft_settings).directory
                 point = point_of(tuned, penalty, strength, threshold, args.data_dir)
                 points.append(point)
@@ -221,7 +220,7 @@ def main(argv=None) -> dict:
                "command": f"python experiments/deephoyer_regularizers.py --recipe {args.recipe}",
                "settings": {"dense": dense_settings, "reg_epochs": reg_epochs,
                           "finetune_epochs": finetune_epochs, "thresholds": list(thresholds),
-                          "prune_rule": "std", "finetune_learning_rate": 3e-4},
+                          "prune_rule": "std", "finetune_learning_rate": FINETUNE_LEARNING_RATE},
                "dense": dense, "points": points,
                "frontier": {f"{t:g}": frontier(points, dense["val_error"], t)
                             for t in args.tolerances},

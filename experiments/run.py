@@ -19,7 +19,7 @@ import json
 import pathlib
 import time
 
-import common  # noqa: F401  (silences jaxopt's deprecation warning)
+import common
 from hoyertrim import pipeline
 
 DENSE_LENET300100 = ("train", {"model": "lenet300100", "epochs": 30})
@@ -115,8 +115,7 @@ def run(name: str, *, root="runs/pipeline", data_dir=None, progress=True,
     parent, model, stages = None, None, []
     for stage, settings in CONFIGS[name]:
         model = settings.get("model", model)
-        key = {"stage": stage, "parent": None if parent is None else str(parent), **settings}
-        out = pipeline.default_directory(stage, model, key, root).absolute()
+        out = common.stage_directory(root, stage, model, parent, settings)
         kwargs = dict(settings, data_dir=data_dir, command=["python", "experiments/run.py", name])
         if stage in ("train", "regularize", "finetune", "nettrim"):
             kwargs["progress"] = progress

@@ -441,13 +441,13 @@ def _trim_to_count(problem: NormalizedLayer, result: dict, keep: int, *, rounds:
         u_host = np.asarray(u)
         current = int(np.count_nonzero(u_host[penalized]))
         target = max(keep, round(start * (keep / max(start, 1)) ** (index / rounds)))
-        if current > target:
+        removed.append(max(current - target, 0))
+        if removed[-1]:
             candidates = np.flatnonzero(penalized & (u_host != 0))
             order = np.argsort(np.abs(u_host.flat[candidates]), kind="stable")
             cut = np.zeros(u_host.shape, bool)
-            cut.flat[candidates[order[:current - target]]] = True
+            cut.flat[candidates[order[:removed[-1]]]] = True
             u = jnp.where(cut, 0.0, u)  # on device, keeping u's sharding
-        removed.append(current - int(np.count_nonzero(np.asarray(u)[penalized])))
         best_error, violation = measure(problem.data, problem.to_real(u), problem.device_data)
         refit, refit_error, count = _refit_on_support(problem, u, maxiter=maxiter, tol=tol,
                                                       lam=lam)
