@@ -1,7 +1,7 @@
 """Net-Trim's kept-fraction mode with and without polish, on LeNet-5's slow layers, in one run.
 
     python benchmarks/nettrim_kept_fraction.py [--data-dir ../shared/data]
-        [--kept-fractions 0.5 0.2] [--layers conv1 dense0] [--json results/...json]
+        [--kept-fractions 0.5 0.3] [--layers conv1 dense0] [--json results/...json]
 
 The network: the dense LeNet-5 of `experiments/run.py` (its stage directory; trained if absent).
 The layers: those named, pruned alone (parallel scheme: each layer on the trained network's
@@ -41,7 +41,7 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--samples", type=int, default=5000, help="calibration training images")
-    parser.add_argument("--kept-fractions", type=float, nargs="+", default=[0.5, 0.2])
+    parser.add_argument("--kept-fractions", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--layers", nargs="+", default=["conv1", "dense0"])
     parser.add_argument("--root", default="runs/pipeline", help="where the dense stage is")
     parser.add_argument("--json", default="results/nettrim_kept_fraction_benchmark.json")
