@@ -99,6 +99,74 @@ CONFIGS["nettrim_thrice_ft_lenet300100"] = CONFIGS["nettrim_twice_ft_lenet300100
     ("nettrim", {"epsilon": 0.2, "scheme": "cascade", "polish": 1, "within_nonzeros": True}),
     ("finetune", {"epochs": 10, "learning_rate": 1e-3, "distill": True})]
 
+# A stronger teacher for the distilled fine-tunes: the dense LeNet-5 (99.4%) instead of the
+# chain's own dense LeNet-300-100 (98.3%). `run` replaces the stage spec by its directory. The
+# pruned network and its compression are the LeNet-300-100's; only the soft targets change.
+LENET5_TEACHER = {"teacher": DENSE_LENET5}
+
+
+def with_lenet5_teacher(stages: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The chain with every (distilled) fine-tune distilling from the dense LeNet-5."""
+    return [(stage, {**settings, **LENET5_TEACHER} if stage == "finetune" else settings)
+            for stage, settings in stages]
+
+
+CONFIGS["hs_distill5_lenet300100"] = with_lenet5_teacher(CONFIGS["hs_distill_lenet300100"])
+for _epsilon in (0.1, 0.2, 0.3):
+    CONFIGS[f"hoyertrim5_lenet300100_eps{_epsilon:g}"] = with_lenet5_teacher(
+        CONFIGS[f"hoyertrim_lenet300100_eps{_epsilon:g}"])
+# The flagship in two steps of 15 distilled epochs (the schedule that moved Net-Trim's ≤ 5%
+# frontier): HS → prune → Net-Trim → tune → Net-Trim on the survivors → tune.
+for _epsilon in (0.1, 0.15):
+    CONFIGS[f"hoyertrim_stepped_lenet300100_eps{_epsilon:g}"] = HS_PRUNED_LENET300100 + [
+        ("nettrim", {"epsilon": _epsilon, "scheme": "cascade", "within_nonzeros": True}),
+        ("finetune", {"epochs": 15, "learning_rate": 3e-4, "distill": True}),
+        ("nettrim", {"epsilon": _epsilon, "scheme": "cascade", "within_nonzeros": True}),
+        ("finetune", {"epochs": 15, "learning_rate": 3e-4, "distill": True})]
+# The student stops fitting the LeNet-5 teacher's soft targets (98.9% training accuracy): a
+# longer fine-tune at Adam's usual rate. And a gentler HS start (α = 5e-5, s = 0.15: 57.7x).
+CONFIGS["hoyertrim5_long_lenet300100_eps0.2"] = HS_PRUNED_LENET300100 + [
+    ("nettrim", {"epsilon": 0.2, "scheme": "cascade", "within_nonzeros": True}),
+    ("finetune", {"epochs": 60, "learning_rate": 1e-3, "distill": True, **LENET5_TEACHER})]
+CONFIGS["hoyertrim_gentle_lenet300100_eps0.15"] = [
+    DENSE_LENET300100,
+    ("regularize", {"penalty": "hoyer_square", "strength": 5e-5, "epochs": 100}),
+    ("prune", {"rule": "std", "value": 0.15}),
+    ("nettrim", {"epsilon": 0.15, "scheme": "cascade", "within_nonzeros": True}),
+    ("finetune", {"epochs": 30, "learning_rate": 3e-4, "distill": True})]
+# Net-Trim + 30 distilled epochs at ≤ 5%, with the LeNet-5 teacher.
+CONFIGS["nettrim_thrice_ft5_lenet300100"] = with_lenet5_teacher(
+    CONFIGS["nettrim_thrice_ft_lenet300100"])
+CONFIGS["nettrim_polish_ft5_lenet300100_eps0.4"] = with_lenet5_teacher(
+    CONFIGS["nettrim_polish_ft_lenet300100_eps0.4"])
+
+# The flagship on LeNet-5: a longer, stronger HS run (α = 2e-4, 50 epochs), DeepHoyer's rule at
+# s = 0.2, then either the distilled fine-tune alone or Net-Trim's re-fit of the survivors first.
+CONFIGS["dense_lenet5"] = [DENSE_LENET5]
+HS_PRUNED_LENET5 = [DENSE_LENET5,
+                    ("regularize", {"penalty": "hoyer_square", "strength": 2e-4, "epochs": 50}),
+                    ("prune", {"rule": "std", "value": 0.2})]
+CONFIGS["hs_distill_lenet5"] = HS_PRUNED_LENET5 + [
+    ("finetune", {"epochs": 20, "learning_rate": 3e-4, "distill": True})]
+for _epsilon in (0.05, 0.1, 0.2):
+    CONFIGS[f"hoyertrim_lenet5_eps{_epsilon:g}"] = HS_PRUNED_LENET5 + [
+        ("nettrim", {"epsilon": _epsilon, "scheme": "cascade", "within_nonzeros": True}),
+        ("finetune", {"epochs": 20, "learning_rate": 3e-4, "distill": True}),
+        ("compact", {})]
+
+
+def seeded(stages: list[tuple[str, dict]], seed: int) -> list[tuple[str, dict]]:
+    """The chain with ``seed`` in every stage after the shared dense one that takes a seed: the
+    regularized run's data order, Net-Trim's calibration sample and the fine-tune's data order."""
+    return stages[:1] + [(stage, {**settings, "seed": seed}
+                          if stage in ("regularize", "nettrim", "finetune") else settings)
+                         for stage, settings in stages[1:]]
+
+# Headline points over three seeds (seed 0 is the plain name).
+for _name in ("nettrim_thrice_ft5_lenet300100", "hoyertrim5_lenet300100_eps0.2"):
+    for _seed in (1, 2):
+        CONFIGS[f"{_name}_seed{_seed}"] = seeded(CONFIGS[_name], _seed)
+
 NETTRIM_FC_REFIT = ("nettrim", {"epsilon": 0.1, "scheme": "cascade", "refit": True})
 for _name in ("plain", "l1", "hs"):
     CONFIGS[f"regnets_{_name}_refit"] = CONFIGS[f"regnets_{_name}"][:-1] + [NETTRIM_FC_REFIT]
@@ -115,6 +183,9 @@ def run(name: str, *, root="runs/pipeline", data_dir=None, progress=True,
     parent, model, stages = None, None, []
     for stage, settings in CONFIGS[name]:
         model = settings.get("model", model)
+        if isinstance(settings.get("teacher"), tuple):  # a dense stage spec: its directory
+            settings = dict(settings, teacher=str(common.dense_stage(
+                settings["teacher"][1], root=root, data_dir=data_dir, progress=progress)))
         out = common.stage_directory(root, stage, model, parent, settings)
         kwargs = dict(settings, data_dir=data_dir, command=["python", "experiments/run.py", name])
         if stage in ("train", "regularize", "finetune", "nettrim"):

@@ -153,3 +153,22 @@ def test_regularizer_comparison_writes_its_points_frontier_and_plot(data_root, t
                                 .read_text())
         assert p["test_error"] == pytest.approx(100 * (1 - evaluation["accuracy"]))
         assert evaluation["examples"] == 10_000
+
+
+def test_every_pipeline_config_names_only_its_stages_arguments():
+    """A typo in `experiments/run.py`'s configs would only surface hours into a run; here each
+    stage's settings are checked against its function's signature (a `teacher` given as a
+    stage spec is resolved to a directory by `run.run`, so its spec must be a dense `train`)."""
+    import inspect
+
+    import run
+
+    for name, stages in run.CONFIGS.items():
+        assert stages[0][0] == "train", name
+        for stage, settings in stages:
+            accepted = inspect.signature(run._STAGES[stage]).parameters
+            unknown = set(settings) - set(accepted) - ({"model"} if stage == "train" else set())
+            assert not unknown, f"{name}: {stage} gets {unknown}"
+            teacher = settings.get("teacher")
+            if isinstance(teacher, tuple):
+                assert teacher[0] == "train" and settings.get("distill"), name
