@@ -7,6 +7,9 @@ import warnings
 import pytest
 
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
+# pytest-xdist runs several worker processes; on a GPU each would otherwise reserve most of its
+# memory at start-up.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # tests use examples/ (models written as users write them)
