@@ -41,7 +41,8 @@ def solve_at(x, y, v, active, u0, penalty_weights, maxiter: int, tol: float):
         ‖u_{k+1} − u_k‖ is at most ``tol`` (absolute, in the normalized units).
 
     Returns:
-      U (L, M) and per-neuron iteration counts (M,).
+      U (L, M), per-neuron iteration counts (M,) and the layer's relative duality gap at U
+      (`duality_gap`; computed in the same program, so it costs no compile of its own).
 
     jaxopt's FISTA iterations (`ProximalGradient.update`) with the gradient-based adaptive
     restart of O'Donoghue & Candès (2015): when the momentum points uphill,
@@ -71,12 +72,12 @@ def solve_at(x, y, v, active, u0, penalty_weights, maxiter: int, tol: float):
         u, state = jax.lax.while_loop(keep_going, body, (u0, state))
         return u, state.iter_num
 
-    return jax.vmap(one, in_axes=(1, 1, 1, 1, 1), out_axes=(1, 0))(
+    u, iterations = jax.vmap(one, in_axes=(1, 1, 1, 1, 1), out_axes=(1, 0))(
         u0, y, v, active, penalty_weights)
+    return u, iterations, _duality_gap(x, y, v, active, u, penalty_weights)
 
 
-@jax.jit
-def duality_gap(x, y, v, active, u, penalty_weights):
+def _duality_gap(x, y, v, active, u, penalty_weights):
     """Relative duality gap (F(U) − D(Θ)) / F(U) of the layer's problem at one λ, summed over
     neurons: an upper bound on how far U's objective is from the optimum, relative to it.
 
@@ -99,3 +100,6 @@ def duality_gap(x, y, v, active, u, penalty_weights):
     theta = theta / jnp.maximum(1.0, jnp.max(excess, axis=0))
     dual = -jnp.sum(jnp.where(active, theta * y, theta * v) + 0.5 * theta * theta, axis=0)
     return jnp.sum(primal - dual) / jnp.maximum(jnp.sum(primal), 1e-30)
+
+
+duality_gap = jax.jit(_duality_gap)

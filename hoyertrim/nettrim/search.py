@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hoyertrim.nettrim.fista import duality_gap, solve_at
+from hoyertrim.nettrim.fista import solve_at
 from hoyertrim.nettrim.problem import LayerData, LayerSolution, NormalizedLayer, layer_data, \
     measure
 
@@ -70,14 +70,13 @@ class _Goal:
 
 def _solve(problem: NormalizedLayer, lam: float, start, maxiter: int, tol: float) -> dict:
     weights = lam * problem.penalty_weights
-    u, iterations = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d, start,
-                             weights, maxiter, problem.abs_tol * tol)
+    u, iterations, gap = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d,
+                                  start, weights, maxiter, problem.abs_tol * tol)
     u_real = problem.to_real(u)
     error, violation = measure(problem.data, u_real, problem.device_data)
     return {"u": u, "u_real": u_real, "lam": lam, "error": error, "violation": violation,
             "kept": problem.kept_fraction(u_real), "iterations": int(np.max(iterations)),
-            "gap": float(duality_gap(problem.design_n, problem.y_d, problem.v_d,
-                                     problem.active_d, u, weights))}
+            "gap": float(gap)}
 
 
 @dataclasses.dataclass
@@ -401,7 +400,7 @@ def _refit_on_support(problem: NormalizedLayer, u, *, maxiter: int, tol: float, 
     weights = problem.penalty_weights
     on_support = jnp.where(weights == 0, 0.0,
                            jnp.where(u != 0, lam * problem.lam_max * weights, jnp.inf))
-    refit, counts = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d, u,
+    refit, counts, _ = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d, u,
                              on_support, maxiter, problem.abs_tol * tol)
     return (refit, measure(problem.data, problem.to_real(refit), problem.device_data),
             int(np.max(counts)))
