@@ -162,10 +162,14 @@ for _strength in (3e-2,):
         ("finetune", {"epochs": 20, "learning_rate": 3e-4, "distill": True}),
         ("compact", {})]
 # ... and fine-tuned longer at Adam's usual rate (the schedule that helped LeNet-300-100's
-# smallest networks).
-CONFIGS["ghs_structured_long_lenet5_a0.03"] = CONFIGS["ghs_structured_lenet5_a0.03"][:3] + [
-    ("finetune", {"epochs": 40, "learning_rate": 1e-3, "distill": True}),
-    ("compact", {})]
+# smallest networks); α = 2e-2 between the two structures.
+for _strength in (2e-2, 3e-2):
+    CONFIGS[f"ghs_structured_long_lenet5_a{_strength:g}"] = [
+        DENSE_LENET5,
+        ("regularize", {"penalty": "group_hoyer_square", "strength": _strength, "epochs": 40}),
+        ("prune", {"rule": "std", "value": 0.1}),
+        ("finetune", {"epochs": 40, "learning_rate": 1e-3, "distill": True}),
+        ("compact", {})]
 
 
 def seeded(stages: list[tuple[str, dict]], seed: int) -> list[tuple[str, dict]]:
