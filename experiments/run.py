@@ -154,22 +154,23 @@ for _epsilon in (0.05, 0.1):
 # LeNet-5 structured (issue 10: ≥ 15x fewer forward FLOPs with dense kernels of the surviving
 # units): Group-HS stronger and longer than `ghs_lenet5` (α = 1e-2 × 30 epochs left 7 and 13
 # conv filters, 9.1x), DeepHoyer's rule, the distilled fine-tune, compaction.
-for _strength in (3e-2,):
-    CONFIGS[f"ghs_structured_lenet5_a{_strength:g}"] = [
-        DENSE_LENET5,
-        ("regularize", {"penalty": "group_hoyer_square", "strength": _strength, "epochs": 40}),
-        ("prune", {"rule": "std", "value": 0.1}),
-        ("finetune", {"epochs": 20, "learning_rate": 3e-4, "distill": True}),
-        ("compact", {})]
+
+
+def ghs_structured_lenet5(strength: float) -> list[tuple[str, dict]]:
+    """The dense LeNet-5, Group-HS at ``strength`` for 40 epochs, DeepHoyer's rule (s = 0.1)."""
+    return [DENSE_LENET5,
+            ("regularize", {"penalty": "group_hoyer_square", "strength": strength,
+                            "epochs": 40}),
+            ("prune", {"rule": "std", "value": 0.1})]
+
+
+CONFIGS["ghs_structured_lenet5_a0.03"] = ghs_structured_lenet5(3e-2) + [
+    ("finetune", {"epochs": 20, "learning_rate": 3e-4, "distill": True}), ("compact", {})]
 # ... and fine-tuned longer at Adam's usual rate (the schedule that helped LeNet-300-100's
 # smallest networks); α = 2e-2 between the two structures.
 for _strength in (2e-2, 3e-2):
-    CONFIGS[f"ghs_structured_long_lenet5_a{_strength:g}"] = [
-        DENSE_LENET5,
-        ("regularize", {"penalty": "group_hoyer_square", "strength": _strength, "epochs": 40}),
-        ("prune", {"rule": "std", "value": 0.1}),
-        ("finetune", {"epochs": 40, "learning_rate": 1e-3, "distill": True}),
-        ("compact", {})]
+    CONFIGS[f"ghs_structured_long_lenet5_a{_strength:g}"] = ghs_structured_lenet5(_strength) + [
+        ("finetune", {"epochs": 40, "learning_rate": 1e-3, "distill": True}), ("compact", {})]
 
 
 def seeded(stages: list[tuple[str, dict]], seed: int) -> list[tuple[str, dict]]:

@@ -42,7 +42,7 @@ def solve_at(x, y, v, active, u0, penalty_weights, maxiter: int, tol: float):
 
     Returns:
       U (L, M), per-neuron iteration counts (M,) and the layer's relative duality gap at U
-      (`duality_gap`; computed in the same program, so it costs no compile of its own).
+      (`duality_gap`, traced into the same program: no compile of its own).
 
     jaxopt's FISTA iterations (`ProximalGradient.update`) with the gradient-based adaptive
     restart of O'Donoghue & Candès (2015): when the momentum points uphill,
@@ -74,10 +74,10 @@ def solve_at(x, y, v, active, u0, penalty_weights, maxiter: int, tol: float):
 
     u, iterations = jax.vmap(one, in_axes=(1, 1, 1, 1, 1), out_axes=(1, 0))(
         u0, y, v, active, penalty_weights)
-    return u, iterations, _duality_gap(x, y, v, active, u, penalty_weights)
+    return u, iterations, duality_gap(x, y, v, active, u, penalty_weights)
 
 
-def _duality_gap(x, y, v, active, u, penalty_weights):
+def duality_gap(x, y, v, active, u, penalty_weights):
     """Relative duality gap (F(U) − D(Θ)) / F(U) of the layer's problem at one λ, summed over
     neurons: an upper bound on how far U's objective is from the optimum, relative to it.
 
@@ -101,5 +101,3 @@ def _duality_gap(x, y, v, active, u, penalty_weights):
     dual = -jnp.sum(jnp.where(active, theta * y, theta * v) + 0.5 * theta * theta, axis=0)
     return jnp.sum(primal - dual) / jnp.maximum(jnp.sum(primal), 1e-30)
 
-
-duality_gap = jax.jit(_duality_gap)

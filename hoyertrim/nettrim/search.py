@@ -401,7 +401,7 @@ def _refit_on_support(problem: NormalizedLayer, u, *, maxiter: int, tol: float, 
     on_support = jnp.where(weights == 0, 0.0,
                            jnp.where(u != 0, lam * problem.lam_max * weights, jnp.inf))
     refit, counts, _ = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d, u,
-                             on_support, maxiter, problem.abs_tol * tol)
+                                on_support, maxiter, problem.abs_tol * tol)
     return (refit, measure(problem.data, problem.to_real(refit), problem.device_data),
             int(np.max(counts)))
 
