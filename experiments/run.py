@@ -151,9 +151,6 @@ for _epsilon in (0.05, 0.1):
         ("finetune", {"epochs": 20, "learning_rate": 3e-4, "distill": True}),
         ("compact", {})]
 
-# LeNet-5 structured (issue 10: ≥ 15x fewer forward FLOPs with dense kernels of the surviving
-# units): Group-HS stronger and longer than `ghs_lenet5` (α = 1e-2 × 30 epochs left 7 and 13
-# conv filters, 9.1x), DeepHoyer's rule, the distilled fine-tune, compaction.
 
 
 def ghs_structured_lenet5(strength: float) -> list[tuple[str, dict]]:
@@ -164,6 +161,9 @@ def ghs_structured_lenet5(strength: float) -> list[tuple[str, dict]]:
             ("prune", {"rule": "std", "value": 0.1})]
 
 
+# LeNet-5 structured (issue 10: ≥ 15x fewer forward FLOPs with dense kernels of the surviving
+# units): Group-HS stronger and longer than `ghs_lenet5` (α = 1e-2 × 30 epochs left 7 and 13
+# conv filters, 9.1x), the distilled fine-tune, compaction.
 CONFIGS["ghs_structured_lenet5_a0.03"] = ghs_structured_lenet5(3e-2) + [
     ("finetune", {"epochs": 20, "learning_rate": 3e-4, "distill": True}), ("compact", {})]
 # ... and fine-tuned longer at Adam's usual rate (the schedule that helped LeNet-300-100's

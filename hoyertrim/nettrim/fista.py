@@ -100,4 +100,3 @@ def duality_gap(x, y, v, active, u, penalty_weights):
     theta = theta / jnp.maximum(1.0, jnp.max(excess, axis=0))
     dual = -jnp.sum(jnp.where(active, theta * y, theta * v) + 0.5 * theta * theta, axis=0)
     return jnp.sum(primal - dual) / jnp.maximum(jnp.sum(primal), 1e-30)
-
