@@ -183,7 +183,8 @@ def seeded(stages: list[tuple[str, dict]], seed: int) -> list[tuple[str, dict]]:
 
 # Headline points over three seeds (seed 0 is the plain name).
 for _name in ("nettrim_thrice_ft5_lenet300100", "hoyertrim5_lenet300100_eps0.2",
-              "hoyertrim5_long_lenet300100_eps0.2"):
+              "hoyertrim5_long_lenet300100_eps0.2", "hoyertrim_lenet5_eps0.05",
+              "hs_distill_lenet5", "ghs_structured_long_lenet5_a0.03"):
     for _seed in (1, 2):
         CONFIGS[f"{_name}_seed{_seed}"] = seeded(CONFIGS[_name], _seed)
 
