@@ -152,7 +152,6 @@ for _epsilon in (0.05, 0.1):
         ("compact", {})]
 
 
-
 def ghs_structured_lenet5(strength: float) -> list[tuple[str, dict]]:
     """The dense LeNet-5, Group-HS at ``strength`` for 40 epochs, DeepHoyer's rule (s = 0.1)."""
     return [DENSE_LENET5,
