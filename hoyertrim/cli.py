@@ -162,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p, 30, 1e-3)
     _common(p, training=True)
 
+    p = command("gradual", "gradual magnitude pruning (Zhu & Gupta) while training from a "
+                           "stage's weights; the last epoch is kept")
+    p.add_argument("parent", help="stage directory to start from (e.g. the dense model)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=_fraction, default=None,
+                        help="removed fraction of every kernel at the end")
+    target.add_argument("--like", default=None,
+                        help="stage directory of the same model whose per-layer counts of "
+                             "nonzero weights to reach (e.g. a DeepHoyer-pruned stage)")
+    p.add_argument("--end-fraction", type=float, default=0.75,
+                   help="fraction of the training steps over which the sparsity rises; the rest "
+                        "trains with the final masks")
+    _train_args(p, 30, 1e-3)
+    _common(p, training=True)
+
     p = command("prune", "prune a stage's weights by a rule (no training)")
     p.add_argument("parent", help="stage directory to prune")
     p.add_argument("--rule", choices=PRUNE_RULES, default="std",
@@ -255,7 +270,7 @@ def _default_out(args, stage: str, model: str) -> str:
     from hoyertrim.pipeline import default_directory
     settings = {k: v for k, v in sorted(vars(args).items())
                 if k not in ("out", "no_progress", "data_dir", "command")}
-    for key in ("parent", "teacher", "reference", "checkpoint"):
+    for key in ("parent", "teacher", "reference", "checkpoint", "like"):
         if settings.get(key):
             settings[key] = str(pathlib.Path(settings[key]).expanduser().absolute())
     return str(default_directory(stage, model, settings))
@@ -318,6 +333,12 @@ def _run(args, command_line) -> int:
             batch_size=args.batch_size, optimizer=args.optimizer,
             learning_rate=args.learning_rate, weight_decay=args.weight_decay, seed=args.seed,
             progress=progress, **common)
+    elif args.command == "gradual":
+        result = pipeline.gradual(
+            args.parent, out, sparsity=args.sparsity, like=args.like, epochs=args.epochs,
+            end_fraction=args.end_fraction, batch_size=args.batch_size,
+            optimizer=args.optimizer, learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay, seed=args.seed, progress=progress, **common)
     elif args.command == "prune":
         result = pipeline.prune(args.parent, out, rule=args.rule, value=args.value, **common)
     elif args.command == "finetune":

@@ -43,6 +43,11 @@ def stage_label(manifest: dict) -> str:
         names = {"hoyer_square": "HS", "group_hoyer_square": "Group-HS", "hoyer": "Hoyer",
                  "l1": "L1", "group_lasso": "group lasso", "transformed_l1": "transformed L1"}
         return f"{names.get(config['penalty'], config['penalty'])} α={config['strength']:g}"
+    if stage == "gradual":
+        if config.get("like"):
+            return f"gradual magnitude (counts of {pathlib.Path(config['like']).name})"
+        values = set(config["sparsity"].values())
+        return "gradual magnitude" + (f" {values.pop():g}" if len(values) == 1 else "")
     if stage == "prune":
         return f"pruned ({config['rule'].replace('_', ' ')} {config['value']:g})"
     if stage == "finetune":

@@ -275,3 +275,43 @@ def test_polish_through_the_command_keeps_fewer_weights(chain, tiny_data_root):
     assert sum(int(np.count_nonzero(kept[n]["kernel"])) for n in kept) < \
         sum(int(np.count_nonzero(before[n]["kernel"])) for n in before)
     assert plain["config"].get("polish") is None
+
+
+def test_gradual_reaches_the_counts_of_another_stage(chain, capsys, tiny_data_root):
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    assert cli.main(["prune", str(chain / "dense"), "--rule", "std", "--value", "1.0",
+                     "--out", str(chain / "std_pruned"), *data]) == 0
+    assert cli.main(["gradual", str(chain / "dense"), "--like", str(chain / "std_pruned"),
+                     "--epochs", "2", "--out", str(chain / "gradual"), *data]) == 0
+    like, gradual = hoyertrim.load(chain / "std_pruned"), hoyertrim.load(chain / "gradual")
+    dense = hoyertrim.load(chain / "dense")
+    for name in ("Conv_0", "Dense_0", "Dense_1"):
+        target = np.asarray(like.params[name]["kernel"])
+        reached = np.asarray(gradual.params[name]["kernel"])
+        assert np.count_nonzero(reached) == np.count_nonzero(target)  # the exact count
+        assert np.all(np.asarray(gradual.masks[name]["kernel"]) == (reached != 0))
+        # Trained while pruning: not the dense weights with the small ones cut.
+        kept = reached != 0
+        assert not np.allclose(reached[kept], np.asarray(dense.params[name]["kernel"])[kept])
+    manifest = pipeline.read_manifest(chain / "gradual")
+    assert manifest["config"]["like"] == str(chain / "std_pruned")
+    assert gradual.predict(load_dataset("mnist", tiny_data_root).validation.images[:10]).shape \
+        == (10, 10)
+    capsys.readouterr()
+
+
+def test_gradual_refuses_a_bad_target_and_leaves_nothing(chain, capsys, tiny_data_root):
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    status, _, err = run(capsys, "gradual", str(chain / "dense"), "--like", str(chain),
+                         "--out", str(chain / "bad_gradual"), *data)
+    assert status == 1 and "is not a hoyertrim stage directory" in err
+    assert not (chain / "bad_gradual").exists()
+    with pytest.raises(pipeline.StageError, match="No kernel named nope"):
+        pipeline.gradual(chain / "dense", chain / "bad_gradual", sparsity={"nope": 0.5},
+                         data_dir=tiny_data_root)
+    with pytest.raises(pipeline.StageError, match="one of sparsity="):
+        pipeline.gradual(chain / "dense", chain / "bad_gradual", data_dir=tiny_data_root)
+    assert not (chain / "bad_gradual").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["gradual", str(chain / "dense"), "--sparsity", "1.5"])
+    assert "must be in (0, 1)" in capsys.readouterr().err

@@ -158,12 +158,13 @@ def test_regularizer_comparison_writes_its_points_frontier_and_plot(data_root, t
 def test_every_pipeline_config_names_only_its_stages_arguments():
     """A typo in `experiments/run.py`'s configs would only surface hours into a run; here each
     stage's settings are checked against its function's signature (a `teacher` given as a
-    stage spec is resolved to a directory by `run.run`, so its spec must be a dense `train`)."""
+    stage spec is resolved to a directory by `run.run`, so its spec must be a dense `train`; a
+    `like` given as a chain is run first, and is checked the same way)."""
     import inspect
 
     import run
 
-    for name, stages in run.CONFIGS.items():
+    def check(name, stages):
         assert stages[0][0] == "train", name
         for stage, settings in stages:
             accepted = inspect.signature(run._STAGES[stage]).parameters
@@ -172,3 +173,8 @@ def test_every_pipeline_config_names_only_its_stages_arguments():
             teacher = settings.get("teacher")
             if isinstance(teacher, tuple):
                 assert teacher[0] == "train" and settings.get("distill"), name
+            if isinstance(settings.get("like"), list):
+                check(f"{name} (like)", settings["like"])
+
+    for name, stages in run.CONFIGS.items():
+        check(name, stages)

@@ -19,7 +19,7 @@ behind unless it holds resumable checkpoints.
 Stages record validation accuracy; the test set is evaluated by `evaluate`, once per point.
 
 Modules: `directory` (manifests, keyed reuse, load), `modelspec` (which model), `training`
-(train, adopt, regularize, finetune), `pruning` (prune, nettrim / one-shot peers), `export`
+(train, adopt, regularize, gradual, finetune), `pruning` (prune, nettrim / one-shot peers), `export`
 (compact, evaluate).
 """
 
@@ -29,9 +29,9 @@ from hoyertrim.pipeline.directory import _load_data as load_data
 from hoyertrim.pipeline.export import compact, evaluate
 from hoyertrim.pipeline.modelspec import model_of, model_spec, resolve_model
 from hoyertrim.pipeline.pruning import ONESHOT_METHODS, PRUNE_RULES, nettrim, prune, prune_masks
-from hoyertrim.pipeline.training import adopt, finetune, regularize, train
+from hoyertrim.pipeline.training import adopt, finetune, gradual, regularize, train
 
 __all__ = ["FORMAT", "MANIFEST", "ONESHOT_METHODS", "PRUNE_RULES", "StageError", "StageResult",
            "adopt", "compact", "default_directory", "directory_bytes", "evaluate", "finetune",
-           "load", "load_data", "model_of", "model_spec", "nettrim", "prune", "prune_masks",
-           "read_manifest", "regularize", "resolve_model", "train"]
+           "gradual", "load", "load_data", "model_of", "model_spec", "nettrim", "prune",
+           "prune_masks", "read_manifest", "regularize", "resolve_model", "train"]

@@ -241,8 +241,6 @@ def _parent(directory):
     return manifest, model_of(manifest), loaded
 
 
-
-
 def directory_bytes(path) -> int:
     """Bytes of the files under ``path``."""
     return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())

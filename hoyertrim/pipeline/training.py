@@ -1,5 +1,6 @@
 """Training stages: a dense model (`train`), weights trained elsewhere (`adopt`), DeepHoyer's
-regularized training (`regularize`) and the masked fine-tune (`finetune`)."""
+regularized training (`regularize`), Zhu & Gupta's gradual magnitude pruning (`gradual`) and the
+masked fine-tune (`finetune`)."""
 
 from __future__ import annotations
 
@@ -201,6 +202,104 @@ def regularize(parent, out, *, penalty: str = "hoyer_square", strength: float = 
             return _result(stage)
         data = _load_data(manifest, data_dir)
         tx = optax.chain(REGULARIZERS[penalty](strength), _optimizer(config, len(data.train)))
+        state, step, seconds = _fit_stage(stage, model, tx, data, loaded.params,
+                                          loaded.model_state, config, progress=progress)
+        _save_network(stage.out, state.params, kernel_nonzero_masks(state.params),
+                      state.model_state)
+        stage.finish(_summary(model, state.params, state.model_state, data,
+                              {"epoch": step, "train_seconds": seconds}))
+    return _result(stage)
+
+
+def _kernel_sparsity_like(params, like) -> dict[str, float]:
+    """{layer: sparsity} of every kernel of ``like``'s network, checked against ``params``.
+
+    The sparsity is (removed + ½) / size: `gradual_magnitude_pruning` removes
+    floor(sparsity·size) weights in float32, and the half keeps that floor on the exact count."""
+    from hoyertrim.masks import layer_name
+    from hoyertrim.penalties import is_kernel
+    _, _, other = _parent(like)
+
+    def kernels(tree):
+        found = {}
+
+        def visit(path, leaf):
+            if is_kernel(path, leaf):
+                found[layer_name(path)] = np.asarray(leaf)
+        jax.tree_util.tree_map_with_path(visit, tree)
+        return found
+
+    ours, theirs = kernels(params), kernels(other.params)
+    mismatched = sorted(name for name in ours.keys() | theirs.keys()
+                        if name not in ours or name not in theirs
+                        or ours[name].shape != theirs[name].shape)
+    if mismatched:
+        raise StageError(f"{like} is not the parent's network: its kernels differ at "
+                         f"{', '.join(mismatched)}; give a stage of the same model.")
+    return {name: (int(np.sum(w == 0)) + 0.5) / w.size for name, w in theirs.items()}
+
+
+def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None, like=None,
+            epochs: int = 30, end_fraction: float = 0.75, updates_per_epoch: int = 2,
+            batch_size: int = 128, optimizer: str = "adam", learning_rate: float = 1e-3,
+            schedule: str = "cosine", weight_decay: float = 0.0, seed: int = 0, data_dir=None,
+            progress=True, command=None) -> StageResult:
+    """Zhu & Gupta's gradual magnitude pruning (`transforms.gradual_magnitude_pruning`) while
+    training from the parent's params: every kernel's sparsity rises along the cubic schedule
+    from 0 at the first step to its target at ``end_fraction`` of the steps, re-masked
+    ``updates_per_epoch`` times an epoch, then training goes on with the masks fixed. The last
+    epoch is kept (the masks reach their target only near the end; the fine-tune selects on
+    validation).
+
+    Args:
+      sparsity: removed fraction of every kernel, or ``{layer: sparsity}`` (layers not named are
+        not pruned).
+      like: instead of ``sparsity``, a stage directory of the same model whose per-layer counts
+        of nonzero kernel weights to reach exactly (e.g. a DeepHoyer-pruned stage, to compare
+        the two at the same counts).
+    """
+    from hoyertrim.masks import layer_name
+    from hoyertrim.penalties import is_kernel
+    from hoyertrim.transforms import gradual_magnitude_pruning
+    if (sparsity is None) == (like is None):
+        raise StageError("Give the target as one of sparsity= (a number or {layer: sparsity}) "
+                         "or like= (a stage directory whose per-layer counts to match).")
+    if not 0 < end_fraction <= 1 or updates_per_epoch < 1:
+        raise StageError(f"end_fraction must be in (0, 1] and updates_per_epoch >= 1 (got "
+                         f"{end_fraction}, {updates_per_epoch}).")
+    parent_manifest, model, loaded = _parent(parent)
+    layers = sorted({layer_name(path) for path, leaf in
+                     jax.tree_util.tree_leaves_with_path(loaded.params) if is_kernel(path, leaf)})
+    if like is not None:
+        like = str(pathlib.Path(like).expanduser().absolute())
+        target = _kernel_sparsity_like(loaded.params, like)
+    elif isinstance(sparsity, Mapping):
+        unknown = sorted(set(sparsity) - set(layers))
+        if unknown:
+            raise StageError(f"No kernel named {', '.join(unknown)}; the layers are "
+                             f"{', '.join(layers)}.")
+        target = {name: float(value) for name, value in sparsity.items()}
+    else:
+        target = {name: float(sparsity) for name in layers}
+    if not all(0 <= value < 1 for value in target.values()):
+        raise StageError(f"Sparsity must be in [0, 1) for every layer, got {target}.")
+    config = {"sparsity": target, "like": like, "end_fraction": end_fraction,
+              "updates_per_epoch": updates_per_epoch, **_train_config(
+                  epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed,
+                  "last")}
+    manifest = _manifest("gradual", config, parent=parent_manifest, parent_dir=parent,
+                         command=command)
+    with _Stage(out, manifest) as stage:
+        if stage.done:
+            return _result(stage)
+        data = _load_data(manifest, data_dir)
+        steps_per_epoch = len(data.train) // batch_size
+        frequency = max(steps_per_epoch // updates_per_epoch, 1)
+        # Masks change only on multiples of the frequency: the window ends on one, so the last
+        # update is at the target sparsity.
+        end_step = frequency * max(round(end_fraction * epochs * steps_per_epoch / frequency), 1)
+        tx = optax.chain(_optimizer(config, len(data.train)), gradual_magnitude_pruning(
+            target, begin_step=0, end_step=end_step, frequency=frequency))
         state, step, seconds = _fit_stage(stage, model, tx, data, loaded.params,
                                           loaded.model_state, config, progress=progress)
         _save_network(stage.out, state.params, kernel_nonzero_masks(state.params),
