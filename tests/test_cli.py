@@ -315,3 +315,18 @@ def test_gradual_refuses_a_bad_target_and_leaves_nothing(chain, capsys, tiny_dat
     with pytest.raises(SystemExit):
         cli.main(["gradual", str(chain / "dense"), "--sparsity", "1.5"])
     assert "must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_gradual_with_the_window_to_the_end_still_reaches_its_sparsity(chain, tiny_data_root):
+    # end_fraction=1 ends the window on a step the run reaches, not one past its last step.
+    result = pipeline.gradual(chain / "dense", chain / "gradual_half", sparsity=0.5, epochs=2,
+                              end_fraction=1.0, updates_per_epoch=1, data_dir=tiny_data_root,
+                              progress=False)
+    tuned = hoyertrim.load(result.directory)
+    for name in ("Conv_0", "Dense_0", "Dense_1"):
+        kernel = np.asarray(tuned.params[name]["kernel"])
+        assert np.count_nonzero(kernel) == kernel.size - kernel.size // 2
+    with pytest.raises(pipeline.StageError, match="no mask update"):
+        pipeline.gradual(chain / "dense", chain / "gradual_short", sparsity=0.5, epochs=1,
+                         updates_per_epoch=1, data_dir=tiny_data_root)
+    assert not (chain / "gradual_short").exists()

@@ -295,9 +295,13 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
         data = _load_data(manifest, data_dir)
         steps_per_epoch = len(data.train) // batch_size
         frequency = max(steps_per_epoch // updates_per_epoch, 1)
-        # Masks change only on multiples of the frequency: the window ends on one, so the last
-        # update is at the target sparsity.
-        end_step = frequency * max(round(end_fraction * epochs * steps_per_epoch / frequency), 1)
+        # Masks change only on multiples of the frequency: the window ends on one that a step
+        # reaches (steps count from 0), so the last update is at the target sparsity.
+        last_step = epochs * steps_per_epoch - 1
+        end_step = frequency * int(min(end_fraction * (last_step + 1), last_step) // frequency)
+        if end_step < 1:
+            raise StageError(f"{epochs} epoch(s) of {steps_per_epoch} steps leave no mask update "
+                             "after the first; give more epochs or updates_per_epoch.")
         tx = optax.chain(_optimizer(config, len(data.train)), gradual_magnitude_pruning(
             target, begin_step=0, end_step=end_step, frequency=frequency))
         state, step, seconds = _fit_stage(stage, model, tx, data, loaded.params,
