@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import hoyertrim
-from hoyertrim import cli, pipeline
+from hoyertrim import cli, pipeline, report
 from hoyertrim.data import load_dataset
 
 USER_MODEL = textwrap.dedent("""
@@ -295,6 +295,7 @@ def test_gradual_reaches_the_counts_of_another_stage(chain, capsys, tiny_data_ro
         assert not np.allclose(reached[kept], np.asarray(dense.params[name]["kernel"])[kept])
     manifest = pipeline.read_manifest(chain / "gradual")
     assert manifest["config"]["like"] == str(chain / "std_pruned")
+    assert report.stage_label(manifest) == "gradual magnitude (counts of std_pruned)"
     assert gradual.predict(load_dataset("mnist", tiny_data_root).validation.images[:10]).shape \
         == (10, 10)
     capsys.readouterr()
