@@ -33,9 +33,10 @@ def _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight
                 seed=seed, select=select)
 
 
-def _fit_stage(stage: _Stage, model, tx, dataset, params, model_state, config, *, teacher=None,
-               progress=True):
-    """Trains into ``stage.out/checkpoints`` (resuming), returns the selected state."""
+def _fit_stage(stage: _Stage, model, tx, dataset, params, model_state, config, *, masks=None,
+               teacher=None, progress=True) -> None:
+    """Trains into ``stage.out/checkpoints`` (resuming), then writes the selected epoch's network
+    (with ``masks``, by default its nonzero kernel entries) and finishes the stage."""
     from hoyertrim.checkpoint import Checkpointer
     from hoyertrim.train import create_train_state, fit
     state = create_train_state(model, tx, jax.random.PRNGKey(config["seed"]), dataset.image_shape,
@@ -49,7 +50,11 @@ def _fit_stage(stage: _Stage, model, tx, dataset, params, model_state, config, *
         step = checkpointer.best_step() if config["select"] == "best" else \
             checkpointer.latest_step()
         selected, _ = checkpointer.restore(state, step)
-    return selected, step, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    masks = kernel_nonzero_masks(selected.params) if masks is None else masks
+    _save_network(stage.out, selected.params, masks, selected.model_state)
+    stage.finish(_summary(model, selected.params, selected.model_state, dataset,
+                          {"epoch": step, "train_seconds": seconds}))
 
 
 def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str = "mnist",
@@ -73,12 +78,7 @@ def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str 
         data = _load_data(manifest, data_dir)
         stage.manifest["input_shape"] = list(data.image_shape)
         tx = _optimizer(config, len(data.train))
-        state, step, seconds = _fit_stage(stage, module, tx, data, None, None, config,
-                                          progress=progress)
-        _save_network(stage.out, state.params, kernel_nonzero_masks(state.params),
-                      state.model_state)
-        stage.finish(_summary(module, state.params, state.model_state, data,
-                              {"epoch": step, "train_seconds": seconds}))
+        _fit_stage(stage, module, tx, data, None, None, config, progress=progress)
     return _result(stage)
 
 
@@ -202,12 +202,8 @@ def regularize(parent, out, *, penalty: str = "hoyer_square", strength: float = 
             return _result(stage)
         data = _load_data(manifest, data_dir)
         tx = optax.chain(REGULARIZERS[penalty](strength), _optimizer(config, len(data.train)))
-        state, step, seconds = _fit_stage(stage, model, tx, data, loaded.params,
-                                          loaded.model_state, config, progress=progress)
-        _save_network(stage.out, state.params, kernel_nonzero_masks(state.params),
-                      state.model_state)
-        stage.finish(_summary(model, state.params, state.model_state, data,
-                              {"epoch": step, "train_seconds": seconds}))
+        _fit_stage(stage, model, tx, data, loaded.params, loaded.model_state, config,
+                   progress=progress)
     return _result(stage)
 
 
@@ -304,12 +300,8 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
                              "after the first; give more epochs or updates_per_epoch.")
         tx = optax.chain(_optimizer(config, len(data.train)), gradual_magnitude_pruning(
             target, begin_step=0, end_step=end_step, frequency=frequency))
-        state, step, seconds = _fit_stage(stage, model, tx, data, loaded.params,
-                                          loaded.model_state, config, progress=progress)
-        _save_network(stage.out, state.params, kernel_nonzero_masks(state.params),
-                      state.model_state)
-        stage.finish(_summary(model, state.params, state.model_state, data,
-                              {"epoch": step, "train_seconds": seconds}))
+        _fit_stage(stage, model, tx, data, loaded.params, loaded.model_state, config,
+                   progress=progress)
     return _result(stage)
 
 
@@ -349,10 +341,7 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
         data = _load_data(manifest, data_dir)
         masks = kernel_nonzero_masks(loaded.params)
         tx = masked_fine_tuning(_optimizer(config, len(data.train)), masks)
-        state, step, seconds = _fit_stage(stage, model, tx, data, apply_masks(loaded.params, masks),
-                                          loaded.model_state, config, teacher=teacher_fn,
-                                          progress=progress)
-        _save_network(stage.out, state.params, masks, state.model_state)
-        stage.finish(_summary(model, state.params, state.model_state, data,
-                              {"epoch": step, "train_seconds": seconds}))
+        _fit_stage(stage, model, tx, data, apply_masks(loaded.params, masks),
+                   loaded.model_state, config, masks=masks, teacher=teacher_fn,
+                   progress=progress)
     return _result(stage)
