@@ -207,25 +207,20 @@ def regularize(parent, out, *, penalty: str = "hoyer_square", strength: float = 
     return _result(stage)
 
 
-def _kernel_sparsity_like(params, like) -> dict[str, float]:
-    """{layer: sparsity} of every kernel of ``like``'s network, checked against ``params``.
+def _kernels(params) -> dict[str, np.ndarray]:
+    """{layer: kernel} of every Dense/Conv kernel (`penalties.is_kernel`)."""
+    from hoyertrim.masks import layer_name
+    from hoyertrim.penalties import is_kernel
+    return {layer_name(path): np.asarray(leaf) for path, leaf
+            in jax.tree_util.tree_leaves_with_path(params) if is_kernel(path, leaf)}
+
+
+def _kernel_sparsity_like(ours: dict[str, np.ndarray], like) -> dict[str, float]:
+    """{layer: sparsity} of every kernel of ``like``'s network, checked against ``ours``.
 
     The sparsity is (removed + ½) / size: `gradual_magnitude_pruning` removes
     floor(sparsity·size) weights in float32, and the half keeps that floor on the exact count."""
-    from hoyertrim.masks import layer_name
-    from hoyertrim.penalties import is_kernel
-    _, _, other = _parent(like)
-
-    def kernels(tree):
-        found = {}
-
-        def visit(path, leaf):
-            if is_kernel(path, leaf):
-                found[layer_name(path)] = np.asarray(leaf)
-        jax.tree_util.tree_map_with_path(visit, tree)
-        return found
-
-    ours, theirs = kernels(params), kernels(other.params)
+    theirs = _kernels(_parent(like)[2].params)
     mismatched = sorted(name for name in ours.keys() | theirs.keys()
                         if name not in ours or name not in theirs
                         or ours[name].shape != theirs[name].shape)
@@ -254,8 +249,6 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
         of nonzero kernel weights to reach exactly (e.g. a DeepHoyer-pruned stage, to compare
         the two at the same counts).
     """
-    from hoyertrim.masks import layer_name
-    from hoyertrim.penalties import is_kernel
     from hoyertrim.transforms import gradual_magnitude_pruning
     if (sparsity is None) == (like is None):
         raise StageError("Give the target as one of sparsity= (a number or {layer: sparsity}) "
@@ -264,19 +257,18 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
         raise StageError(f"end_fraction must be in (0, 1] and updates_per_epoch >= 1 (got "
                          f"{end_fraction}, {updates_per_epoch}).")
     parent_manifest, model, loaded = _parent(parent)
-    layers = sorted({layer_name(path) for path, leaf in
-                     jax.tree_util.tree_leaves_with_path(loaded.params) if is_kernel(path, leaf)})
+    kernels = _kernels(loaded.params)
     if like is not None:
         like = str(pathlib.Path(like).expanduser().absolute())
-        target = _kernel_sparsity_like(loaded.params, like)
+        target = _kernel_sparsity_like(kernels, like)
     elif isinstance(sparsity, Mapping):
-        unknown = sorted(set(sparsity) - set(layers))
+        unknown = sorted(set(sparsity) - set(kernels))
         if unknown:
             raise StageError(f"No kernel named {', '.join(unknown)}; the layers are "
-                             f"{', '.join(layers)}.")
+                             f"{', '.join(sorted(kernels))}.")
         target = {name: float(value) for name, value in sparsity.items()}
     else:
-        target = {name: float(sparsity) for name in layers}
+        target = {name: float(sparsity) for name in sorted(kernels)}
     if not all(0 <= value < 1 for value in target.values()):
         raise StageError(f"Sparsity must be in [0, 1) for every layer, got {target}.")
     config = {"sparsity": target, "like": like, "end_fraction": end_fraction,
