@@ -161,6 +161,14 @@ for _epsilon in (0.05, 0.1):
 CONFIGS["gradual_distill_lenet5"] = [
     DENSE_LENET5, ("gradual", {"like": HS_PRUNED_LENET5, "epochs": 50}),
     ("finetune", {"epochs": 20, "learning_rate": 3e-4, "distill": True})]
+# ... and the one-shot layer-wise methods from the dense LeNet-5 to the same counts (cascade:
+# each layer sees the pruned ones before it), then the same fine-tune: Net-Trim alone (with a
+# polish round, which reaches the exact count), SparseGPT, magnitude.
+for _name, _settings in (("nettrim", {"polish": 1}), ("sparsegpt", {"method": "sparsegpt"}),
+                         ("magnitude", {"method": "magnitude"})):
+    CONFIGS[f"{_name}_like_hs_distill_lenet5"] = [
+        DENSE_LENET5, ("nettrim", {"like": HS_PRUNED_LENET5, "scheme": "cascade", **_settings}),
+        ("finetune", {"epochs": 20, "learning_rate": 3e-4, "distill": True})]
 
 
 def ghs_structured_lenet5(strength: float) -> list[tuple[str, dict]]:
@@ -181,6 +189,15 @@ CONFIGS["ghs_structured_lenet5_a0.03"] = ghs_structured_lenet5(3e-2) + [
 for _strength in (2e-2, 3e-2):
     CONFIGS[f"ghs_structured_long_lenet5_a{_strength:g}"] = ghs_structured_lenet5(_strength) + [
         ("finetune", {"epochs": 40, "learning_rate": 1e-3, "distill": True}), ("compact", {})]
+
+# Per-layer strengths: Group-HS α = 3e-2 on the conv layers, whose filters cost the forward FLOPs,
+# and the 1.03% point's 1e-2 on the Dense layers, whose units cost almost none.
+CONFIGS["ghs_layers_long_lenet5"] = [
+    DENSE_LENET5,
+    ("regularize", {"penalty": "group_hoyer_square", "epochs": 40, "strength": {
+        "conv0": 3e-2, "conv1": 3e-2, "dense0": 1e-2, "dense1": 1e-2}}),
+    ("prune", {"rule": "std", "value": 0.1}),
+    ("finetune", {"epochs": 40, "learning_rate": 1e-3, "distill": True}), ("compact", {})]
 
 
 def seeded(stages: list[tuple[str, dict]], seed: int) -> list[tuple[str, dict]]:

@@ -54,6 +54,26 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _strength(text: str) -> float | dict:
+    """A number, or a JSON object of positive numbers by layer."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict) or not value or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+            raise argparse.ArgumentTypeError(
+                f"expected a number or a JSON object like '{{\"conv0\": 3e-2}}', got {text}")
+    if not all(v > 0 for v in (value.values() if isinstance(value, dict) else [value])):
+        raise argparse.ArgumentTypeError(f"strengths must be > 0, got {text}")
+    return value
+
+
 def _nm(text: str) -> tuple[int, int]:
     try:
         n, m = (int(v) for v in text.split(":"))
@@ -158,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parent", help="stage directory to start from")
     p.add_argument("--penalty", choices=sorted(REGULARIZERS), default="hoyer_square",
                    help="penalty added to the loss")
-    p.add_argument("--strength", type=float, default=1e-4, help="penalty strength α")
+    p.add_argument("--strength", type=_strength, default=1e-4,
+                   help="penalty strength α, or a JSON object of per-layer strengths like "
+                        "'{\"conv0\": 3e-2, \"dense0\": 1e-2}' (layers not named are not "
+                        "regularized)")
     _train_args(p, 30, 1e-3)
     _common(p, training=True)
 
@@ -221,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         target.add_argument("--nm", type=_nm, default=None,
                             help="N:M pattern, e.g. 2:4 (layers whose input count is a "
                                  "multiple of M)")
+        target.add_argument("--like", default=None,
+                            help="stage directory of the same model whose per-layer counts of "
+                                 "nonzero weights to keep (e.g. a DeepHoyer-pruned stage)")
         p.add_argument("--scheme", choices=["parallel", "cascade"], default="cascade",
                        help="parallel: layers independent; cascade: each sees the pruned ones "
                             "before it")
@@ -347,10 +373,10 @@ def _run(args, command_line) -> int:
             batch_size=args.batch_size, weight_decay=args.weight_decay, distill=args.distill,
             teacher=args.teacher, seed=args.seed, progress=progress, **common)
     elif args.command in ("nettrim", "oneshot"):
-        explicit = args.kept_fraction is not None or args.nm is not None
+        explicit = any(v is not None for v in (args.kept_fraction, args.nm, args.like))
         result = pipeline.nettrim(
             args.parent, out, epsilon=None if explicit else getattr(args, "epsilon", None),
-            kept_fraction=args.kept_fraction, nm=args.nm,
+            kept_fraction=args.kept_fraction, nm=args.nm, like=args.like,
             method=getattr(args, "method", "nettrim"), scheme=args.scheme,
             within_nonzeros=args.within_nonzeros, refit=getattr(args, "refit", False),
             polish=getattr(args, "polish", 0),

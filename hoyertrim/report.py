@@ -42,7 +42,10 @@ def stage_label(manifest: dict) -> str:
     if stage == "regularize":
         names = {"hoyer_square": "HS", "group_hoyer_square": "Group-HS", "hoyer": "Hoyer",
                  "l1": "L1", "group_lasso": "group lasso", "transformed_l1": "transformed L1"}
-        return f"{names.get(config['penalty'], config['penalty'])} α={config['strength']:g}"
+        strength = config["strength"]
+        alpha = ", ".join(f"{layer} {value:g}" for layer, value in strength.items()) \
+            if isinstance(strength, dict) else f"{strength:g}"
+        return f"{names.get(config['penalty'], config['penalty'])} α={alpha}"
     if stage == "gradual":
         if config.get("like"):
             return f"gradual magnitude (counts of {pathlib.Path(config['like']).name})"
@@ -57,6 +60,8 @@ def stage_label(manifest: dict) -> str:
             target = "{}:{}".format(*config["nm"])
         elif config.get("epsilon") is not None:
             target = f"ε={config['epsilon']:g}"
+        elif config.get("like"):
+            target = f"counts of {pathlib.Path(config['like']).name}"
         else:
             target = f"kept {100 * config['kept_fraction']:g}%"
         names = {"sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "magnitude"}

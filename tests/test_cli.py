@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -135,6 +137,35 @@ def test_argument_errors_are_usage_errors(capsys):
     assert "expected a JSON object" in capsys.readouterr().err
 
 
+def test_per_layer_strength_is_parsed_and_refused_when_wrong(capsys):
+    assert cli._strength("3e-2") == 0.03
+    assert cli._strength('{"conv0": 3e-2, "dense0": 1}') == {"conv0": 0.03, "dense0": 1}
+    for text in ("[1]", '{"conv0": "a"}', "{}", '{"conv0": -1}', "0", "abc"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["regularize", "x", "--strength", text])
+        assert exit_info.value.code == 2 and "--strength" in capsys.readouterr().err
+
+
+def test_per_layer_penalty_gradient_is_each_layers_strength_times_its_gradient():
+    from hoyertrim import penalties
+    from hoyertrim.pipeline.training import penalty_gradient
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {name: {"kernel": jax.random.normal(key, (4, 3)), "bias": jnp.ones(3)}
+              for name, key in zip(("conv0", "dense0", "dense1"), keys)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = penalty_gradient("group_hoyer_square", {"conv0": 0.3, "dense0": 0.05})
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    for name, alpha in (("conv0", 0.3), ("dense0", 0.05), ("dense1", 0.0)):
+        expected = alpha * jax.grad(penalties.group_hoyer_square)(params[name]["kernel"])
+        np.testing.assert_allclose(updates[name]["kernel"], expected, rtol=1e-6, atol=1e-7)
+        assert not np.any(updates[name]["bias"])
+    # One number: every kernel at that strength, as before.
+    tx = penalty_gradient("group_hoyer_square", 0.3)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["dense1"]["kernel"], 0.3 * jax.grad(
+        penalties.group_hoyer_square)(params["dense1"]["kernel"]), rtol=1e-6, atol=1e-7)
+
+
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["nettrim", "--help"])
@@ -159,6 +190,21 @@ def test_regularize_prune_finetune_keeps_pruned_weights_zero(chain, capsys, tiny
         assert np.all(t[p == 0] == 0) and np.any(t[p != 0] != p[p != 0])
     manifest = pipeline.read_manifest(chain / "tuned")
     assert manifest["config"]["teacher"] == str(chain / "dense")  # the chain's first stage
+    capsys.readouterr()
+
+
+def test_regularize_with_per_layer_strengths_through_the_command(chain, capsys, tiny_data_root):
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    status, _, err = run(capsys, "regularize", str(chain / "dense"), "--strength",
+                         '{"Conv_0": 1e-3, "conv9": 1e-3}', "--out", str(chain / "bad_hs"), *data)
+    assert status == 1 and "No kernel named conv9" in err and "Conv_0, Dense_0" in err
+    assert not (chain / "bad_hs").exists()
+    assert cli.main(["regularize", str(chain / "dense"), "--penalty", "group_hoyer_square",
+                     "--strength", '{"Dense_0": 1e-2, "Conv_0": 3e-2}', "--epochs", "1",
+                     "--out", str(chain / "ghs_layers"), *data]) == 0
+    manifest = pipeline.read_manifest(chain / "ghs_layers")
+    assert manifest["config"]["strength"] == {"Conv_0": 3e-2, "Dense_0": 1e-2}
+    assert report.stage_label(manifest) == "Group-HS α=Conv_0 0.03, Dense_0 0.01"
     capsys.readouterr()
 
 
@@ -275,6 +321,48 @@ def test_polish_through_the_command_keeps_fewer_weights(chain, tiny_data_root):
     assert sum(int(np.count_nonzero(kept[n]["kernel"])) for n in kept) < \
         sum(int(np.count_nonzero(before[n]["kernel"])) for n in before)
     assert plain["config"].get("polish") is None
+
+
+def test_layerwise_methods_keep_the_counts_of_another_stage(chain, capsys, tiny_data_root):
+    data = ["--data-dir", str(tiny_data_root), "--no-progress", "--samples", "600",
+            "--heldout", "100"]
+    assert cli.main(["prune", str(chain / "dense"), "--rule", "std", "--value", "0.8",
+                     "--out", str(chain / "std_like"), *data[:3]]) == 0
+    like = hoyertrim.load(chain / "std_like").params
+    for out, argv in (("sparsegpt_like", ["oneshot", "--method", "sparsegpt"]),
+                      ("magnitude_like", ["oneshot", "--method", "magnitude"]),
+                      ("nettrim_like", ["nettrim", "--polish", "1"])):
+        assert cli.main([argv[0], str(chain / "dense"), *argv[1:], "--like",
+                         str(chain / "std_like"), "--out", str(chain / out), *data]) == 0
+        manifest = pipeline.read_manifest(chain / out)
+        assert manifest["config"]["like"] == str(chain / "std_like")
+        pruned = hoyertrim.load(chain / out).params
+        for name in ("Conv_0", "Dense_0", "Dense_1"):
+            target = np.asarray(like[name]["kernel"])
+            assert np.count_nonzero(pruned[name]["kernel"]) == np.count_nonzero(target), out
+            layer = manifest["results"]["layers"][name]
+            assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4) + 1e-6
+    # Net-Trim re-fits what it keeps: not the dense values on that support.
+    dense = np.asarray(hoyertrim.load(chain / "dense").params["Dense_0"]["kernel"])
+    refit = np.asarray(hoyertrim.load(chain / "nettrim_like").params["Dense_0"]["kernel"])
+    assert not np.allclose(refit[refit != 0], dense[refit != 0])
+    capsys.readouterr()
+
+
+def test_like_refuses_another_network_and_leaves_nothing(chain, capsys, tiny_data_root):
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    assert cli.main(["train", "--model", f"{chain / 'my_models.py'}:TinyCNN", "--model-kwargs",
+                     '{"width": 5}', "--epochs", "1", "--out", str(chain / "width5"),
+                     *data]) == 0
+    for argv in (["oneshot", "--method", "magnitude"], ["nettrim"], ["gradual", "--epochs", "2"]):
+        status, _, err = run(capsys, argv[0], str(chain / "dense"), *argv[1:], "--like",
+                             str(chain / "width5"), "--out", str(chain / "bad_like"), *data)
+        assert status == 1 and "is not the parent's network" in err and "Conv_0" in err
+        assert not (chain / "bad_like").exists()
+    with pytest.raises(pipeline.StageError, match="exactly one of"):
+        pipeline.nettrim(chain / "dense", chain / "bad_like", kept_fraction=0.5,
+                         like=chain / "width5", data_dir=tiny_data_root)
+    assert not (chain / "bad_like").exists()
 
 
 def test_gradual_reaches_the_counts_of_another_stage(chain, capsys, tiny_data_root):

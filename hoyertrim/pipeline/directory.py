@@ -226,8 +226,6 @@ def load(directory, step: int | None = None):
                                manifest=manifest, model=model)
 
 
-
-
 def _parent(directory):
     from hoyertrim import checkpoint
     manifest = read_manifest(directory)
@@ -239,6 +237,28 @@ def _parent(directory):
     loaded = checkpoint.load(pathlib.Path(directory).expanduser().absolute() / "network")
     from hoyertrim.pipeline.modelspec import model_of
     return manifest, model_of(manifest), loaded
+
+
+def _kernels(params) -> dict[str, np.ndarray]:
+    """{layer: kernel} of every Dense/Conv kernel (`penalties.is_kernel`)."""
+    from hoyertrim.masks import layer_name
+    from hoyertrim.penalties import is_kernel
+    return {layer_name(path): np.asarray(leaf) for path, leaf
+            in jax.tree_util.tree_leaves_with_path(params) if is_kernel(path, leaf)}
+
+
+def _nonzero_counts_like(ours: Mapping[str, np.ndarray], like) -> dict[str, tuple[int, int]]:
+    """{layer: (nonzero weights, weights)} of every kernel of the network in stage directory
+    ``like``, checked to be the network of ``ours`` ({layer: kernel}): the same layers and
+    shapes. What a stage's ``like=`` target reads."""
+    theirs = _kernels(_parent(like)[2].params)
+    mismatched = sorted(name for name in ours.keys() | theirs.keys()
+                        if name not in ours or name not in theirs
+                        or ours[name].shape != theirs[name].shape)
+    if mismatched:
+        raise StageError(f"{like} is not the parent's network: its kernels differ at "
+                         f"{', '.join(mismatched)}; give a stage of the same model.")
+    return {name: (int(np.count_nonzero(w)), int(w.size)) for name, w in theirs.items()}
 
 
 def directory_bytes(path) -> int:

@@ -3,6 +3,7 @@ images — Net-Trim or a one-shot peer (`nettrim`)."""
 
 from __future__ import annotations
 
+import pathlib
 import time
 from typing import Mapping
 
@@ -10,13 +11,11 @@ import jax
 import numpy as np
 
 from hoyertrim.masks import kernel_nonzero_masks
-from hoyertrim.pipeline.directory import StageError, StageResult, _load_data, _manifest, \
-    _parent, _result, _save_network, _Stage, _summary
+from hoyertrim.pipeline.directory import StageError, StageResult, _kernels, _load_data, \
+    _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary
 
 
 PRUNE_RULES = ("threshold", "std", "magnitude", "global_magnitude", "group", "group_std")
-
-
 
 
 def prune_masks(params, rule: str, value: float):
@@ -70,7 +69,7 @@ ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
 
 
 def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float | None = None,
-            nm: tuple[int, int] | None = None, method: str = "nettrim",
+            nm: tuple[int, int] | None = None, like=None, method: str = "nettrim",
             within_nonzeros: bool = False, refit: bool = False, polish: int = 0,
             scheme: str = "cascade",
             samples: int = 5000, heldout: int = 1000,
@@ -80,8 +79,12 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
     discrepancy checked by a forward pass on them and measured on ``heldout`` validation images.
 
     Args:
-      epsilon / kept_fraction / nm: Net-Trim's ε, or a kept fraction per layer, or an N:M
-        pattern (then only the layers whose input count is a multiple of M are pruned).
+      epsilon / kept_fraction / nm / like: Net-Trim's ε, or a kept fraction per layer, or an
+        N:M pattern (then only the layers whose input count is a multiple of M are pruned), or
+        a stage directory of the same model whose per-layer counts of nonzero kernel weights
+        to keep (e.g. a DeepHoyer-pruned stage, to compare methods at the same counts): exact
+        for magnitude, SparseGPT and Net-Trim with ``polish``; Wanda rounds per output unit
+        and Net-Trim's λ search alone stops near the count.
       method: ``"nettrim"`` (`nettrim.solve_layer`; N:M: `solve_layer_nm`) or a one-shot peer
         (``"sparsegpt"``, ``"wanda"``, ``"magnitude"``: `nettrim.peers`; kept fraction or N:M
         only). A peer's stage is called ``oneshot``.
@@ -100,8 +103,8 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
     if method not in ("nettrim", *ONESHOT_METHODS):
         raise StageError(f"Unknown method {method!r}; choose nettrim, "
                          f"{', '.join(ONESHOT_METHODS)}.")
-    if sum(v is not None for v in (epsilon, kept_fraction, nm)) != 1:
-        raise StageError("Give exactly one of --epsilon, --kept-fraction and --nm.")
+    if sum(v is not None for v in (epsilon, kept_fraction, nm, like)) != 1:
+        raise StageError("Give exactly one of --epsilon, --kept-fraction, --nm and --like.")
     if epsilon is not None and (method != "nettrim" or not 0 < epsilon < 1):
         raise StageError(f"ε must be in (0, 1), got {epsilon}." if method == "nettrim" else
                          f"{method} prunes to a kept fraction or N:M, not to an ε.")
@@ -114,8 +117,18 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
     if samples < 1 or heldout < 0 or maxiter < 1:
         raise StageError("samples and maxiter must be >= 1 and heldout >= 0.")
     parent_manifest, model, loaded = _parent(parent)
+    if like is not None:
+        like = str(pathlib.Path(like).expanduser().absolute())
+        kept_fraction = {name: kept / size for name, (kept, size)
+                         in _nonzero_counts_like(_kernels(loaded.params), like).items()}
+        if not all(kept_fraction.values()):
+            empty = sorted(name for name, value in kept_fraction.items() if not value)
+            raise StageError(f"{like} keeps no weight of {', '.join(empty)}; a layer-wise "
+                             "method needs at least one kept weight per layer.")
     config = dict(epsilon=epsilon, kept_fraction=kept_fraction, scheme=scheme, samples=samples,
                   heldout=heldout, maxiter=maxiter, seed=seed)
+    if like is not None:
+        config["like"] = like
     if nm is not None:
         config["nm"] = list(nm)
     if method != "nettrim":
@@ -171,14 +184,3 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         stage.finish(_summary(model, pruned.params, loaded.model_state, data, {
             "layers": layers, "heldout": pruned.heldout, "solve_seconds": seconds}))
     return _result(stage)
-
-
-def _kernels(params, prefix="") -> dict:
-    """{layer path: kernel} of a params tree."""
-    found = {}
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            if "kernel" in value and not isinstance(value["kernel"], Mapping):
-                found[f"{prefix}{key}"] = np.asarray(value["kernel"])
-            found.update(_kernels(value, f"{prefix}{key}/"))
-    return found

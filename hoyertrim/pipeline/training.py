@@ -15,8 +15,8 @@ import numpy as np
 import optax
 
 from hoyertrim.masks import kernel_nonzero_masks
-from hoyertrim.pipeline.directory import StageError, StageResult, _load_data, _manifest, \
-    _parent, _result, _save_network, _Stage, _summary
+from hoyertrim.pipeline.directory import StageError, StageResult, _kernels, _load_data, \
+    _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary
 from hoyertrim.pipeline.modelspec import model_spec, resolve_model
 
 
@@ -179,20 +179,55 @@ def _optimizer(config, num_train):
         raise StageError(str(error)) from error
 
 
-def regularize(parent, out, *, penalty: str = "hoyer_square", strength: float = 1e-4,
-               epochs: int = 30, batch_size: int = 128, optimizer: str = "adam",
-               learning_rate: float = 1e-3, schedule: str = "cosine", weight_decay: float = 0.0,
-               seed: int = 0, data_dir=None, progress=True, command=None) -> StageResult:
+def penalty_gradient(penalty: str, strength: float | Mapping[str, float]
+                     ) -> optax.GradientTransformation:
+    """``REGULARIZERS[penalty]`` at ``strength`` on every Dense/Conv kernel, or at
+    ``{layer: α}``: one term per distinct α over the kernels of the layers that have it, so the
+    updates gain Σ_layers α_layer ∇R(W_layer) and layers not named gain nothing."""
+    from hoyertrim.masks import layer_name
+    from hoyertrim.penalties import is_kernel
+    from hoyertrim.transforms import REGULARIZERS
+    if not isinstance(strength, Mapping):
+        return REGULARIZERS[penalty](strength)
+
+    def kernels_of(layers):
+        return lambda path, leaf: is_kernel(path, leaf) and layer_name(path) in layers
+
+    return optax.chain(*(REGULARIZERS[penalty](alpha, where=kernels_of(frozenset(
+        name for name, value in strength.items() if value == alpha)))
+        for alpha in sorted(set(strength.values()))))
+
+
+def regularize(parent, out, *, penalty: str = "hoyer_square",
+               strength: float | Mapping[str, float] = 1e-4, epochs: int = 30,
+               batch_size: int = 128, optimizer: str = "adam", learning_rate: float = 1e-3,
+               schedule: str = "cosine", weight_decay: float = 0.0, seed: int = 0,
+               data_dir=None, progress=True, command=None) -> StageResult:
     """Trains from the parent's params with a sparsity penalty (`transforms.REGULARIZERS`)
     chained before the optimizer; keeps the last epoch (sparsity is this stage's point; the
-    fine-tune selects on validation)."""
+    fine-tune selects on validation).
+
+    Args:
+      strength: the penalty's α for every Dense/Conv kernel, or ``{layer: α}`` (layers not
+        named are not regularized): the objective is loss + Σ_layers α_layer · R(W_layer), e.g.
+        Group-HS stronger on the conv layers, whose units cost the forward FLOPs.
+    """
     from hoyertrim.transforms import REGULARIZERS
     if penalty not in REGULARIZERS:
         raise StageError(f"Unknown penalty {penalty!r}; choose one of "
                          f"{', '.join(sorted(REGULARIZERS))}.")
-    if strength <= 0:
+    by_layer = isinstance(strength, Mapping)
+    values = list(strength.values()) if by_layer else [strength]
+    if not values or not all(value > 0 for value in values):
         raise StageError(f"The penalty strength must be > 0, got {strength}.")
     parent_manifest, model, loaded = _parent(parent)
+    if by_layer:
+        kernels = _kernels(loaded.params)
+        unknown = sorted(set(strength) - set(kernels))
+        if unknown:
+            raise StageError(f"No kernel named {', '.join(unknown)}; the layers are "
+                             f"{', '.join(sorted(kernels))}.")
+        strength = {name: float(value) for name, value in sorted(strength.items())}
     config = {"penalty": penalty, "strength": strength, **_train_config(
         epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed, "last")}
     manifest = _manifest("regularize", config, parent=parent_manifest, parent_dir=parent,
@@ -201,33 +236,11 @@ def regularize(parent, out, *, penalty: str = "hoyer_square", strength: float = 
         if stage.done:
             return _result(stage)
         data = _load_data(manifest, data_dir)
-        tx = optax.chain(REGULARIZERS[penalty](strength), _optimizer(config, len(data.train)))
+        tx = optax.chain(penalty_gradient(penalty, strength),
+                         _optimizer(config, len(data.train)))
         _fit_stage(stage, model, tx, data, loaded.params, loaded.model_state, config,
                    progress=progress)
     return _result(stage)
-
-
-def _kernels(params) -> dict[str, np.ndarray]:
-    """{layer: kernel} of every Dense/Conv kernel (`penalties.is_kernel`)."""
-    from hoyertrim.masks import layer_name
-    from hoyertrim.penalties import is_kernel
-    return {layer_name(path): np.asarray(leaf) for path, leaf
-            in jax.tree_util.tree_leaves_with_path(params) if is_kernel(path, leaf)}
-
-
-def _kernel_sparsity_like(ours: dict[str, np.ndarray], like) -> dict[str, float]:
-    """{layer: sparsity} of every kernel of ``like``'s network, checked against ``ours``.
-
-    The sparsity is (removed + ½) / size: `gradual_magnitude_pruning` removes
-    floor(sparsity·size) weights in float32, and the half keeps that floor on the exact count."""
-    theirs = _kernels(_parent(like)[2].params)
-    mismatched = sorted(name for name in ours.keys() | theirs.keys()
-                        if name not in ours or name not in theirs
-                        or ours[name].shape != theirs[name].shape)
-    if mismatched:
-        raise StageError(f"{like} is not the parent's network: its kernels differ at "
-                         f"{', '.join(mismatched)}; give a stage of the same model.")
-    return {name: (int(np.sum(w == 0)) + 0.5) / w.size for name, w in theirs.items()}
 
 
 def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None, like=None,
@@ -260,7 +273,10 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
     kernels = _kernels(loaded.params)
     if like is not None:
         like = str(pathlib.Path(like).expanduser().absolute())
-        target = _kernel_sparsity_like(kernels, like)
+        # (removed + ½) / size: `gradual_magnitude_pruning` removes floor(sparsity·size)
+        # weights in float32, and the half keeps that floor on the exact count.
+        target = {name: (size - kept + 0.5) / size for name, (kept, size)
+                  in _nonzero_counts_like(kernels, like).items()}
     elif isinstance(sparsity, Mapping):
         unknown = sorted(set(sparsity) - set(kernels))
         if unknown:
