@@ -184,7 +184,9 @@ def gradual_magnitude_pruning(final_sparsity: float | Mapping[str, float], begin
     state, so the whole schedule runs inside a jitted training loop.
 
     Args:
-      final_sparsity: removed fraction at the end, one number or ``{layer_name: sparsity}``.
+      final_sparsity: removed fraction at the end, one number or ``{layer_name: sparsity}``
+        (selected layers not named are not pruned; a name that selects no leaf is an error at
+        ``init``).
       begin_step, end_step: the pruning window, in optimizer steps.
       frequency: steps between mask updates.
       initial_sparsity: sparsity at ``begin_step``.
@@ -198,6 +200,14 @@ def gradual_magnitude_pruning(final_sparsity: float | Mapping[str, float], begin
         return final_sparsity
 
     def init(params):
+        if isinstance(final_sparsity, Mapping):  # a misspelt layer would silently stay dense
+            selected = {layer_name(path) for path, leaf
+                        in jax.tree_util.tree_leaves_with_path(params) if where(path, leaf)}
+            unknown = sorted(set(final_sparsity) - selected)
+            if unknown:
+                raise ValueError(f"final_sparsity names {', '.join(unknown)}: no leaf that "
+                                 f"`where` selects; the selected layers are "
+                                 f"{', '.join(sorted(selected))}.")
         return GradualPruningState(count=jnp.zeros((), jnp.int32),
                                    masks=jax.tree.map(lambda p: jnp.ones(p.shape, bool), params))
 

@@ -156,3 +156,11 @@ def test_gradual_magnitude_pruning_reaches_target_and_holds_zeros():
     assert float(jnp.mean(params["dense0"]["kernel"] == 0)) == pytest.approx(0.8)
     assert float(jnp.mean(params["dense1"]["kernel"] == 0)) == pytest.approx(0.5)
     assert bool(jnp.all(params["dense0"]["bias"] != 0))
+
+
+def test_gradual_magnitude_pruning_refuses_a_layer_it_would_never_prune():
+    params = {"dense0": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
+    tx = transforms.gradual_magnitude_pruning({"dense0": 0.5, "dense9": 0.5}, 0, 10)
+    with pytest.raises(ValueError, match="names dense9.*selected layers are dense0"):
+        tx.init(params)
+    transforms.gradual_magnitude_pruning({"dense0": 0.5}, 0, 10).init(params)
