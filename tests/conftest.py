@@ -1,7 +1,10 @@
+import atexit
 import dataclasses
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -10,6 +13,16 @@ warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 # pytest-xdist runs several worker processes; on a GPU each would otherwise reserve most of its
 # memory at start-up.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Most of the suite's time is XLA compiling, and the same programs (a LeNet train step, a
+# Net-Trim solve) are compiled again by each xdist worker and each subprocess a test starts
+# (the killed-and-resumed runs, the README's commands). One persistent compilation cache per
+# pytest run, set up by the first process and inherited by the others, compiles each once; it
+# starts empty (as in CI) and is removed at the end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="hoyertrim-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # tests use examples/ (models written as users write them)
