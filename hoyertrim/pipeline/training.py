@@ -179,6 +179,15 @@ def _optimizer(config, num_train):
         raise StageError(str(error)) from error
 
 
+def _by_known_layer(values: Mapping[str, float], kernels: Mapping) -> Mapping[str, float]:
+    """``values`` ({layer: value}), checked to name only layers with a kernel in ``kernels``."""
+    unknown = sorted(set(values) - set(kernels))
+    if unknown:
+        raise StageError(f"No kernel named {', '.join(unknown)}; the layers are "
+                         f"{', '.join(sorted(kernels))}.")
+    return values
+
+
 def penalty_gradient(penalty: str, strength: float | Mapping[str, float]
                      ) -> optax.GradientTransformation:
     """``REGULARIZERS[penalty]`` at ``strength`` on every Dense/Conv kernel, or at
@@ -222,12 +231,8 @@ def regularize(parent, out, *, penalty: str = "hoyer_square",
         raise StageError(f"The penalty strength must be > 0, got {strength}.")
     parent_manifest, model, loaded = _parent(parent)
     if by_layer:
-        kernels = _kernels(loaded.params)
-        unknown = sorted(set(strength) - set(kernels))
-        if unknown:
-            raise StageError(f"No kernel named {', '.join(unknown)}; the layers are "
-                             f"{', '.join(sorted(kernels))}.")
-        strength = {name: float(value) for name, value in sorted(strength.items())}
+        strength = {name: float(value) for name, value
+                    in sorted(_by_known_layer(strength, _kernels(loaded.params)).items())}
     config = {"penalty": penalty, "strength": strength, **_train_config(
         epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed, "last")}
     manifest = _manifest("regularize", config, parent=parent_manifest, parent_dir=parent,
@@ -278,11 +283,8 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
         target = {name: (size - kept + 0.5) / size for name, (kept, size)
                   in _nonzero_counts_like(kernels, like).items()}
     elif isinstance(sparsity, Mapping):
-        unknown = sorted(set(sparsity) - set(kernels))
-        if unknown:
-            raise StageError(f"No kernel named {', '.join(unknown)}; the layers are "
-                             f"{', '.join(sorted(kernels))}.")
-        target = {name: float(value) for name, value in sparsity.items()}
+        target = {name: float(value)
+                  for name, value in _by_known_layer(sparsity, kernels).items()}
     else:
         target = {name: float(sparsity) for name in sorted(kernels)}
     if not all(0 <= value < 1 for value in target.values()):
