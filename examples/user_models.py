@@ -151,7 +151,7 @@ class ValidCNN(nn.Module):
 
 
 class WithDenseGeneral(nn.Module):
-    """Holds a layer type Net-Trim has no adapter for (DenseGeneral)."""
+    """A DenseGeneral layer with two output axes between two Dense layers."""
 
     @nn.compact
     def __call__(self, x):

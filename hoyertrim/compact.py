@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hoyertrim.nettrim import graph
+from hoyertrim.inspection import graph
 from hoyertrim.nettrim.adapters import ConvAdapter, DenseAdapter, adapter_for
 from hoyertrim.nettrim.capture import find_layers, layer_variables
 

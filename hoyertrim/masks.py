@@ -24,19 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hoyertrim.penalties import default_groupings, group_norms, is_kernel
+from hoyertrim.penalties import default_groupings, group_norms, is_kernel, selected_leaves
+from hoyertrim.trees import layer_name, leaf_name
 
 LeafFilter = Callable[[tuple, jax.Array], bool]
 
 
-def layer_name(path: tuple) -> str:
-    """'dense0/kernel' -> 'dense0': the name of the module owning a leaf."""
-    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return "/".join(keys[:-1]) or keys[-1]
-
-
 def _map_selected(fn: Callable[[str, jax.Array], jax.Array], params, where: LeafFilter):
-    """Applies ``fn(layer, leaf)`` to selected leaves; all-True masks elsewhere."""
+    """Applies ``fn(layer, leaf)`` to selected leaves; all-True masks elsewhere. The masks have
+    the structure of ``params`` (linen params, NNX ``State``, any pytree); a filter that selects
+    no leaf is an error (the masks would silently keep everything)."""
+    selected_leaves(params, where, "mask rule")
+
     def leaf_mask(path, leaf):
         if where(path, leaf):
             return fn(layer_name(path), leaf)
@@ -86,7 +85,7 @@ def kernel_nonzero_masks(params) -> Any:
     a kernel (a leaf named ``kernel``) is nonzero — pruned weights are exact zeros — and every
     other leaf (biases, BatchNorm) kept."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: (jnp.asarray(p) != 0) if getattr(path[-1], "key", None) == "kernel"
+        lambda path, p: (jnp.asarray(p) != 0) if leaf_name(path) == "kernel"
         else jnp.ones(jnp.shape(p), bool), params)
 
 

@@ -16,7 +16,8 @@ group), never NaN; the official DeepHoyer code skips such tensors, which is the 
 Groupings: a grouping is the tuple of axes reduced to form one group norm. The DeepHoyer default
 for a kernel of ndim ≥ 2 (Flax layouts: Dense (I, O), Conv (H, W, I, O)) sums two groupings: one
 group per output neuron/filter (reduce every axis but the last) and one per input neuron/channel
-(reduce every axis but the second to last). This module depends on nothing else in hoyertrim.
+(reduce every axis but the second to last). This module depends on nothing else in hoyertrim
+but `trees` (leaf names alike in linen params, NNX ``State`` and plain pytrees).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from hoyertrim.trees import leaf_name, path_string
 
 Grouping = tuple[int, ...]
 Penalty = Callable[[jax.Array], jax.Array]
@@ -126,13 +129,31 @@ PENALTIES: dict[str, Penalty] = {
 
 
 def is_kernel(path: tuple, leaf: jax.Array) -> bool:
-    """Default leaf filter: Dense and Conv kernels (named ``kernel``, ndim ≥ 2).
+    """Default leaf filter: the kernels of Dense/Conv/attention layers — leaves named ``kernel``
+    with ndim ≥ 2, in linen params and NNX ``State`` alike (an NNX path's ``.value`` is skipped).
 
-    Biases, BatchNorm scales/offsets and embeddings are not regularized or pruned by default.
+    Biases, norm scales/offsets and embedding tables are not regularized or pruned by default.
+    For a model whose weights have other names (a plain function's ``{"w1": ...}``), pass a
+    filter of your own, e.g. `hoyertrim.inspection.contraction_filter`, which selects exactly the
+    parameters the model contracts with its inputs.
     """
-    last = path[-1] if path else None
-    name = getattr(last, "key", getattr(last, "name", None))
-    return name == "kernel" and getattr(leaf, "ndim", 0) >= 2
+    return leaf_name(path) == "kernel" and getattr(leaf, "ndim", 0) >= 2
+
+
+def selected_leaves(params, where: Callable[[tuple, jax.Array], bool], what: str) -> list:
+    """``[(path, leaf)]`` of the leaves ``where`` selects; a clear error when it selects none
+    (a penalty of 0 or a mask that keeps everything would otherwise pass silently)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    selected = [(path, leaf) for path, leaf in leaves if where(path, leaf)]
+    if not selected:
+        names = [path_string(path) for path, _ in leaves[:8]]
+        more = ", …" if len(leaves) > 8 else ""
+        raise ValueError(
+            f"{what}: the leaf filter selects no parameter of this tree ({len(leaves)} leaves: "
+            f"{', '.join(names) or 'none'}{more}). The default selects leaves named 'kernel' "
+            "(ndim ≥ 2); pass where=... (e.g. hoyertrim.inspection.contraction_filter(apply, "
+            "params, sample)) to choose the weights.")
+    return selected
 
 
 def tree_penalty(penalty: Penalty, params, where: Callable[[tuple, jax.Array], bool] = is_kernel
@@ -140,7 +161,9 @@ def tree_penalty(penalty: Penalty, params, where: Callable[[tuple, jax.Array], b
     """Σ penalty(leaf) over the leaves of ``params`` selected by ``where(path, leaf)``.
 
     As in DeepHoyer, each layer is penalized on its own and the layer penalties are added.
+    ``params`` may be linen params, an NNX ``State`` or any pytree.
+
+    Raises:
+      ValueError: ``where`` selects no leaf (the penalty would silently be 0).
     """
-    selected = [penalty(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-                if where(path, leaf)]
-    return sum(selected) if selected else jnp.zeros(())
+    return sum(penalty(leaf) for _, leaf in selected_leaves(params, where, "tree_penalty"))

@@ -15,7 +15,7 @@ import pytest
 
 from examples import user_models as um
 from hoyertrim import nettrim
-from hoyertrim.nettrim import adapters
+from hoyertrim.inspection import Recorder, inspect_model
 
 # name: (model factory, per-example input shape, apply kwargs, {layer: activation after it})
 # The activation map is written from the models' source, independently of hoyertrim's graph
@@ -172,19 +172,18 @@ def _set_layer(tree, path, value):
 
 
 def test_gelu_and_tanh_layers_are_never_certified_as_relu():
-    from hoyertrim.nettrim import capture, graph
     model, params, images, kwargs, _ = _build("gelu_tanh")
-    found, shapes = capture.find_layers(model, {"params": params}, images[:2], kwargs)
-    followers = graph.followers(model, {"params": params}, images[:2], kwargs, shapes)
+    followers = inspect_model(model, params, images[:2], apply_kwargs=kwargs).followers
     assert [f.program for f in followers.values()] == ["linear"] * 3
     assert "tanh" in followers["Dense_1"].reason and followers["Dense_1"].lipschitz == 1.0
-    assert "3 operations" in followers["Dense_0"].reason  # gelu: z feeds x³, x·(…) and x + …
+    # nn.gelu is written inline (z feeds x³, x·(…) and x + …): recognised by what it computes
+    assert followers["Dense_0"].activation == "gelu" and followers["Dense_0"].lipschitz == 1.129
     # (the certificates of this model are recomputed with gelu/tanh in
     # test_user_model_prunes_...[gelu_tanh-*])
 
 
 def test_user_declared_program_overrides_the_graph():
-    from hoyertrim.nettrim import graph
+    from hoyertrim.inspection import graph
     found = {"layers_1": graph.relu_follower(32, "graph"), "layers_3": graph.Follower("linear", "g")}
     declared = graph.override(found, {"layers_1": "linear", "layers_3": "relu"}, lambda n: 24)
     assert declared["layers_1"].program == "linear" and "user" in declared["layers_1"].reason
@@ -200,10 +199,8 @@ def test_user_declared_program_overrides_the_graph():
 
 @pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_batchnorm_is_folded_with_its_exact_affine_map():
-    from hoyertrim.nettrim import capture, graph
     model, variables, images, kwargs, _ = _build("conv_bn")
-    found, shapes = capture.find_layers(model, variables, images[:2], kwargs)
-    followers = graph.followers(model, variables, images[:2], kwargs, shapes)
+    followers = inspect_model(model, variables, images[:2], apply_kwargs=kwargs).followers
     for index, layer in enumerate(["Conv_0", "Conv_1"]):
         a, c = _bn_affine(variables, index)
         np.testing.assert_allclose(followers[layer].scale, a, rtol=1e-6)
@@ -213,12 +210,13 @@ def test_batchnorm_is_folded_with_its_exact_affine_map():
     # BatchNorm) is checked on this model by test_user_model_prunes_...[conv_bn-*].
 
 
-def test_unsupported_layer_is_refused_by_name():
+def test_dense_general_is_a_linear_map_and_unknown_layers_are_refused():
     model = um.WithDenseGeneral()
     images = jax.random.normal(jax.random.PRNGKey(1), (32, 6, 6, 1))
     params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
-    with pytest.raises(NotImplementedError, match="DenseGeneral_0.*DenseGeneral.*Conv, Dense"):
-        nettrim.prune_network(model, params, images, epsilon=0.1, progress=False)
+    found = inspect_model(model, params, images[:2])
+    assert [m.name for m in found.maps] == ["Dense_0", "DenseGeneral_0", "Dense_1"]
+    assert found.maps[1].num_outputs == 16 and found.followers["DenseGeneral_0"].program == "relu"
     with pytest.raises(ValueError, match="Unknown layers"):
         nettrim.prune_network(model, params, images, epsilon=0.1, layers=["dense9"])
 
@@ -259,21 +257,25 @@ def test_conv_patches_reproduce_lax_conv(conv):
         module.apply(variables, images)
     if conv.get("use_bias", True) and conv.get("padding") != "CIRCULAR":
         expected = expected + variables["params"]["bias"]
-    adapter = adapters.adapter_for(module)
     params = variables["params"]
-    rows = adapter.input_rows(module, params, images, None)
-    matrix = adapter.matrix(module, params)
-    bias = adapter.bias(module, params)
+    found = inspect_model(module, params, images[:2])
+    (lmap,) = found.maps
+    recorded = np.asarray(images)
+    if conv.get("padding") == "CIRCULAR":  # linen pads first: the conv's operand is padded
+        recorded = Recorder(found.computation, found.maps)(params, np.asarray(images),
+                                                           [lmap.name])[1][lmap.name][0]
+    rows = lmap.input_rows(recorded, None)
+    matrix = lmap.matrix(params)
+    bias = lmap.bias(params)
     got = rows @ matrix + (0 if bias is None else bias)
     np.testing.assert_allclose(got, np.asarray(expected).reshape(got.shape), atol=1e-5)
     # the matrix round-trips to the same kernel, and only real entries are in the support
-    back = adapter.with_matrix(module, params, matrix, bias)
+    back = lmap.with_matrix(params, matrix, bias)
     np.testing.assert_array_equal(back["kernel"], params["kernel"])
-    support = adapter.support(module, params)
+    support = lmap.support()
     assert support is None or support.sum() == params["kernel"].size
     sampled = np.array([0, 7, 40, len(rows) - 1])
-    np.testing.assert_array_equal(adapter.input_rows(module, params, images, sampled),
-                                  rows[sampled])
+    np.testing.assert_array_equal(lmap.input_rows(recorded, sampled), rows[sampled])
 
 
 def _lax_padding(conv, kernel_shape):

@@ -13,10 +13,10 @@ Modules, bottom to top:
   fista     the restarted FISTA kernel (`jaxopt.ProximalGradient` steps, vmapped over neurons)
   search    the λ search meeting ε or a kept fraction; `solve_layer`
   admm      the paper's ADMM (reference)
-  adapters  how a Flax layer type is a matrix problem (Dense, Conv, user-registered)
-  capture   finding a model's layers and recording their signals
-  graph     what follows each layer (ReLU after folded affine steps, or not): which program
-  network   `prune_network` (parallel / cascade), the checked certificate, save / load
+  adapters  linen layer types as matrix problems (compaction's view of a linen model)
+  capture   linen module calls intercepted (compaction's view of a linen model)
+  network   `prune_network` (parallel / cascade) over the linear maps `hoyertrim.inspection`
+            finds in any model's computation, the checked certificate, save / load
   peers     one-shot layer-wise peers as solvers: magnitude, Wanda, SparseGPT (also N:M)
 """
 
@@ -24,7 +24,7 @@ from hoyertrim.nettrim.adapters import ConvAdapter, DenseAdapter, LayerAdapter, 
     register_adapter, supported_types
 from hoyertrim.nettrim.admm import solve_layer_admm
 from hoyertrim.nettrim.capture import capture_layers
-from hoyertrim.nettrim.graph import Follower
+from hoyertrim.inspection.graph import Follower
 from hoyertrim.nettrim.network import CertificateError, PrunedNetwork, load_pruned, \
     prune_network, save_pruned
 from hoyertrim.nettrim import peers

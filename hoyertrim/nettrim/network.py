@@ -1,6 +1,9 @@
-"""Net-Trim over a whole Flax model: the parallel and cascade schemes, and the checked certificate.
+"""Net-Trim over a whole model: the parallel and cascade schemes, and the checked certificate.
 
-For every selected layer (in call order) the layer's signals are recorded on calibration inputs,
+The layers are the model's linear maps, found in its computation (`hoyertrim.inspection`): any
+linen or NNX model or plain function ``apply(params, x)``, and every contraction with a parameter
+in it — Dense, Conv, DenseGeneral, Einsum, attention projections. For every selected map (in the
+order the computation runs them) its signals are recorded on calibration inputs,
 what follows the layer decides the program (`graph`), per-channel affine steps before a ReLU are
 folded in, the layer is solved (`search.solve_layer`) and unfolded back into the params tree.
 Then the original and the pruned model are run (the real forward pass) and each layer's
@@ -17,16 +20,18 @@ import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hoyertrim.masks import SparsityReport, kernel_nonzero_masks, sparsity_report
-from hoyertrim.nettrim import graph
-from hoyertrim.nettrim.capture import Recorder, find_layers, layer_variables, select_layers
+from hoyertrim.inspection import LinearMap, Recorder, as_computation, graph, inspect_model, \
+    select_maps
+from hoyertrim.inspection.computation import split_variables
+from hoyertrim.masks import SparsityReport, sparsity_report
 from hoyertrim.nettrim.search import solve_layer
+from hoyertrim.penalties import is_kernel
+from hoyertrim.trees import path_string, replace_leaves
 
 # The solver aims this much below the certified ε, so that float32 differences between the
 # layer matrices it measures on and the model's own forward pass cannot cross the bound.
@@ -43,13 +48,18 @@ class PrunedNetwork:
     """Output of `prune_network`.
 
     Attributes:
-      params: pruned params, the input tree's exact structure.
-      masks: bool tree shaped like params (True = kept; kernels: their nonzeros).
+      params: pruned params, the input tree's exact structure (linen params, NNX ``State``,
+        any pytree).
+      masks: bool tree shaped like params (True = kept; every linear map's kernel: its
+        nonzeros; other leaves all True).
       layers: per-layer reports in call order (program, reason, certified ε, the solver's and the
         forward pass's measured discrepancy, kept fraction, fallback, solver statistics).
       scheme: "parallel" or "cascade".
-      variables: all collections (params replaced), when a variables dict was given.
+      variables: linen: all collections (params replaced), when a variables dict with other
+        collections was given.
       heldout: on held-out inputs: samples, logits_relative_error, top1_agreement.
+      module: NNX: the pruned module (a new one; the original is unchanged).
+      kernels: the paths of every linear map's kernel (what the report counts).
     """
 
     params: Any
@@ -58,42 +68,27 @@ class PrunedNetwork:
     scheme: str
     variables: Any = None
     heldout: dict | None = None
+    module: Any = None
+    kernels: tuple[str, ...] = ()
 
-    def report(self, model: nn.Module | None = None, input_shape=None,
+    def report(self, model=None, input_shape=None,
                apply_kwargs: Mapping | None = None) -> SparsityReport:
         """The network's `SparsityReport` (every kernel layer; with ``model`` and
         ``input_shape`` also FLOPs), each pruned layer's Net-Trim facts in its ``details`` and
         the scheme and held-out figures in the report's ``details``."""
         state = {k: v for k, v in (self.variables or {}).items() if k != "params"}
+        kernels = set(self.kernels)
+        where = (lambda path, leaf: path_string(path) in kernels) if kernels else is_kernel
         report = sparsity_report(self.params, model, input_shape, model_state=state,
-                                 apply_kwargs=apply_kwargs)
+                                 apply_kwargs=apply_kwargs, where=where)
         if model is None:  # no trace: the pruned layers in their call order, then the rest
             order = {name: i for i, name in enumerate(self.layers)}
             report.layers.sort(key=lambda layer: order.get(layer.name, len(order)))
         for layer in report.layers:
             layer.details = dict(self.layers.get(layer.name, {}))
-        report.details = {"method": "nettrim", "scheme": self.scheme, "heldout": self.heldout}
+        report.details = {"method": "nettrim", "scheme": self.scheme, "heldout": self.heldout,
+                          "kernels": list(self.kernels)}
         return report
-
-
-def _split_variables(variables) -> tuple[Any, dict]:
-    """(params, the other collections) from a params tree or a full variables dict."""
-    if isinstance(variables, Mapping) and "params" in variables:
-        other = {k: v for k, v in variables.items() if k != "params"}
-        return variables["params"], other
-    return variables, {}
-
-
-def _replace(tree, path: str, new: Mapping):
-    """``tree`` with the layer at ``path`` replaced by ``new`` (same keys), functionally."""
-    keys = path.split("/")
-
-    def rebuild(node, depth):
-        if depth == len(keys):
-            return type(node)(new) if isinstance(node, dict) else new
-        return {**node, keys[depth]: rebuild(node[keys[depth]], depth + 1)}
-
-    return rebuild(tree, 0)
 
 
 def _per_layer(value, names: Sequence[str], what: str) -> dict[str, float | None]:
@@ -113,9 +108,9 @@ def _per_layer(value, names: Sequence[str], what: str) -> dict[str, float | None
 
 
 def _quantity(follower: graph.Follower, z: np.ndarray) -> np.ndarray:
-    """What the layer's certificate bounds, from its output z: relu(scale·z + shift) for the
-    ReLU program, z itself for the linear one; as (rows, M)."""
-    z = np.asarray(z, np.float64).reshape(-1, np.shape(z)[-1])
+    """What the layer's certificate bounds, from its output rows z (rows, M): relu(scale·z +
+    shift) for the ReLU program, z itself for the linear one."""
+    z = np.asarray(z, np.float64)
     if follower.program == "relu":
         return np.maximum(follower.scale * z + follower.shift, 0)
     return z
@@ -133,7 +128,7 @@ def _sample_rows(num_rows: int, max_rows: int, key, index: int) -> np.ndarray | 
                                                 (max_rows,), replace=False)))
 
 
-def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fraction=None,
+def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
                   scheme: str = "parallel", gamma: float = 1.1,
                   layers: Sequence[str] | None = None,
                   activations: Mapping[str, str] | None = None,
@@ -141,12 +136,15 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
                   batch_size: int = 1000, key=None, solver: Callable = solve_layer,
                   devices: Sequence[jax.Device] | None = None, progress: bool = True,
                   within_nonzeros: bool = False, **solver_kwargs) -> PrunedNetwork:
-    """Net-Trim over a Flax model's Dense/Conv layers (and any registered layer type).
+    """Net-Trim over every linear map of a model (Dense, Conv, DenseGeneral, Einsum, attention
+    projections — any contraction of the input with a parameter; see `hoyertrim.inspection`).
 
     Args:
-      model: any linen model.
-      variables: its trained ``params`` tree, or the full variables dict (``params``,
-        ``batch_stats``, …; collections other than params come back unchanged).
+      model: a linen module, an NNX module (run in inference mode) or a plain function
+        ``apply(params, x)``.
+      variables: linen: the trained ``params`` tree or the full variables dict (``params``,
+        ``batch_stats``, …; collections other than params come back unchanged); NNX: None (the
+        module's own params) or its ``nnx.State`` of params; a function: its params pytree.
       images: (P, ...) inputs whose layer signals define the problems (e.g. training images).
       epsilon: relative discrepancy: one for all layers, one per selected layer, or a mapping
         {layer: ε}. In the cascade scheme it is used for the first layer; later layers use the
@@ -158,10 +156,12 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         trained output, ``v = x̂·W`` and ε_ℓ = √γ·‖act(x̂W) − y‖/‖y‖, so the trained weights are
         feasible).
       gamma: the cascade inflation γ > 1.
-      layers: module paths of the layers to prune (default: every layer with a kernel).
+      layers: names of the layers to prune (`trees.layer_name` of the kernel's path, e.g.
+        ``"dense0"``, ``"block0/attn/query"``; default: every linear map). A parameter that is
+        not a prunable map (shared, batched, inside a loop) is refused by name, with the reason.
       activations: per-layer override of the program, ``{"dense0": "relu" | "linear"}``
         (default: read off the model's computation graph; see `graph`).
-      apply_kwargs: keyword arguments ``model.apply`` needs, e.g. ``{"train": False}``.
+      apply_kwargs: keyword arguments each call of the model needs, e.g. ``{"train": False}``.
       heldout: held-out inputs (array), or the fraction of ``images`` to hold out (default
         0.1; 0 disables). Not used to solve; reported on.
       max_rows: a layer with more signal rows (conv: images × positions) uses a random subset.
@@ -195,27 +195,24 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         raise ValueError("devices= solves layers concurrently, which only the parallel scheme "
                          "allows (a cascade layer needs the pruned layers before it).")
     key = jax.random.PRNGKey(0) if key is None else key
-    apply_kwargs = dict(apply_kwargs or {})
     frozen = isinstance(variables, flax.core.FrozenDict)
-    params, collections = _split_variables(flax.core.unfreeze(variables))
+    computation = as_computation(model, variables, apply_kwargs=apply_kwargs)
+    params = computation.params
     images = np.asarray(images)
     calibration, held = _split_heldout(images, heldout, key)
 
-    def with_params(p):
-        return {"params": p, **collections}
-
-    found, shapes = find_layers(model, with_params(params), calibration[:2], apply_kwargs)
-    names = select_layers(found, layers)
+    found = inspect_model(computation=computation, sample=calibration[:2])
+    maps = {m.name: m for m in select_maps(found.maps, found.refusals, layers)}
+    names = list(maps)
     epsilons = _per_layer(epsilon, names, "epsilon")
     fractions = _per_layer(kept_fraction, names, "kept_fraction")
-    followers = graph.followers(model, with_params(params), calibration[:2], apply_kwargs,
-                                {n: shapes[n] for n in names})
-    followers = graph.override(followers, activations, lambda n: shapes[n].shape[-1])
+    followers = graph.override({n: found.followers[n] for n in names}, activations,
+                               lambda n: maps[n].num_outputs)
 
-    record = Recorder(model, apply_kwargs, names, batch_size)
-    _, original = record(with_params(params), calibration, names)
-    rows = {name: _sample_rows(int(np.prod(np.shape(original[name][1])[:-1])), max_rows, key,
-                               index) for index, name in enumerate(names)}
+    record = Recorder(computation, list(maps.values()), batch_size)
+    _, original = record(params, calibration, names)
+    rows = {name: _sample_rows(len(original[name][1]), max_rows, key, index)
+            for index, name in enumerate(names)}
     inner_progress = progress and (devices is None or len(devices) == 1)
 
     def prune(name, x_hat=None, concurrent=False):
@@ -223,7 +220,7 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         extra = {"shard": False} if concurrent and solver is solve_layer else {}
         inputs, z = original[name]
         return _prune_layer(
-            found[name], layer_variables(params, name), followers[name], inputs, x_hat, z,
+            maps[name], params, followers[name], inputs, x_hat, z,
             rows[name], epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma,
             solver=solver, within_nonzeros=within_nonzeros,
             solver_kwargs={**solver_kwargs, **extra, **(
@@ -239,26 +236,47 @@ def prune_network(model: nn.Module, variables, images, *, epsilon=None, kept_fra
         for index, name in enumerate(names):
             x_hat = None
             if scheme == "cascade" and index > 0:
-                x_hat = record(with_params(pruned), calibration, [name])[1][name][0]
+                x_hat = record(pruned, calibration, [name])[1][name][0]
             results[name] = prune(name, x_hat)
-            pruned = _replace(pruned, name, results[name][1])
+            pruned = _with_layer(pruned, maps[name], results[name][1])
             bar.update()
             bar.set_postfix(layer=name, kept=f"{results[name][0]['kept_fraction']:.3f}",
                             disc=f"{results[name][0]['discrepancy']:.3f}")
     bar.close()
     for name in names:  # call order, however the layers were scheduled
         reports[name], new_layer = results[name]
-        pruned = _replace(pruned, name, new_layer)
-    sample_rows = rows
+        pruned = _with_layer(pruned, maps[name], new_layer)
 
-    network = _check(record, params, pruned, collections, names, followers, original,
-                     sample_rows, reports, calibration, held, scheme)
+    network = _check(record, params, pruned, maps, followers, original, rows, reports,
+                     calibration, held, scheme)
+    network.masks = _map_nonzero_masks(network.params, found.maps)
+    network.kernels = tuple(m.path for m in found.maps)
+    rebuilt = computation.rebuild(network.params)
+    if computation.kind == "nnx":
+        network.module = rebuilt
+    elif computation.kind == "linen" and isinstance(rebuilt, Mapping) and set(rebuilt) - {"params"}:
+        network.variables = rebuilt
     if frozen:  # give back the structure that came in
         network.params, network.masks = (flax.core.freeze(t) for t in (network.params,
                                                                         network.masks))
         if network.variables is not None:
             network.variables = flax.core.freeze(network.variables)
     return network
+
+
+def _with_layer(params, lmap: LinearMap, layer):
+    """``params`` with a solved layer ``(kernel matrix, bias)`` written back (None: unchanged)."""
+    return params if layer is None else lmap.with_matrix(params, *layer)
+
+
+def _map_nonzero_masks(params, maps) -> Any:
+    """True where a linear map's kernel is nonzero (pruned weights are exact zeros); every
+    other leaf (biases, norms, embeddings) all True."""
+    leaves, structure = jax.tree.flatten(params)
+    kernels = {m.kernel_leaf for m in maps}
+    return jax.tree.unflatten(structure, [
+        (jnp.asarray(leaf) != 0) if i in kernels else jnp.ones(jnp.shape(leaf), bool)
+        for i, leaf in enumerate(leaves)])
 
 
 def _solve_on_devices(names, devices, prune, bar) -> dict:
@@ -296,18 +314,18 @@ def _split_heldout(images, heldout, key):
     return images[np.sort(order[count:])], images[np.sort(order[:count])]
 
 
-def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsilon,
+def _prune_layer(lmap: LinearMap, params, follower, inputs, x_hat, z, rows, *, epsilon,
                  kept_fraction, gamma, solver, solver_kwargs, within_nonzeros=False):
-    adapter, module = layer.adapter, layer.module
-    kernel = adapter.matrix(module, layer_params).astype(np.float64)
-    bias = adapter.bias(module, layer_params)
-    support = adapter.support(module, layer_params)
+    """One map's solve: its report and ``(kernel matrix, bias)`` to write back, or None for
+    the trained layer."""
+    kernel = lmap.matrix(params).astype(np.float64)
+    bias = lmap.bias(params)
+    support = lmap.support()
     if within_nonzeros:
         support = (kernel != 0) if support is None else (support & (kernel != 0))
     num_outputs = kernel.shape[1]
-    z_rows = np.asarray(z).reshape(-1, num_outputs)
-    z_rows = z_rows if rows is None else z_rows[rows]
-    x = adapter.input_rows(module, layer_params, inputs, rows)
+    z_rows = np.asarray(z) if rows is None else np.asarray(z)[rows]
+    x = lmap.input_rows(inputs, rows)
     relu = follower.program == "relu"
     # Fold the per-channel affine map before the ReLU: relu(a⊙z + c) = relu(x·(W a) + (a b + c)).
     scale = follower.scale if relu else np.ones(num_outputs)
@@ -319,7 +337,7 @@ def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsil
     x_solve, v, certified, mode = x, None, epsilon, "epsilon"
     trained_discrepancy = 0.0  # of the trained weights: 0 on the trained network's inputs
     if x_hat is not None:
-        x_solve = adapter.input_rows(module, layer_params, x_hat, rows)
+        x_solve = lmap.input_rows(x_hat, rows)
         v = x_solve @ folded_kernel + (offset if bias is None else folded_bias)
         trained = np.maximum(v, 0) if relu else v
         trained_discrepancy = _relative(trained, target)
@@ -351,21 +369,21 @@ def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsil
     if solution is None:
         fallback = (f"the trained weights' own discrepancy on the pruned inputs is "
                     f"{trained_discrepancy:.4g}; nothing pruned")
-        new_layer = dict(layer_params)
+        new_layer = None
     elif solution.discrepancy > certified * (1 - _SOLVE_MARGIN / 2) and kept_fraction is None:
         # The trained weights are always feasible (exactly, in parallel; by √γ, in cascade).
         fallback = (f"solve infeasible (discrepancy {solution.discrepancy:.4g} > ε "
                     f"{certified:.4g}); kept the trained weights")
-        new_layer = dict(layer_params)
+        new_layer = None
     else:
         a = np.where(scale != 0, scale, 1.0)
         new_kernel = np.where(scale != 0, solution.kernel / a, 0.0)
         new_bias = None
         if bias is not None:
             new_bias = np.where(scale != 0, (solution.bias - shift) / a, bias)
-        new_layer = adapter.with_matrix(module, layer_params, new_kernel, new_bias)
-    kept = int(np.count_nonzero(new_layer["kernel"]))
-    weights = int(np.size(new_layer["kernel"]))
+        new_layer = (new_kernel, new_bias)
+    kept = int(np.count_nonzero(kernel if new_layer is None else new_layer[0]))
+    weights = lmap.weights
     summary = solution.summary() if solution is not None else {
         "lam": None, "iterations": 0, "converged": True, "duality_gap": None, "solves": 0,
         "seconds": 0.0, "presolve_iterations": 0, "inactive_violation": 0.0}
@@ -383,16 +401,18 @@ def _prune_layer(layer, layer_params, follower, inputs, x_hat, z, rows, *, epsil
     return report, new_layer
 
 
-def _measure_layers(record, params, pruned, collections, names, followers, images, rows, scheme,
-                    reference, pruned_signals):
+def _measure_layers(record, params, pruned, maps, followers, images, rows, scheme, reference,
+                    pruned_signals):
     """Per layer, the measured relative discrepancy of its certified quantity in the real
     forward pass: the layer alone pruned (parallel) or the whole pruned network (cascade, whose
     recorded signals on ``images`` are ``pruned_signals``)."""
     measured = {}
-    for name in names:
+    pruned_leaves = jax.tree.leaves(pruned)
+    for name, lmap in maps.items():
         if scheme == "parallel":
-            alone = _replace(params, name, layer_variables(pruned, name))
-            z = record({"params": alone, **collections}, images, [name])[1][name][1]
+            own = [i for i in (lmap.kernel_leaf, lmap.bias_leaf) if i is not None]
+            alone = replace_leaves(params, {i: pruned_leaves[i] for i in own})
+            z = record(alone, images, [name])[1][name][1]
         else:
             z = pruned_signals[name][1]
         new, old = _quantity(followers[name], z), _quantity(followers[name], reference[name][1])
@@ -403,13 +423,13 @@ def _measure_layers(record, params, pruned, collections, names, followers, image
     return measured
 
 
-def _check(record, params, pruned, collections, names, followers, original, sample_rows,
-           reports, calibration, held, scheme) -> PrunedNetwork:
+def _check(record, params, pruned, maps, followers, original, sample_rows, reports,
+           calibration, held, scheme) -> PrunedNetwork:
+    names = list(maps)
     whole = names if scheme == "cascade" else []  # what the cascade measures on the pruned net
-    pruned_signals = record({"params": pruned, **collections}, calibration, whole)[1] \
-        if whole else {}
-    measured = _measure_layers(record, params, pruned, collections, names, followers,
-                               calibration, sample_rows, scheme, original, pruned_signals)
+    pruned_signals = record(pruned, calibration, whole)[1] if whole else {}
+    measured = _measure_layers(record, params, pruned, maps, followers, calibration,
+                               sample_rows, scheme, original, pruned_signals)
     for name in names:
         report = reports[name]
         report["measured"] = measured[name]
@@ -423,10 +443,10 @@ def _check(record, params, pruned, collections, names, followers, original, samp
             report["output_bound"] = report["lipschitz"] * report["epsilon"]
     heldout = None
     if held is not None and len(held):
-        reference_out, reference = record({"params": params, **collections}, held, names)
-        out, pruned_signals = record({"params": pruned, **collections}, held, whole)
-        held_measured = _measure_layers(record, params, pruned, collections, names, followers,
-                                        held, {}, scheme, reference, pruned_signals)
+        reference_out, reference = record(params, held, names)
+        out, pruned_signals = record(pruned, held, whole)
+        held_measured = _measure_layers(record, params, pruned, maps, followers, held, {},
+                                        scheme, reference, pruned_signals)
         for name in names:
             reports[name]["heldout_measured"] = held_measured[name]
         heldout = {"samples": int(len(held)),
@@ -436,10 +456,8 @@ def _check(record, params, pruned, collections, names, followers, original, samp
             heldout["top1_agreement"] = float(np.mean(np.argmax(out, -1)
                                                       == np.argmax(reference_out, -1)))
     pruned = jax.tree.map(jnp.asarray, pruned)
-    masks = kernel_nonzero_masks(pruned)
-    variables = {"params": pruned, **collections} if collections else None
-    return PrunedNetwork(params=pruned, masks=masks, layers=reports, scheme=scheme,
-                         variables=variables, heldout=heldout)
+    return PrunedNetwork(params=pruned, masks=None, layers=reports, scheme=scheme,
+                         heldout=heldout)
 
 
 def save_pruned(directory, network: PrunedNetwork) -> None:
@@ -463,7 +481,7 @@ def load_pruned(directory, template) -> PrunedNetwork:
     path = pathlib.Path(directory).expanduser().absolute()
     if not path.is_dir():
         raise FileNotFoundError(f"No pruned network at {path}.")
-    params_template, collections = _split_variables(template)
+    params_template, collections, _ = split_variables(template)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params_template)
     mask_abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), jnp.bool_),
                                  params_template)
@@ -486,4 +504,5 @@ def load_pruned(directory, template) -> PrunedNetwork:
     layers = {layer["name"]: layer["details"] for layer in report["layers"] if layer["details"]}
     return PrunedNetwork(params=restored["params"], masks=restored["masks"], layers=layers,
                          scheme=report["details"]["scheme"], variables=variables,
-                         heldout=report["details"].get("heldout"))
+                         heldout=report["details"].get("heldout"),
+                         kernels=tuple(report["details"].get("kernels", ())))

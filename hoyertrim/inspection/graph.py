@@ -13,17 +13,17 @@ ends it with the linear program and a reason that names the operation.
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
-import jax.extend.core as jex_core
 import numpy as np
 
-# Calls whose body is inlined: their operations are what the layer's output really meets.
-_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-          "custom_vjp_call_jaxpr", "remat", "checkpoint", "custom_lin"}
+from hoyertrim.inspection.program import Op, Program, _bind
+
+__all__ = ["Follower", "follow", "followers", "override", "relu_follower"]
+
 _PASS_THROUGH = {"convert_element_type", "copy", "copy_p", "optimization_barrier",
                  "stop_gradient"}
 _LAYOUT = {"reshape", "squeeze", "expand_dims", "transpose", "broadcast_in_dim"}
@@ -34,6 +34,94 @@ _LIPSCHITZ = {"tanh": 1.0, "logistic": 0.25, "sigmoid": 0.25, "gelu": 1.129, "si
               "swish": 1.1, "elu": 1.0, "leaky_relu": 1.0, "softplus": 1.0, "relu6": 1.0,
               "hard_tanh": 1.0, "celu": 1.0, "selu": 1.7581, "log_sigmoid": 1.0,
               "soft_sign": 1.0, "hard_sigmoid": 1.0 / 6, "hard_silu": 1.5, "mish": 1.09}
+
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+# The same activations as functions, to recognise one that jax writes inline (``nn.gelu`` is
+# add, integer_pow, mul, tanh on the layer's output) by what it computes.
+_FUNCTIONS = {
+    "gelu": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
+    "gelu_exact": lambda x: x * 0.5 * (1 + _erf(x / np.sqrt(2))),
+    "silu": lambda x: x * _sigmoid(x), "tanh": np.tanh, "sigmoid": _sigmoid,
+    "softplus": lambda x: np.logaddexp(x, 0), "elu": lambda x: np.where(x > 0, x, np.expm1(x)),
+    "leaky_relu": lambda x: np.where(x >= 0, x, 0.01 * x),
+    "relu6": lambda x: np.clip(x, 0, 6), "hard_tanh": lambda x: np.clip(x, -1, 1),
+    "log_sigmoid": lambda x: -np.logaddexp(-x, 0), "soft_sign": lambda x: x / (1 + np.abs(x)),
+    "mish": lambda x: x * np.tanh(np.logaddexp(x, 0)),
+}
+_LIPSCHITZ["gelu_exact"] = 1.129
+_ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "tanh", "logistic", "exp", "expm1", "log",
+                "log1p", "integer_pow", "pow", "sqrt", "rsqrt", "erf", "erfc", "abs", "sign",
+                "max", "min", "square", "select_n", "ge", "gt", "le", "lt", "eq", "ne",
+                "convert_element_type", "clamp", "tan", "atan"}
+_REGION_OPS = 40  # the most operations an inline activation is looked for in
+
+
+def _erf(x):
+    import math as _math
+    return np.vectorize(_math.erf)(x)
+
+
+def _scalar_like(program, atom) -> bool:
+    """A static operand that is the same number everywhere (a constant of the formula)."""
+    if not program.is_static(atom):
+        return False
+    value = program.value(atom)
+    return value.size == 0 or bool(np.all(value == value.flat[0]))
+
+
+def _inline_activation(program: Program, var: int) -> str | None:
+    """The name of the known activation the elementwise operations on ``var`` compute, when
+    they merge into one result: found by running them on test values, not by their names."""
+    region, frontier = [], [var]
+    inside = {var}
+    while frontier:
+        current = frontier.pop()
+        for op, _ in program.consumers.get(current, []):
+            if op in region:
+                continue
+            if op.name not in _ELEMENTWISE:
+                continue  # where the region ends
+            if len(region) >= _REGION_OPS:
+                return None
+            if not all(isinstance(a, int) and a in inside or _scalar_like(program, a)
+                       for a in op.inputs):
+                # an operand computed elsewhere: wait until it is reached, unless it never is
+                if not all(isinstance(a, int) and (a in inside or not program.is_static(a))
+                           or _scalar_like(program, a) for a in op.inputs):
+                    return None
+                continue
+            region.append(op)
+            inside.update(op.outputs)
+            frontier.extend(op.outputs)
+    escaping = [v for v in inside if v in program.outputs or any(
+        op not in region for op, _ in program.consumers.get(v, []))]
+    if len(escaping) != 1 or escaping[0] == var or not region:
+        return None
+    shape = program.shapes[var]
+    size = int(np.prod(shape)) if shape else 1
+    test = np.linspace(-8, 8, size).astype(np.float32).reshape(shape)
+    values = {var: test}
+    try:
+        for op in sorted(region, key=program.ops.index):
+            args = [values[a] if isinstance(a, int) and a in values else program.value(a)
+                    for a in op.inputs]
+            for out, result in zip(op.outputs, _bind(op, args)):
+                values[out] = np.asarray(result)
+    except Exception:  # an operation that does not run on the test values: not recognised
+        return None
+    result = np.asarray(values[escaping[0]], np.float64).reshape(-1)
+    x = test.astype(np.float64).reshape(-1)
+    if result.shape != x.shape:
+        return None
+    for name, function in _FUNCTIONS.items():
+        if np.allclose(result, function(x), rtol=1e-4, atol=1e-5):
+            return name
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,103 +149,18 @@ def relu_follower(num_channels: int, reason: str) -> Follower:
     return Follower("relu", reason, np.ones(num_channels), np.zeros(num_channels), "relu")
 
 
-@dataclasses.dataclass
-class _Op:
-    primitive: Any
-    inputs: list  # variable ids (int) or _Const
-    outputs: list[int]
-    params: dict
-    scope: tuple[str, ...]  # names of the inlined calls this operation sits in
-
-
-@dataclasses.dataclass(frozen=True)
-class _Const:
-    value: Any
-
-
-def _body(eqn):
-    if eqn.primitive.name not in _CALLS:
-        return None
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(key)
-        if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
-            return sub.jaxpr, list(sub.consts)
-        if hasattr(sub, "eqns"):
-            return sub, []
-    return None
-
-
-class _Program:
-    """A jaxpr flattened into one list of operations on unique variable ids."""
-
-    def __init__(self, closed_jaxpr, known_inputs: Mapping[int, Any]):
-        self.ops: list[_Op] = []
-        self.shapes: dict[int, tuple] = {}
-        self._ids = itertools.count()
-        jaxpr = closed_jaxpr.jaxpr
-        self.inputs = [self._new(v) for v in jaxpr.invars]
-        self.outputs = self._inline(jaxpr, list(closed_jaxpr.consts), self.inputs, ())
-        self.producer = {out: op for op in self.ops for out in op.outputs}
-        self.consumers: dict[int, list[tuple[_Op, int]]] = {}
-        for op in self.ops:
-            for position, atom in enumerate(op.inputs):
-                if isinstance(atom, int):
-                    self.consumers.setdefault(atom, []).append((op, position))
-        self.values = {self.inputs[i]: np.asarray(v) for i, v in known_inputs.items()}
-        self.dynamic = {self.inputs[i] for i in range(len(self.inputs)) if i not in known_inputs}
-        for op in self.ops:
-            if any(isinstance(a, int) and a in self.dynamic for a in op.inputs):
-                self.dynamic.update(op.outputs)
-
-    def _new(self, var) -> int:
-        new = next(self._ids)
-        self.shapes[new] = tuple(getattr(var.aval, "shape", ()))
-        return new
-
-    def _inline(self, jaxpr, consts, inputs, scope):
-        env = dict(zip(jaxpr.constvars, (_Const(c) for c in consts)))
-        env.update(zip(jaxpr.invars, inputs))
-
-        def read(atom):
-            return _Const(atom.val) if isinstance(atom, jex_core.Literal) else env[atom]
-
-        for eqn in jaxpr.eqns:
-            inputs_ = [read(a) for a in eqn.invars]
-            body = _body(eqn)
-            if body is not None:
-                name = str(eqn.params.get("name", eqn.primitive.name))
-                outs = self._inline(body[0], body[1], inputs_, scope + (name,))
-                env.update(zip(eqn.outvars, outs))
-                continue
-            outs = [self._new(v) for v in eqn.outvars]
-            env.update(zip(eqn.outvars, outs))
-            self.ops.append(_Op(eqn.primitive, inputs_, outs, dict(eqn.params), scope))
-        return [read(a) for a in jaxpr.outvars]
-
-    def is_static(self, atom) -> bool:
-        return isinstance(atom, _Const) or atom not in self.dynamic
-
-    def value(self, atom) -> np.ndarray:
-        """The concrete value of an operand that does not depend on the data."""
-        if isinstance(atom, _Const):
-            return np.asarray(atom.value)
-        if atom not in self.values:
-            op = self.producer[atom]
-            results = op.primitive.bind(*(self.value(a) for a in op.inputs), **op.params)
-            results = results if op.primitive.multiple_results else [results]
-            for out, result in zip(op.outputs, results):
-                self.values[out] = np.asarray(result)
-        return self.values[atom]
-
-
-def _per_channel(value: np.ndarray, shape: tuple, uniform_only: bool) -> np.ndarray | None:
-    """(M,) view of an operand broadcast against an output of ``shape``, or None when it is not
-    constant along every axis but the last (or not uniform, when ``uniform_only``)."""
+def _per_channel(value: np.ndarray, shape: tuple, channels: int, uniform_only: bool
+                 ) -> np.ndarray | None:
+    """(M,) view of an operand broadcast against an output of ``shape`` whose trailing axes are
+    the ``channels`` units, or None when it is not constant along the other axes (or not
+    uniform, when ``uniform_only``)."""
     try:
         full = np.broadcast_to(value, shape)
     except ValueError:
         return None
-    rows = full.reshape(-1, shape[-1]) if shape else full.reshape(1, 1)
+    if math.prod(shape) % channels:
+        return None
+    rows = full.reshape(-1, channels) if shape else full.reshape(1, 1)
     if not np.all(rows == rows[:1]):
         return None
     if uniform_only and not np.all(rows == rows.flat[0]):
@@ -165,17 +168,21 @@ def _per_channel(value: np.ndarray, shape: tuple, uniform_only: bool) -> np.ndar
     return rows[0].astype(np.float64)
 
 
-def _activation_name(op: _Op) -> str:
+def _activation_name(op: Op) -> str:
     for name in reversed(op.scope):
         if name in _LIPSCHITZ:
             return name
     return op.primitive.name
 
 
-def _follow(program: _Program, var: int, num_channels: int) -> Follower:
+def follow(program: Program, var: int, num_channels: int, units_trailing: bool = True
+           ) -> Follower:
+    """What follows variable ``var`` (a layer's output with ``num_channels`` output units) in
+    ``program``. ``units_trailing``: the units are the output's last axes, so per-channel
+    affine steps can be folded (otherwise only uniform ones)."""
     scale, shift = np.ones(num_channels), np.zeros(num_channels)
     folded: list[str] = []
-    layout_changed = False
+    layout_changed = not units_trailing
     while True:
         if var in program.outputs:
             return Follower("linear", "its output is (part of) the model's output")
@@ -183,6 +190,10 @@ def _follow(program: _Program, var: int, num_channels: int) -> Follower:
         if not uses:
             return Follower("linear", "its output is not used by the model")
         if len(uses) > 1:
+            inline = None if folded else _inline_activation(program, var)
+            if inline is not None:
+                return Follower("linear", f"followed by {inline} (not ReLU)", activation=inline,
+                                lipschitz=_LIPSCHITZ[inline])
             names = sorted({_activation_name(op) for op, _ in uses})
             known = [n for n in names if n in _LIPSCHITZ]
             if len(known) == 1 and not folded:
@@ -202,7 +213,7 @@ def _follow(program: _Program, var: int, num_channels: int) -> Follower:
             return Follower("relu", f"its output reaches the network only through a ReLU{steps}",
                             scale, shift, "relu")
         if name in _AFFINE and len(others) == 1 and program.is_static(others[0]):
-            k = _per_channel(program.value(others[0]), shape, layout_changed)
+            k = _per_channel(program.value(others[0]), shape, num_channels, layout_changed)
             if k is not None and not (name == "div" and position == 1):
                 if name == "add":
                     shift = shift + k
@@ -232,6 +243,8 @@ def _follow(program: _Program, var: int, num_channels: int) -> Follower:
             var = out
             continue
         label = _activation_name(op)
+        if label not in _LIPSCHITZ and not folded:
+            label = _inline_activation(program, var) or label
         lipschitz = _LIPSCHITZ.get(label) if not folded else None
         return Follower("linear", f"followed by {label} (not ReLU)",
                         activation=label if label in _LIPSCHITZ else None, lipschitz=lipschitz)
@@ -239,8 +252,10 @@ def _follow(program: _Program, var: int, num_channels: int) -> Follower:
 
 def followers(model: nn.Module, variables: Mapping, sample, apply_kwargs: Mapping,
               output_shapes: Mapping[str, Any]) -> dict[str, Follower]:
-    """For each layer path in ``output_shapes`` ({path: ShapeDtypeStruct of its output}), what
-    follows it in ``model.apply(variables, sample, **apply_kwargs)``."""
+    """For each linen module path in ``output_shapes`` ({path: ShapeDtypeStruct of its
+    output}), what follows that module's output in ``model.apply(variables, sample,
+    **apply_kwargs)`` (compaction's view of a linen model; everything else uses `follow` on the
+    linear maps found in the computation)."""
 
     def run(variables, images, overrides):
         def interceptor(next_fun, args, kwargs, context):
@@ -259,13 +274,13 @@ def followers(model: nn.Module, variables: Mapping, sample, apply_kwargs: Mappin
     variable_leaves = jax.tree.leaves(variables)
     sample_leaves = jax.tree.leaves(sample)
     override_leaves, _ = jax.tree_util.tree_flatten_with_path(overrides)
-    program = _Program(closed, dict(enumerate(variable_leaves)))
+    program = Program(closed, dict(enumerate(variable_leaves)))
     first_override = len(variable_leaves) + len(sample_leaves)
     result = {}
     for index, (path, _) in enumerate(override_leaves):
         name = path[0].key
         var = program.inputs[first_override + index]
-        result[name] = _follow(program, var, program.shapes[var][-1])
+        result[name] = follow(program, var, program.shapes[var][-1])
     return result
 
 

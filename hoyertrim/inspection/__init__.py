@@ -1,0 +1,17 @@
+"""The model as a computation: linear maps found in the jaxpr, for linen, NNX and plain functions.
+
+Modules, bottom to top:
+  program       a jaxpr as one flat list of operations (calls inlined), to read and to run
+  computation   any model as ``apply(params, x)`` with its params in the user's kind of tree
+  linear_maps   every contraction with a parameter as ``z = rows(x) @ U + b``; what is refused
+  graph         what follows a map's output (ReLU after folded affine steps, or not)
+  layers        `inspect_model`, the `Recorder` of each map's signals, `contraction_filter`
+"""
+
+from hoyertrim.inspection.computation import Computation, as_computation
+from hoyertrim.inspection.graph import Follower
+from hoyertrim.inspection.layers import Inspection, Recorder, contraction_filter, inspect_model
+from hoyertrim.inspection.linear_maps import LinearMap, Refusal, select_maps
+
+__all__ = ["Computation", "Follower", "Inspection", "LinearMap", "Recorder", "Refusal",
+           "as_computation", "contraction_filter", "inspect_model", "select_maps"]

@@ -1,0 +1,129 @@
+"""A model's prunable layers and their signals, for any kind of model.
+
+`inspect_model` traces the model once on a sample and returns an `Inspection`: its linear maps
+(`linear_maps.LinearMap`), the parameters that are not maps (with the reason) and, for each map,
+what follows its output (`graph.Follower`: which Net-Trim program certifies it). `Recorder` runs
+the model in batches and records each map's data operand and output from the real forward pass.
+`contraction_filter` turns the found maps into a leaf filter for penalties and mask rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from hoyertrim.inspection import graph
+from hoyertrim.inspection.computation import Computation, as_computation
+from hoyertrim.inspection.linear_maps import LinearMap, Refusal, find_linear_maps, locate
+from hoyertrim.inspection.program import Program
+from hoyertrim.trees import path_string
+
+__all__ = ["Inspection", "Recorder", "contraction_filter", "inspect_model"]
+
+
+@dataclasses.dataclass
+class Inspection:
+    """What `inspect_model` found.
+
+    Attributes:
+      computation: the model as ``apply(params, x)``.
+      maps: the linear maps, in the order the computation runs them.
+      refusals: parameters of ndim ≥ 2 that are not prunable maps, with the reason.
+      followers: ``{map name: Follower}``: what follows each map's output.
+    """
+
+    computation: Computation
+    maps: list[LinearMap]
+    refusals: list[Refusal]
+    followers: dict[str, graph.Follower]
+
+    def by_name(self) -> dict[str, LinearMap]:
+        return {m.name: m for m in self.maps}
+
+
+def inspect_model(model=None, variables=None, sample=None, *, apply_kwargs: Mapping | None = None,
+                  computation: Computation | None = None) -> Inspection:
+    """Traces ``model`` on ``sample`` (a few inputs; two are enough) and finds its linear maps.
+
+    Args:
+      model, variables, apply_kwargs: as `as_computation` takes them (linen module + variables,
+        NNX module (+ State), or a function + params); or pass ``computation`` instead.
+      sample: (B, ...) example inputs (only their shapes and the params' values are used).
+    """
+    if computation is None:
+        computation = as_computation(model, variables, apply_kwargs=apply_kwargs)
+    params = computation.params
+    closed = jax.make_jaxpr(computation.apply)(params, sample)
+    leaves = jax.tree.leaves(params)
+    program = Program(closed, dict(enumerate(leaves)))
+    batch = int(np.shape(jax.tree.leaves(sample)[0])[0])
+    maps, refusals = find_linear_maps(program, params, batch)
+    located, _ = locate(program, len(leaves))
+    followers = {m.name: graph.follow(program, located[m.kernel_leaf].output, m.num_outputs,
+                                      m.units_trailing) for m in maps}
+    return Inspection(computation, maps, refusals, followers)
+
+
+def contraction_filter(model, variables=None, sample=None, *,
+                       apply_kwargs: Mapping | None = None):
+    """A leaf filter ``where(path, leaf)`` selecting exactly the kernels of the model's linear
+    maps (whatever their names), for `penalties.tree_penalty`, the `masks` rules and the
+    `transforms`. Embedding tables, norms and biases are not selected."""
+    found = inspect_model(model, variables, sample, apply_kwargs=apply_kwargs)
+    paths = {m.path for m in found.maps}
+    return lambda path, leaf: path_string(path) in paths
+
+
+class Recorder:
+    """Runs a model in batches and records each map's inputs and output rows.
+
+    The model is traced inside one jitted function per batch shape, and the maps are located
+    again in that trace by their kernel leaves, so the original, the pruned and any partly
+    pruned params share one compiled function.
+    """
+
+    def __init__(self, computation: Computation, maps: Sequence[LinearMap],
+                 batch_size: int = 1000):
+        self.batch_size = batch_size
+        self._names = {m.kernel_leaf: m.name for m in maps}
+        self._maps = {m.name: m for m in maps}
+        apply = computation.apply
+        names = self._names
+
+        @jax.jit
+        def run(params, x):
+            closed = jax.make_jaxpr(apply)(params, x)
+            program = Program(closed)
+            leaves = jax.tree.leaves(params)
+            located, _ = locate(program, len(leaves))
+            missing = [names[leaf] for leaf in names if leaf not in located]
+            if missing:
+                raise ValueError(f"The layers {missing} are no longer linear maps of the model "
+                                 f"at input shape {np.shape(x)}.")
+            record = [v for leaf in names for v in (located[leaf].data, located[leaf].output)]
+            outputs, values = program.run([*leaves, *jax.tree.leaves(x)], record)
+            signals = {names[leaf]: (values[located[leaf].data], values[located[leaf].output])
+                       for leaf in names}
+            return outputs[0], signals
+
+        self._run = run
+
+    def __call__(self, params, images, names: Sequence[str] = ()
+                 ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """The model's (first) output and ``{name: (inputs, z)}`` for ``names`` over all
+        ``images``: ``inputs`` as `LinearMap.recorded_input` keeps them (take rows with
+        `LinearMap.input_rows`), ``z`` the map's output as (rows, M) (`LinearMap.output_rows`)."""
+        outputs, captured = [], {n: ([], []) for n in names}
+        with jax.default_matmul_precision("highest"):
+            for start in range(0, len(images), self.batch_size):
+                output, layers = self._run(params, images[start:start + self.batch_size])
+                outputs.append(np.asarray(output))
+                for name in names:
+                    data, z = layers[name]
+                    captured[name][0].append(self._maps[name].recorded_input(data))
+                    captured[name][1].append(self._maps[name].output_rows(z))
+        return (np.concatenate(outputs),
+                {n: (np.concatenate(x), np.concatenate(z)) for n, (x, z) in captured.items()})
