@@ -19,13 +19,13 @@ import math
 import warnings
 from typing import Any, Callable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hoyertrim.penalties import default_groupings, group_norms, is_kernel, selected_leaves
-from hoyertrim.trees import layer_name, leaf_name
+from hoyertrim.inspection import inspect_model
+from hoyertrim.trees import layer_name, leaf_name, path_string
 
 LeafFilter = Callable[[tuple, jax.Array], bool]
 
@@ -320,68 +320,78 @@ class SparsityReport:
                                   f"{self.architecture}.\n")
 
 
-def output_positions(model: nn.Module, variables: Mapping, input_shape: tuple[int, ...],
-                     apply_kwargs: Mapping | None = None) -> dict[str, int]:
-    """Spatial positions each module's output has per example (H·W for convs, 1 for Dense), in
-    the order the model calls the modules.
-
-    Found by tracing the model once (abstractly) with every module call intercepted, so it works
-    for any Flax model without per-model plumbing.
-    """
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    positions: dict[str, int] = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and hasattr(out, "shape"):
-            path = "/".join(context.module.path)
-            if path and path not in positions:
-                positions[path] = math.prod(out.shape[1:-1]) if out.ndim > 2 else 1
-        return out
-
-    def run(v, x):
-        with nn.intercept_methods(interceptor):
-            return model.apply(v, x, **(apply_kwargs or {}))
-
-    jax.eval_shape(run, variables, x)
-    return positions
+def _map_layer(name: str, w: np.ndarray, lmap) -> LayerReport:
+    """A linear map's report, counted on its (N, M) matrix: input units are the features (a
+    conv's channels) its rows read, FLOPs 2 per multiply-add per output row."""
+    matrix = lmap.matrix_of(w)
+    support = lmap.support()
+    support = np.ones(matrix.shape, bool) if support is None else support
+    nonzero = matrix != 0
+    units = lmap.input_units
+    num_units = int(units.max()) + 1
+    unit_alive = np.zeros(num_units, bool)
+    np.logical_or.at(unit_alive, units, nonzero.any(axis=1))
+    alive_outputs = nonzero.any(axis=0)
+    rows_alive = unit_alive[units]
+    reps = lmap.rows_per_example
+    return LayerReport(
+        name=name, shape=tuple(w.shape), weights=int(w.size), kept_weights=int(nonzero.sum()),
+        kept_fraction=float(np.count_nonzero(w) / w.size), inputs_alive=int(unit_alive.sum()),
+        inputs=num_units, outputs_alive=int(alive_outputs.sum()), outputs=matrix.shape[1],
+        dense_flops=2 * int(support.sum()) * reps, sparse_flops=2 * int(nonzero.sum()) * reps,
+        structured_flops=2 * int(support[rows_alive][:, alive_outputs].sum()) * reps)
 
 
-def sparsity_report(params, model: nn.Module | None = None, input_shape=None, *,
+def _layout_layer(name: str, w: np.ndarray) -> LayerReport:
+    """A kernel's report from its Flax layout alone (Dense (I, O), Conv (…, I, O)), applied
+    once per example: what is known without the model."""
+    nonzero = w != 0
+    inputs_alive = int(np.any(nonzero, axis=tuple(a for a in range(w.ndim) if a != w.ndim - 2)
+                              ).sum())
+    outputs_alive = int(np.any(nonzero, axis=tuple(range(w.ndim - 1))).sum())
+    receptive = math.prod(w.shape[:-2])
+    return LayerReport(
+        name=name, shape=tuple(w.shape), weights=int(w.size), kept_weights=int(nonzero.sum()),
+        kept_fraction=float(nonzero.mean()), inputs_alive=inputs_alive, inputs=w.shape[-2],
+        outputs_alive=outputs_alive, outputs=w.shape[-1], dense_flops=2 * w.size,
+        sparse_flops=2 * int(nonzero.sum()),
+        structured_flops=2 * receptive * inputs_alive * outputs_alive)
+
+
+def sparsity_report(params, model=None, input_shape=None, *,
                     model_state: Mapping | None = None, apply_kwargs: Mapping | None = None,
-                    where: LeafFilter = is_kernel) -> SparsityReport:
+                    where: LeafFilter = is_kernel, sample=None) -> SparsityReport:
     """Per-layer sparsity of ``params`` (zeros count as pruned).
 
     Args:
-      params: (pruned) params pytree.
-      model, input_shape: used to order the layers as the model calls them and to find each
-        conv layer's output positions for FLOPs; without them layers come in the params tree's
-        (alphabetical) order and every layer counts as applied once (right for MLPs).
-      model_state: the model's other collections (e.g. batch_stats), for tracing.
-      apply_kwargs: keyword arguments ``model.apply`` needs (e.g. ``{"train": False}``).
+      params: (pruned) params: linen params, an NNX ``State`` or any pytree.
+      model, input_shape: the model (linen module, NNX module or a function ``apply(params,
+        x)``) and one example's input shape (or ``sample``, a batch of inputs, e.g. token ids):
+        the layers are then the model's linear maps in the order its computation runs them,
+        with FLOPs counted from each contraction (rows per example × its matrix: a conv's
+        positions, a sequence's tokens, every head of an attention projection). Without them
+        layers come in the tree's order and a kernel counts as a Dense/Conv layout applied once
+        per example (right for MLPs).
+      model_state: a linen model's other collections (e.g. batch_stats), for tracing.
+      apply_kwargs: keyword arguments each call of the model needs (e.g. ``{"train": False}``).
+      where: the leaves reported (default: kernels).
+
+    Raises:
+      ValueError: ``where`` selects no leaf (a report with no layers).
     """
-    positions = {}
+    maps = {}
     if model is not None:
-        positions = output_positions(model, {"params": params, **(model_state or {})},
-                                     input_shape, apply_kwargs)
+        if sample is None:
+            sample = jnp.zeros((1, *input_shape), jnp.float32)
+        variables = {"params": params, **model_state} if model_state else params
+        found = inspect_model(model, variables, sample, apply_kwargs=apply_kwargs)
+        maps = {m.path: m for m in found.maps}
     layers = []
-    for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if not where(path, w):
-            continue
-        name = layer_name(path)
+    for path, w in selected_leaves(params, where, "sparsity_report"):
+        lmap = maps.get(path_string(path))
         w = np.asarray(w)
-        nonzero = w != 0
-        inputs_alive = int(np.any(nonzero, axis=tuple(a for a in range(w.ndim) if a != w.ndim - 2)
-                                  ).sum())
-        outputs_alive = int(np.any(nonzero, axis=tuple(range(w.ndim - 1))).sum())
-        receptive = math.prod(w.shape[:-2])
-        reps = positions.get(name, 1)
-        layers.append(LayerReport(
-            name=name, shape=tuple(w.shape), weights=int(w.size), kept_weights=int(nonzero.sum()),
-            kept_fraction=float(nonzero.mean()), inputs_alive=inputs_alive, inputs=w.shape[-2],
-            outputs_alive=outputs_alive, outputs=w.shape[-1], dense_flops=2 * w.size * reps,
-            sparse_flops=2 * int(nonzero.sum()) * reps,
-            structured_flops=2 * receptive * inputs_alive * outputs_alive * reps))
-    order = {name: i for i, name in enumerate(positions)}
+        name = layer_name(path)
+        layers.append(_map_layer(name, w, lmap) if lmap is not None else _layout_layer(name, w))
+    order = {m.name: i for i, m in enumerate(maps.values())}
     layers.sort(key=lambda layer: order.get(layer.name, len(order)))
     return SparsityReport(layers)

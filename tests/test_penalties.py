@@ -96,7 +96,10 @@ def test_tree_penalty_selects_kernels_only():
     params = {"dense0": {"kernel": jnp.array([[3.0, -4.0]]), "bias": jnp.array([100.0])},
               "bn": {"scale": jnp.ones((2,))}}
     assert float(penalties.tree_penalty(penalties.l1, params)) == 7.0
-    assert float(penalties.tree_penalty(penalties.l1, {"bias": jnp.ones(3)})) == 0.0
+    # a filter that selects nothing is an error, not a penalty of 0 (training would silently
+    # run unregularized)
+    with pytest.raises(ValueError, match="selects no parameter.*bias"):
+        penalties.tree_penalty(penalties.l1, {"bias": jnp.ones(3)})
 
 
 def test_bad_grouping_axis():

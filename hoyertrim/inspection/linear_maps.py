@@ -222,7 +222,11 @@ class LinearMap:
 
     def matrix(self, params) -> np.ndarray:
         """(N, M) the kernel as a matrix (rows: input features, columns: output units)."""
-        flat = np.asarray(jax.tree.leaves(params)[self.kernel_leaf]).reshape(-1)
+        return self.matrix_of(jax.tree.leaves(params)[self.kernel_leaf])
+
+    def matrix_of(self, kernel) -> np.ndarray:
+        """(N, M) the matrix of a kernel leaf of this map's shape."""
+        flat = np.asarray(kernel).reshape(-1)
         return np.where(self.index >= 0, flat[np.maximum(self.index, 0)], 0).astype(flat.dtype)
 
     def bias(self, params) -> np.ndarray | None:
@@ -293,6 +297,18 @@ class LinearMap:
         return out.transpose(self._out_axes).reshape(-1, self.num_inputs)
 
 
+def _input_units(index: np.ndarray, leaf_shape: tuple, contracted_axes: int) -> np.ndarray:
+    """(N,) the input unit of each matrix row. A kernel of ndim ≥ 3 reshaped into one contracted
+    axis with its last axis as the outputs is a convolution written as patches @ kernel (Flax's
+    (…window, I, O) layout): its units are the input channels (axis -2), one per window tap.
+    Otherwise every row (a feature, a (head, dim) pair) is its own unit."""
+    n, m = index.shape
+    if (len(leaf_shape) >= 3 and contracted_axes == 1 and m == leaf_shape[-1]
+            and np.array_equal(index, np.arange(n * m).reshape(n, m))):
+        return np.arange(n) % leaf_shape[-2]
+    return np.arange(n)
+
+
 def _dot_map(program: Program, located: Located, param_position: int, index_op: np.ndarray):
     op = located.op
     (lhs_c, rhs_c), _ = op.params["dimension_numbers"]
@@ -310,8 +326,16 @@ def _dot_map(program: Program, located: Located, param_position: int, index_op: 
     else:  # param free first: move the units last
         k = len(param_free)
         out_axes, trailing = tuple(range(k, out_ndim)) + tuple(range(k)), False
-    return dict(index=index, input_units=np.arange(n), units_trailing=trailing,
+    leaf_shape = program.shapes[program.inputs[_leaf_of(program, located)]]
+    return dict(index=index, input_units=_input_units(index, leaf_shape, len(param_c)),
+                units_trailing=trailing,
                 _data_axes=data_free + data_c, _out_axes=out_axes, _conv=None)
+
+
+def _leaf_of(program: Program, located: Located) -> int:
+    var = located.chain[0].inputs[0] if located.chain else located.op.inputs[
+        1 if located.op.inputs[0] == located.data else 0]
+    return program.inputs.index(var)
 
 
 def _conv_map(program: Program, located: Located, index_op: np.ndarray):
