@@ -57,7 +57,7 @@ def split_variables(variables) -> tuple[Any, dict, bool]:
 
 def _inference_view(module: nnx.Module) -> nnx.Module:
     flags = {flag: True for flag in _INFERENCE_FLAGS
-             if any(hasattr(m, flag) for _, m in module.iter_modules())}
+             if any(hasattr(m, flag) for _, m in nnx.iter_modules(module))}
     return nnx.view(module, **flags) if flags else module
 
 

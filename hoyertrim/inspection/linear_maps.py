@@ -413,8 +413,9 @@ def find_linear_maps(program: Program, params, batch: int
             bias_leaf=where.bias_leaf if bias_index is not None else None, bias_index=bias_index,
             kind="conv" if where.op.name == "conv_general_dilated" else "dot_general",
             rows_per_example=max(rows // max(batch, 1), 1), shape=tuple(shape), **layout))
+    biases = {m.bias_leaf for m in maps}  # a (heads, head_dim) bias is a map's, not refused
     refusals = [Refusal(layer_name(paths[leaf]), path_string(paths[leaf]), reason)
-                for leaf, reason in sorted(refused.items())]
+                for leaf, reason in sorted(refused.items()) if leaf not in biases]
     return maps, refusals
 
 

@@ -1,0 +1,263 @@
+"""Models a user brings in 2026 (examples/modern_models.py): NNX MLP, NNX CNN + BatchNorm, NNX
+ViT, linen ViT with MultiHeadDotProductAttention, a linen decoder block with causal Einsum /
+DenseGeneral attention, and a plain JAX function. Every figure is checked against an
+independent computation: penalties over the kernels listed by hand, mask rules in NumPy, FLOPs
+counted by hand, and Net-Trim's certificates recomputed from each layer's output captured by
+the frameworks' own means (linen `intercept_methods`, a recording subclass for NNX modules,
+the function's own algebra) — not by hoyertrim's jaxpr inspection.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import flax.linen as nn
+from flax import nnx
+
+from examples import modern_models as mm
+from hoyertrim import masks, nettrim, penalties
+from hoyertrim.inspection import contraction_filter, inspect_model
+from hoyertrim.nettrim import peers
+from hoyertrim.trees import path_string
+
+IMAGES = jax.random.normal(jax.random.PRNGKey(1), (48, 8, 8, 1))
+TOKENS = jax.random.randint(jax.random.PRNGKey(1), (48, 8), 0, 32)
+
+
+def _build(name):
+    """(model, variables, inputs, {layer: kernel path}, hand-counted FLOPs per example,
+    {layer: program})."""
+    key = jax.random.PRNGKey(0)
+    if name == "nnx_mlp":
+        model = mm.NnxMLP(64, rngs=nnx.Rngs(0))
+        return (model, None, IMAGES, ["hidden", "out"], 2 * (64 * 24 + 24 * 10),
+                {"hidden": "relu", "out": "linear"})
+    if name == "nnx_cnn":
+        model = mm.NnxCNN(rngs=nnx.Rngs(0))
+        for bn in (model.bn1, model.bn2):  # non-trivial statistics, so the fold matters
+            bn.mean[...] = 0.3 * jnp.arange(bn.mean.shape[0], dtype=jnp.float32) / 8
+            bn.var[...] = 1.5 + jnp.arange(bn.var.shape[0], dtype=jnp.float32) / 8
+        flops = 2 * (9 * 4 * 64 + 36 * 8 * 16 + 32 * 16 + 16 * 10)  # SAME convs: 64, 16 positions
+        return (model, None, IMAGES, ["conv1", "conv2", "linear1", "linear2"], flops,
+                {"conv1": "relu", "conv2": "relu", "linear1": "relu", "linear2": "linear"})
+    if name == "nnx_vit":
+        model = mm.NnxViT(rngs=nnx.Rngs(0))
+        tokens, d = 4, 16
+        flops = 2 * tokens * (16 * d + 4 * d * d + 2 * d * 2 * d) + 2 * d * 10
+        layers = ["embed"] + [f"blocks/0/attn/{p}" for p in ("query", "key", "value", "out")] + \
+            ["blocks/0/fc1", "blocks/0/fc2", "head"]
+        return model, None, IMAGES, layers, flops, {n: "linear" for n in layers}
+    if name == "linen_vit":
+        model = mm.LinenViT()
+        tokens, d = 4, 16
+        flops = 2 * tokens * (16 * d + 4 * d * d + 2 * d * 2 * d) + 2 * d * 10
+        layers = ["embed"] + [f"attn/{p}" for p in ("query", "key", "value", "out")] + \
+            ["fc1", "fc2", "head"]
+        return (model, model.init(key, IMAGES[:1])["params"], IMAGES, layers, flops,
+                {n: "linear" for n in layers})
+    if name == "decoder":
+        model = mm.LinenDecoderBlock()
+        tokens, d = 8, 16
+        flops = 2 * tokens * (4 * d * d + 2 * d * 2 * d + d * 32)
+        layers = ["query", "key", "value", "out", "mlp_in", "mlp_out", "lm_head"]
+        return (model, model.init(key, TOKENS[:1])["params"], TOKENS, layers, flops,
+                {n: "linear" for n in layers})
+    assert name == "function"
+    params = mm.mlp_function_params(key, 64)
+    return (mm.mlp_function, params, IMAGES, ["w1", "w2"], 2 * (64 * 24 + 24 * 10),
+            {"w1": "relu", "w2": "linear"})
+
+
+MODELS = ["nnx_mlp", "nnx_cnn", "nnx_vit", "linen_vit", "decoder", "function"]
+
+
+def _params(model, variables):
+    return nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else variables
+
+
+def _kernels(model, variables, layers):
+    """{layer: kernel} read by hand from the params tree."""
+    params = _params(model, variables)
+    flat = {path_string(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {n: flat[n if n in flat else f"{n}/kernel"] for n in layers}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_linear_maps_are_found_with_their_programs(name):
+    model, variables, inputs, layers, flops, programs = _build(name)
+    found = inspect_model(model, variables, inputs[:2])
+    assert [m.name for m in found.maps] == layers
+    assert {n: f.program for n, f in found.followers.items()} == programs
+    # tied weights or embeddings are refused with a reason, never taken as maps
+    if name == "decoder":
+        assert [r.name for r in found.refusals] == ["embed/embedding"]
+        assert "gather" in found.refusals[0].reason
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_penalties_masks_and_flops_match_independent_computations(name):
+    model, variables, inputs, layers, flops, _ = _build(name)
+    params = _params(model, variables)
+    kernels = _kernels(model, variables, layers)
+    where = contraction_filter(model, variables, inputs[:2])
+    expected = sum(float(np.abs(k).sum()) ** 2 / float((k ** 2).sum()) for k in kernels.values())
+    got = float(penalties.tree_penalty(penalties.hoyer_square, params, where))
+    assert got == pytest.approx(expected, rel=1e-5)
+    if name != "function":  # the default (leaves named 'kernel') selects the same weights
+        assert float(penalties.tree_penalty(penalties.hoyer_square, params)) == pytest.approx(
+            expected, rel=1e-5)
+    else:  # a plain function's weights are not named 'kernel': an error, never a penalty of 0
+        with pytest.raises(ValueError, match="selects no parameter"):
+            penalties.tree_penalty(penalties.hoyer_square, params)
+    mask = masks.std_threshold_masks(params, 0.5, where=where)
+    assert type(mask) is type(params)
+    mask_leaves = {path_string(p): np.asarray(m)
+                   for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    for layer, k in kernels.items():
+        key = layer if layer in mask_leaves else f"{layer}/kernel"
+        np.testing.assert_array_equal(mask_leaves[key], (np.abs(k) >= 0.5 * k.std()) & (k != 0))
+    report = masks.sparsity_report(params, model if variables is None or name == "function"
+                                   else model, sample=inputs[:1], where=where,
+                                   model_state=None)
+    assert [layer.name for layer in report.layers] == layers
+    assert report.flops("dense") == flops
+    assert report.weights == sum(k.size for k in kernels.values())
+
+
+def _capture(name, model, variables, inputs):
+    """{layer: output (rows, M)} by the framework's own means, not by hoyertrim."""
+    seen = {}
+    if isinstance(model, nnx.Module):
+        recorded_types = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+        for path, module in nnx.iter_modules(model):
+            if isinstance(module, recorded_types):
+                base = type(module)
+                label = "/".join(map(str, path))
+
+                class Recording(base):
+                    def __call__(self, x, *args, _label=label, _base=base, **kwargs):
+                        out = _base.__call__(self, x, *args, **kwargs)
+                        seen[_label] = np.asarray(out, np.float64).reshape(
+                            -1, int(np.prod(self.kernel.shape[-1:] if _base is not
+                                            nnx.LinearGeneral else self.kernel.shape[1:])))
+                        return out
+
+                module.__class__ = Recording
+        try:
+            nnx.view(model, **_flags(model))(inputs)
+        finally:
+            for _, module in nnx.iter_modules(model):
+                if type(module).__name__ == "Recording":
+                    module.__class__ = type(module).__mro__[1]
+        return seen
+    if isinstance(model, nn.Module):
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and isinstance(
+                    context.module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+                kernel = context.module.variables["params"]["kernel"]
+                units = kernel.shape[-1] if isinstance(context.module, nn.Dense) else \
+                    int(np.prod(out.shape[2:]))
+                seen["/".join(context.module.path)] = np.asarray(out, np.float64).reshape(
+                    -1, units)
+            return out
+
+        with nn.intercept_methods(interceptor):
+            model.apply({"params": variables}, inputs)
+        return seen
+    x = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
+    z1 = x @ np.asarray(variables["w1"], np.float64) + np.asarray(variables["b1"])
+    z2 = np.maximum(z1, 0) @ np.asarray(variables["w2"], np.float64) + np.asarray(variables["b2"])
+    return {"w1": z1, "w2": z2}
+
+
+def _flags(model):
+    return {f: True for f in ("use_running_average", "deterministic")
+            if any(hasattr(m, f) for _, m in nnx.iter_modules(model))}
+
+
+def _quantity(name, model, layer, program, z):
+    if program == "linear":
+        return z
+    if name == "nnx_cnn" and layer in ("conv1", "conv2"):
+        bn = getattr(model, "bn" + layer[-1])
+        a = np.asarray(bn.scale[...], np.float64) / np.sqrt(np.asarray(bn.var[...]) + bn.epsilon)
+        return np.maximum(a * (z - np.asarray(bn.mean[...])) + np.asarray(bn.bias[...]), 0)
+    return np.maximum(z, 0)
+
+
+def _pruned_model(model, network):
+    return network.module if isinstance(model, nnx.Module) else model
+
+
+_QUICK = {("nnx_vit", "parallel"), ("function", "cascade")}
+
+
+@pytest.mark.parametrize("name, scheme", [
+    pytest.param(n, s, marks=() if (n, s) in _QUICK else pytest.mark.slow)
+    for n in MODELS for s in ("parallel", "cascade")])
+def test_nettrim_prunes_every_map_with_independently_checked_certificates(name, scheme):
+    model, variables, inputs, layers, _, programs = _build(name)
+    network = nettrim.prune_network(model, variables, inputs, epsilon=0.3, scheme=scheme,
+                                    heldout=0, max_rows=10 ** 6, progress=False)
+    assert list(network.layers) == layers
+    original = _capture(name, model, variables, inputs)
+    pruned_model = _pruned_model(model, network)
+    whole = _capture(name, pruned_model, network.params, inputs)
+    kept = 0
+    for layer in layers:
+        report = network.layers[layer]
+        if scheme == "parallel":  # the layer alone pruned, the others trained
+            alone = _alone(model, variables, network, layer)
+            z = _capture(name, alone, None if isinstance(model, nnx.Module) else
+                         _alone_params(model, variables, network, layer), inputs)[layer]
+        else:
+            z = whole[layer]
+        program = programs[layer]
+        new = _quantity(name, model, layer, program, z)
+        old = _quantity(name, model, layer, program, original[layer])
+        measured = np.linalg.norm(new - old) / np.linalg.norm(old)
+        assert report["program"] == program
+        assert measured == pytest.approx(report["measured"], rel=1e-3, abs=1e-6)
+        assert measured <= report["epsilon"] * (1 + 1e-5) + 1e-6, layer
+        kept += report["kept_weights"]
+    assert kept < sum(network.layers[n]["weights"] for n in layers)  # something was pruned
+    assert type(network.params) is type(_params(model, variables))
+
+
+def _alone_params(model, variables, network, layer):
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, old, new: new if path_string(p).startswith(layer + "/") or
+        path_string(p) in (layer, "b" + layer[1:]) else old, variables, network.params)
+    return params
+
+
+def _alone(model, variables, network, layer):
+    if not isinstance(model, nnx.Module):
+        return model
+    state = jax.tree_util.tree_map_with_path(
+        lambda p, old, new: new if path_string(p).startswith(layer + "/") else old,
+        nnx.state(model, nnx.Param), network.params)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, state, rest)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "decoder" else
+                                               pytest.mark.slow) for n in MODELS])
+@pytest.mark.parametrize("solver", ["sparsegpt", "wanda", "magnitude"])
+def test_peers_at_half_and_two_four(name, solver):
+    model, variables, inputs, layers, _, _ = _build(name)
+    layer_solver = getattr(peers, f"{solver}_layer")
+    half = nettrim.prune_network(model, variables, inputs, kept_fraction=0.5, solver=layer_solver,
+                                 heldout=0, progress=False)
+    two_four = nettrim.prune_network(model, variables, inputs, kept_fraction=0.5, nm=(2, 4),
+                                     solver=layer_solver, heldout=0, progress=False)
+    found = inspect_model(model, variables, inputs[:2])
+    for lmap in found.maps:
+        matrix = lmap.matrix(half.params)
+        assert abs(np.count_nonzero(matrix) / matrix.size - 0.5) <= 0.05, lmap.name
+        groups = lmap.matrix(two_four.params)
+        if groups.shape[0] % 4 == 0:
+            per_group = (groups.reshape(-1, 4, groups.shape[1]) != 0).sum(axis=1)
+            assert per_group.max() <= 2, lmap.name
