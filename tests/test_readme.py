@@ -25,8 +25,8 @@ def test_readme_example_runs_as_written(data_root):
                             cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert any(line.startswith("Conv_0: relu program") for line in lines)
-    assert any(line.startswith("Dense_1: linear program") for line in lines)
+    assert any(line.startswith("conv: relu program") for line in lines)
+    assert any(line.startswith("out: linear program") for line in lines)
     assert "top1_agreement" in lines[-1]
 
 
