@@ -117,9 +117,7 @@ def test_penalties_masks_and_flops_match_independent_computations(name):
     for layer, k in kernels.items():
         key = layer if layer in mask_leaves else f"{layer}/kernel"
         np.testing.assert_array_equal(mask_leaves[key], (np.abs(k) >= 0.5 * k.std()) & (k != 0))
-    report = masks.sparsity_report(params, model if variables is None or name == "function"
-                                   else model, sample=inputs[:1], where=where,
-                                   model_state=None)
+    report = masks.sparsity_report(params, model, sample=inputs[:1], where=where)
     assert [layer.name for layer in report.layers] == layers
     assert report.flops("dense") == flops
     assert report.weights == sum(k.size for k in kernels.values())
@@ -211,7 +209,7 @@ def test_nettrim_prunes_every_map_with_independently_checked_certificates(name, 
         if scheme == "parallel":  # the layer alone pruned, the others trained
             alone = _alone(model, variables, network, layer)
             z = _capture(name, alone, None if isinstance(model, nnx.Module) else
-                         _alone_params(model, variables, network, layer), inputs)[layer]
+                         _alone_params(variables, network, layer), inputs)[layer]
         else:
             z = whole[layer]
         program = programs[layer]
@@ -226,11 +224,11 @@ def test_nettrim_prunes_every_map_with_independently_checked_certificates(name, 
     assert type(network.params) is type(_params(model, variables))
 
 
-def _alone_params(model, variables, network, layer):
-    params = jax.tree_util.tree_map_with_path(
+def _alone_params(variables, network, layer):
+    """Trained params with one layer's kernel and bias (``w1`` → ``b1`` in the function) pruned."""
+    return jax.tree_util.tree_map_with_path(
         lambda p, old, new: new if path_string(p).startswith(layer + "/") or
         path_string(p) in (layer, "b" + layer[1:]) else old, variables, network.params)
-    return params
 
 
 def _alone(model, variables, network, layer):

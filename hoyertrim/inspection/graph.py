@@ -62,8 +62,7 @@ _REGION_OPS = 40  # the most operations an inline activation is looked for in
 
 
 def _erf(x):
-    import math as _math
-    return np.vectorize(_math.erf)(x)
+    return np.vectorize(math.erf)(x)
 
 
 def _scalar_like(program, atom) -> bool:

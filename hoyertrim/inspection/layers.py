@@ -60,8 +60,7 @@ def inspect_model(model=None, variables=None, sample=None, *, apply_kwargs: Mapp
     leaves = jax.tree.leaves(params)
     program = Program(closed, dict(enumerate(leaves)))
     batch = int(np.shape(jax.tree.leaves(sample)[0])[0])
-    maps, refusals = find_linear_maps(program, params, batch)
-    located, _ = locate(program, len(leaves))
+    maps, refusals, located = find_linear_maps(program, params, batch)
     followers = {m.name: graph.follow(program, located[m.kernel_leaf].output, m.num_outputs,
                                       m.units_trailing) for m in maps}
     return Inspection(computation, maps, refusals, followers)

@@ -380,7 +380,7 @@ def _bias_index(program: Program, located: Located, num_outputs: int,
 
 
 def find_linear_maps(program: Program, params, batch: int
-                     ) -> tuple[list[LinearMap], list[Refusal]]:
+                     ) -> tuple[list[LinearMap], list[Refusal], dict[int, Located]]:
     """Every linear map of the traced model, in the order the computation runs them, and every
     parameter of ndim ≥ 2 that is not one, with the reason.
 
@@ -388,6 +388,9 @@ def find_linear_maps(program: Program, params, batch: int
       program: the model's `Program`, traced as ``apply(params, x)`` (params first).
       params: the params pytree that was traced.
       batch: the traced input's batch size (to count rows per example).
+
+    Returns:
+      The maps, the refusals, and where each map sits in ``program`` (by kernel leaf).
     """
     paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     located, refused = locate(program, len(paths))
@@ -416,7 +419,7 @@ def find_linear_maps(program: Program, params, batch: int
     biases = {m.bias_leaf for m in maps}  # a (heads, head_dim) bias is a map's, not refused
     refusals = [Refusal(layer_name(paths[leaf]), path_string(paths[leaf]), reason)
                 for leaf, reason in sorted(refused.items()) if leaf not in biases]
-    return maps, refusals
+    return maps, refusals, located
 
 
 def select_maps(maps: Sequence[LinearMap], refusals: Sequence[Refusal],
