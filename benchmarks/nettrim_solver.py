@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 
 from hoyertrim import nettrim  # noqa: E402
 from hoyertrim.data import load_dataset  # noqa: E402
+from hoyertrim.inspection import record_maps  # noqa: E402
 from hoyertrim.models import create_model  # noqa: E402
 from hoyertrim.nettrim.problem import NormalizedLayer, layer_data  # noqa: E402
 from hoyertrim.nettrim.search import _solve  # noqa: E402
@@ -73,7 +74,7 @@ def main():
     print(f"training the benchmark's network: {RECIPE} ...", flush=True)
     state, _ = fit(model, optax.adam(RECIPE["learning_rate"]), dataset, epochs=RECIPE["epochs"],
                    batch_size=RECIPE["batch_size"], seed=RECIPE["seed"], progress=False)
-    captured = nettrim.capture_layers(model, {"params": state.params},
+    captured = record_maps(model, {"params": state.params},
                                       dataset.train.images[: args.samples])
     inputs, outputs, _ = captured["dense0"]
     x = np.asarray(inputs).reshape(args.samples, -1)

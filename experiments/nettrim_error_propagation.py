@@ -46,6 +46,7 @@ import numpy as np
 
 import common
 from hoyertrim import nettrim, pipeline
+from hoyertrim.inspection import record_maps
 from run import DENSE_FC, DENSE_LENET300100
 
 DENSE = {"lenet300100": DENSE_LENET300100[1], "nettrim_fc": DENSE_FC[1]}
@@ -53,7 +54,7 @@ DENSE = {"lenet300100": DENSE_LENET300100[1], "nettrim_fc": DENSE_FC[1]}
 
 def layer_outputs(model, params, images) -> dict[str, np.ndarray]:
     """Each kernel layer's output in call order: post-ReLU for hidden layers, logits last."""
-    captured = nettrim.capture_layers(model, {"params": params}, images)
+    captured = record_maps(model, {"params": params}, images)
     names = list(captured)
     return {name: (np.asarray(captured[name][1], np.float64) if name == names[-1]
                    else np.maximum(np.asarray(captured[name][1], np.float64), 0))

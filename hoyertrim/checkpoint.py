@@ -288,6 +288,18 @@ class Loaded:
             forward = jax.jit(lambda x: model.apply(variables, x, **kwargs))
         return predict_in_batches(forward, images, batch_size)
 
+    def nnx_module(self):
+        """The stage's model as the user's own NNX module, with the stage's params and
+        statistics in it (for a model given as an NNX class, ``--model file.py:NnxClass``)."""
+        from hoyertrim.nnx_bridge import NnxModel, to_module
+        if not isinstance(self.model, NnxModel):
+            raise ValueError(f"{self.directory} holds a {type(self.model).__name__}, not an NNX "
+                             "model given by its class.")
+        if self.params is None:
+            raise ValueError(f"{self.directory} is a compact model: use .predict(images), or "
+                             "load the stage it was compacted from.")
+        return to_module(self.model, {"params": self.params, **self.model_state})
+
 
 def predict_in_batches(forward, images, batch_size: int = 1000) -> np.ndarray:
     """``forward`` (images (b, ...) → (b, ...)) over ``images`` in batches, as one numpy array."""

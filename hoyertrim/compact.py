@@ -1,408 +1,749 @@
-"""Compaction: a pruned network made physically smaller, with the same outputs.
+"""Compaction: a pruned model made physically smaller, with the same outputs.
 
-A unit of a layer (a Dense output column, a conv filter) is removed when
+Works on the model's computation (`inspection.program`), so a linen module, an NNX module and a
+plain function ``apply(params, x)`` are compacted alike. Every linear map of the model
+(`inspection.linear_maps`) becomes a smaller contraction:
 
-- its kernel column is all zero: it outputs a constant (its bias through what follows), whose
-  contribution is added into the consuming layer's bias; or
-- no consumer reads it: its rows are all zero in the consuming layer's kernel;
+- **output units** whose kernel column is all zero are not computed: such a unit outputs the
+  same value for every input (0, then its bias through what follows);
+- **output units nobody reads** — every map they reach has all-zero rows for them — are not
+  computed either;
+- **input features** the map's kernel never reads are not gathered, and the features of a
+  producer's removed units are not multiplied: their constant value times the kernel rows is
+  added to the map's output as a bias.
 
-and every layer gathers only the input features its kernel reads (e.g. the pixels a pruned
-first layer still uses). Which consumer features come from which unit is found by running the
-model once with an infinity placed in one unit per example (through ReLU, pooling, flatten and
-inference BatchNorm it stays in its unit's features), so any linen model works without
-plumbing.
+Between a producer and its consumers the activations stay *narrow*: the model's own operations
+run on the kept features only, while the removed ones are tracked as one constant per feature
+(an exact value, or "unknown" for units nobody reads). Operations that act feature by feature —
+activations (ReLU, gelu written inline), per-channel affine steps (inference BatchNorm, a bias,
+a scale), pooling over positions, a flatten, a transpose that keeps the feature axis last — run
+narrow. Any other operation that meets a narrow value (a residual add with a full branch, a
+LayerNorm's reduction over features, attention's head split, a reversal) first gets it back at
+full width, its removed features filled with their constants, so the result is exact wherever
+the computation goes; a unit whose value is unknown is removed only when the analysis shows it
+never comes back to full width. A convolution with padding receives a constant feature as zero
+at the borders, so a non-zero constant feeding a padded convolution is kept as an input.
 
-A unit is only removed where that is provably output-preserving: its layer's output reaches
-exactly one consuming layer (no residual branch, no second use) through a ReLU with at most
-per-channel affine steps before it (`nettrim.graph`), the modules in between are inference-mode
-BatchNorm (sliced with it) or parameter-free, each consumer feature comes from one unit (no op in
-between mixes units), and a constant unit feeds a Dense layer or a
-VALID convolution (elsewhere padding makes its contribution position-dependent, unless it is 0).
-Grouped convolutions and layers of other types are kept whole.
-
-The compact model runs the original module tree with each compacted layer computing on its
-smaller arrays (`CompactModel.apply`), so nothing about the user's model has to be rebuilt.
+Only the kernels change: every other parameter is stored and used as it is. A map's input axis
+must be the data's last axis and its output units the output's last axis for the map to shrink
+(Dense, ``nnx.Linear``, channels-last convolutions, single-axis ``Einsum``); multi-axis
+projections (attention's (heads, head_dim)) keep their shape — the heads stay whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from hoyertrim.inspection import graph
-from hoyertrim.nettrim.adapters import ConvAdapter, DenseAdapter, adapter_for
-from hoyertrim.nettrim.capture import find_layers, layer_variables
+from hoyertrim.inspection.computation import split_variables
+from hoyertrim.inspection.linear_maps import locate
+from hoyertrim.inspection.program import Const, Op, Program, _bind
+from hoyertrim.trees import layer_name, path_keys
+
+__all__ = ["CompactLayer", "CompactModel", "compact", "load_compact", "save_compact"]
+
+# Operations that act on each element independently (all operands of the output's shape, or
+# scalars): they run on the kept features, and on the removed features' constants.
+_ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "max", "min", "tanh", "logistic", "exp",
+                "exp2", "expm1", "log", "log1p", "integer_pow", "pow", "sqrt", "rsqrt", "cbrt",
+                "erf", "erfc", "erf_inv", "abs", "sign", "square", "select_n", "ge", "gt", "le",
+                "lt", "eq", "ne", "and", "or", "not", "convert_element_type", "clamp", "tan",
+                "atan", "sin", "cos", "floor", "ceil", "round", "is_finite", "copy", "copy_p",
+                "stop_gradient", "reduce_precision", "nextafter", "atan2", "rem"}
 
 
 @dataclasses.dataclass
 class CompactLayer:
-    """One layer's compact arrays.
+    """One linear map's compact contraction.
 
     Attributes:
-      kernel: the smaller kernel (Dense: (N', M'); conv: (*window, C', M')).
-      bias: (M',) or None.
-      input_index: positions of the features (last axis) of the layer's actual input that it
-        reads, or None for all.
-      output_index: which of the original output units remain.
+      kernel: the smaller kernel, in the layout the model's contraction consumes it (Dense:
+        (N', M'); a channels-last conv: its own window/in/out layout with I' and O' channels).
+      shift: (M',) constants of removed input features times their kernel rows, added to the
+        contraction's output; None when nothing was folded.
+      input_index: which features of the data's last axis the kernel's rows are (None: all).
+      output_index: which of the map's output units are computed (None: all).
+      output_fill: (M,) what a removed output unit holds before the bias (0.0; NaN where no one
+        reads it).
+      width: M, the map's original number of output units (or of features of a full input).
     """
 
     kernel: np.ndarray
-    bias: np.ndarray | None
+    shift: np.ndarray | None
     input_index: np.ndarray | None
-    output_index: np.ndarray
+    output_index: np.ndarray | None
+    output_fill: np.ndarray | None
+    width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Narrow:
+    """A value stored only at features ``keep`` of its last axis (full width ``width``); every
+    removed feature j holds ``fill[j]`` at every position of the other axes. ``unknown[j]``: j's
+    value is not known (a unit nobody reads). ``sources``: the maps whose removed units these
+    are; ``units[j]``: the source unit of feature j (a single source only, else None)."""
+
+    array: Any
+    keep: np.ndarray
+    fill: Any
+    unknown: np.ndarray
+    sources: frozenset
+    units: np.ndarray | None
+
+    @property
+    def width(self) -> int:
+        return len(self.unknown)
+
+
+class _Absent:
+    """A compacted kernel's original leaf: not stored, never read."""
+
+
+_ABSENT = _Absent()
+
+
+@dataclasses.dataclass
+class _Events:
+    """What a planning run saw, to decide which unread units may go."""
+
+    widened: set = dataclasses.field(default_factory=set)  # sources brought back to full width
+    unread: dict = dataclasses.field(default_factory=dict)  # source -> units no consumer reads
+    consumers: dict = dataclasses.field(default_factory=dict)  # source -> consumer count
+
+
+def _is_float(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _widen(value: _Narrow, keep: np.ndarray | None = None):
+    """The narrow value at full width (or at features ``keep`` ⊇ its own), removed features
+    filled with their constants."""
+    dropped = np.setdiff1d(np.arange(value.width), value.keep)
+    order = np.concatenate([value.keep, dropped])
+    fill = jnp.asarray(value.fill, value.array.dtype)[dropped]
+    parts = [value.array, jnp.broadcast_to(fill, value.array.shape[:-1] + (len(dropped),))]
+    full = jnp.concatenate(parts, axis=-1)
+    position = np.empty(value.width, int)
+    position[order] = np.arange(value.width)
+    wanted = np.arange(value.width) if keep is None else keep
+    return jnp.take(full, position[wanted], axis=-1)
+
+
+class _Interpreter:
+    """Runs a traced model with compacted maps (``plans``), deciding the plans first when
+    ``planning`` (then every input is concrete and the full kernels are present)."""
+
+    def __init__(self, program: Program, paths: list[str], data_inputs: set[int],
+                 plans: dict[str, CompactLayer], planning: dict | None = None):
+        self.program = program
+        self.plans = plans
+        self.planning = planning  # {path: (removed units, unknown units)} while planning
+        self.events = _Events()
+        located, _ = locate(program, len(paths))
+        self.maps = {where.op: (paths[leaf], where) for leaf, where in located.items()
+                     if paths[leaf] in plans or planning is not None}
+        self.dynamic = set(data_inputs)
+        for op in program.ops:
+            if any(isinstance(a, int) and a in self.dynamic for a in op.inputs):
+                self.dynamic.update(op.outputs)
+        self._per_feature: dict[int, bool] = {}
+
+    def run(self, inputs: list):
+        env = dict(zip(self.program.inputs, inputs))
+
+        def read(atom):
+            return atom.value if isinstance(atom, Const) else env[atom]
+
+        for op in self.program.ops:
+            values = [read(a) for a in op.inputs]
+            if op in self.maps:
+                results = [self._map(op, values)]
+            elif any(v is _ABSENT for v in values):
+                results = [_ABSENT] * len(op.outputs)  # a compacted kernel's layout ops
+            elif any(isinstance(v, _Narrow) for v in values):
+                results = self._narrow_op(op, values)
+            else:
+                results = _bind(op, values)
+            env.update(zip(op.outputs, results))
+        return [self._full(read(a)) for a in self.program.outputs]
+
+    # -- operations on narrow values ---------------------------------------------------------
+
+    def _full(self, value):
+        if isinstance(value, _Narrow):
+            self.events.widened.update(value.sources)
+            return _widen(value)
+        return value
+
+    def _narrow_op(self, op: Op, values: list) -> list:
+        rule = getattr(self, f"_rule_{op.name}", None)
+        if op.name in _ELEMENTWISE:
+            result = self._elementwise(op, values)
+        elif rule is not None:
+            result = rule(op, values)
+        else:
+            result = None
+        if result is None:
+            return _bind(op, [self._full(v) for v in values])
+        return [result]
+
+    def _elementwise(self, op: Op, values: list):
+        narrow = [v for v in values if isinstance(v, _Narrow)]
+        first = narrow[0]
+        if any(not np.array_equal(v.keep, first.keep) or v.width != first.width for v in narrow):
+            return None
+        out_shape = self.program.shapes[op.outputs[0]]
+        arrays, fills = [], []
+        for atom, value in zip(op.inputs, values):
+            if isinstance(value, _Narrow):
+                arrays.append(value.array)
+                fills.append(jnp.asarray(value.fill, value.array.dtype))
+            elif math.prod(np.shape(value)) == 1:  # a scalar, possibly of shape (1, …, 1)
+                arrays.append(value)
+                fills.append(jnp.reshape(value, ()))
+            elif (np.ndim(value) == len(out_shape) and np.shape(value)[-1] == first.width
+                  and self._varies_by_feature(atom)):
+                arrays.append(jnp.take(value, first.keep, axis=-1))
+                fills.append(jnp.asarray(value)[(0,) * (len(out_shape) - 1)])
+            else:
+                return None  # a data-dependent full operand (e.g. a residual branch)
+        array = _bind(op, arrays)[0]
+        fill = _bind(op, fills)[0]
+        unknown = np.logical_or.reduce([v.unknown for v in narrow])
+        sources = frozenset().union(*(v.sources for v in narrow))
+        units = first.units if all(v.units is first.units for v in narrow) else None
+        return _Narrow(array, first.keep, fill, unknown, sources,
+                       units if len(sources) == 1 else None)
+
+    def _varies_by_feature(self, atom) -> bool:
+        """Whether a full-shape operand that does not depend on the data is constant along
+        every axis but the last (a bias, a BatchNorm scale broadcast over positions)."""
+        if isinstance(atom, Const):
+            value = np.asarray(atom.value)
+            return bool(np.all(value == value[(slice(0, 1),) * (value.ndim - 1)]))
+        if atom in self.dynamic:
+            return False
+        if atom not in self._per_feature:
+            shape = self.program.shapes[atom]
+            op = self.program.producer.get(atom)
+            if math.prod(shape[:-1]) == 1:
+                answer = True
+            elif op is None:
+                answer = False
+            elif op.name == "broadcast_in_dim":
+                dims = op.params["broadcast_dimensions"]
+                source = self.program.shapes.get(op.inputs[0], np.shape(
+                    getattr(op.inputs[0], "value", 0)))
+                answer = all(source[i] == 1 or (d == len(shape) - 1 and shape[d] == source[i])
+                             for i, d in enumerate(dims))
+            elif op.name in _ELEMENTWISE:
+                answer = all(not isinstance(a, int) and np.ndim(a.value) == 0
+                             or self.program.shapes.get(a) == () or self._varies_by_feature(a)
+                             for a in op.inputs)
+            else:
+                answer = False
+            self._per_feature[atom] = answer
+        return self._per_feature[atom]
+
+    def _relabel(self, value: _Narrow, array, fill=None) -> _Narrow:
+        """The same features, computed further (``array``; ``fill``: the new constants)."""
+        return _Narrow(array, value.keep, value.fill if fill is None else fill, value.unknown,
+                       value.sources, value.units)
+
+    def _rule_transpose(self, op, values):
+        (value,) = values
+        perm = tuple(op.params["permutation"])
+        if perm[-1] != len(perm) - 1:
+            return None
+        return self._relabel(value, jax.lax.transpose(value.array, perm))
+
+    def _rule_reshape(self, op, values):
+        value = values[0]
+        if len(values) != 1 or op.params.get("dimensions") is not None:
+            return None
+        old = self.program.shapes[op.inputs[0]]
+        new = tuple(op.params["new_sizes"])
+        if new[-1] == old[-1] and math.prod(new[:-1]) == math.prod(old[:-1]):
+            shape = new[:-1] + (len(value.keep),)
+            return self._relabel(value, jnp.reshape(value.array, shape))
+        # A flatten: trailing axes (…, positions, features) merged into the last one.
+        for start in range(len(old) - 1, -1, -1):
+            if math.prod(old[start:]) == new[-1] and tuple(old[:start]) == new[:-1]:
+                break
+        else:
+            return None
+        repeat = math.prod(old[start:-1])
+        width = value.width
+        keep = (np.arange(repeat)[:, None] * width + value.keep[None, :]).reshape(-1)
+        array = jnp.reshape(value.array, new[:-1] + (repeat * len(value.keep),))
+        fill = jnp.tile(jnp.asarray(value.fill), repeat)
+        units = None if value.units is None else np.tile(value.units, repeat)
+        return _Narrow(array, keep, fill, np.tile(value.unknown, repeat), value.sources, units)
+
+    def _reduce(self, op, values, scale: bool):
+        (value,) = values
+        axes = tuple(op.params["axes"])
+        ndim = len(self.program.shapes[op.inputs[0]])
+        if ndim - 1 in axes:
+            return None
+        array = _bind(op, [value.array])[0]
+        count = math.prod(self.program.shapes[op.inputs[0]][a] for a in axes)
+        fill = jnp.asarray(value.fill) * count if scale else value.fill
+        return self._relabel(value, array, fill=fill)
+
+    def _rule_reduce_sum(self, op, values):
+        return self._reduce(op, values, scale=True)
+
+    def _rule_reduce_max(self, op, values):
+        return self._reduce(op, values, scale=False)
+
+    def _rule_reduce_min(self, op, values):
+        return self._reduce(op, values, scale=False)
+
+    def _window(self, op, values, scale: bool):
+        (value,) = values
+        window = tuple(op.params["window_dimensions"])
+        padding = tuple(tuple(p) for p in op.params["padding"])
+        if (window[-1] != 1 or op.params["window_strides"][-1] != 1
+                or any(d != 1 for d in op.params.get("base_dilation", (1,))[-1:])
+                or padding[-1] != (0, 0)):
+            return None
+        if scale and any(p != (0, 0) for p in padding):
+            return None  # a padded sum sees fewer copies of the constant at the borders
+        array = _bind(op, [value.array])[0]
+        fill = jnp.asarray(value.fill) * math.prod(window) if scale else value.fill
+        return self._relabel(value, array, fill=fill)
+
+    def _rule_reduce_window_sum(self, op, values):
+        return self._window(op, values, scale=True)
+
+    def _rule_reduce_window_max(self, op, values):
+        return self._window(op, values, scale=False)
+
+    def _rule_broadcast_in_dim(self, op, values):
+        (value,) = values
+        shape = tuple(op.params["shape"])
+        dims = tuple(op.params["broadcast_dimensions"])
+        if not dims or dims[-1] != len(shape) - 1 or shape[-1] != value.width:
+            return None
+        params = dict(op.params, shape=shape[:-1] + (len(value.keep),))
+        return self._relabel(value, _bind(dataclasses.replace(op, params=params),
+                                          [value.array])[0])
+
+    def _rule_slice(self, op, values):
+        (value,) = values
+        full = self.program.shapes[op.inputs[0]]
+        start, limit = op.params["start_indices"], op.params["limit_indices"]
+        strides = op.params.get("strides") or (1,) * len(full)
+        if start[-1] != 0 or limit[-1] != full[-1] or strides[-1] != 1:
+            return None
+        params = dict(op.params, limit_indices=tuple(limit[:-1]) + (len(value.keep),))
+        return self._relabel(value, _bind(dataclasses.replace(op, params=params),
+                                          [value.array])[0])
+
+    def _rule_concatenate(self, op, values):
+        """Along the features (image patches: one block of channels per window tap)."""
+        ndim = len(self.program.shapes[op.outputs[0]])
+        if op.params["dimension"] != ndim - 1:
+            return None
+        parts = [v if isinstance(v, _Narrow) else _Narrow(
+            v, np.arange(np.shape(v)[-1]), jnp.zeros(np.shape(v)[-1], v.dtype),
+            np.zeros(np.shape(v)[-1], bool), frozenset(), None) for v in values]
+        offsets = np.cumsum([0] + [p.width for p in parts])[:-1]
+        keep = np.concatenate([p.keep + o for p, o in zip(parts, offsets)])
+        sources = frozenset().union(*(p.sources for p in parts))
+        units = None
+        if len(sources) == 1 and all(p.units is not None for p in parts):
+            units = np.concatenate([p.units for p in parts])
+        dtype = parts[0].array.dtype
+        return _Narrow(jnp.concatenate([p.array for p in parts], axis=-1), keep,
+                       jnp.concatenate([jnp.asarray(p.fill, dtype) for p in parts]),
+                       np.concatenate([p.unknown for p in parts]), sources, units)
+
+    def _rule_squeeze(self, op, values):
+        (value,) = values
+        ndim = len(self.program.shapes[op.inputs[0]])
+        if ndim - 1 in [d % ndim for d in op.params["dimensions"]]:
+            return None
+        return self._relabel(value, _bind(op, [value.array])[0])
+
+    # -- the linear maps ---------------------------------------------------------------------
+
+    def _map(self, op: Op, values: list):
+        path, where = self.maps[op]
+        position = 0 if op.inputs[0] != where.data else 1  # the kernel's operand
+        data, operand = values[1 - position], values[position]
+        if self.planning is not None and path not in self.plans:
+            self.plans[path] = self._decide(op, path, where, position, data, np.asarray(operand))
+        plan = self.plans[path]
+        if isinstance(data, _Narrow):
+            if plan.input_index is None:
+                data = self._full(data)
+            elif np.array_equal(plan.input_index, data.keep):
+                data = data.array
+            else:  # constants that a padded convolution must see: kept as inputs
+                self.events.widened.update(data.sources)
+                data = _widen(data, plan.input_index)
+        elif plan.input_index is not None:
+            data = jnp.take(data, plan.input_index, axis=-1)
+        out = _contract(op, data, plan.kernel, position)
+        if plan.shift is not None:
+            out = out + jnp.asarray(plan.shift, out.dtype)
+        if plan.output_index is None:
+            return out
+        unknown = np.isnan(plan.output_fill)
+        return _Narrow(out, plan.output_index, np.nan_to_num(plan.output_fill), unknown,
+                       frozenset([path]), np.arange(plan.width))
+
+    def _decide(self, op: Op, path: str, where, position: int, data, operand) -> CompactLayer:
+        """A map's plan, from its full kernel (as the contraction consumes it) and its input."""
+        axes = _axes(op, position, self.program)
+        in_axis, out_axis = axes
+        input_index, shift = None, None
+        width_in = self.program.shapes[where.data][-1]
+        if in_axis is not None:
+            rows = np.any(np.moveaxis(operand, in_axis, 0).reshape(width_in, -1) != 0, axis=1)
+            if isinstance(data, _Narrow):
+                input_index, shift = self._consume(op, path, data, operand, in_axis, out_axis,
+                                                   rows)
+            elif not rows.all():
+                input_index = np.flatnonzero(rows) if rows.any() else np.array([0])
+        elif isinstance(data, _Narrow):
+            self.events.widened.update(data.sources)
+        kernel = operand if input_index is None else np.take(operand, input_index, in_axis)
+        output_index, output_fill = None, None
+        removed, unknown = self.planning.get(path, (np.array([], int), np.array([], int)))
+        width = _num_outputs(op, position, operand)
+        if out_axis is not None and len(removed) and len(removed) < width:
+            output_index = np.setdiff1d(np.arange(width), removed)
+            kernel = np.take(kernel, output_index, out_axis)
+            output_fill = np.zeros(width)
+            output_fill[unknown] = np.nan
+            if shift is not None:
+                shift = shift[output_index]
+        return CompactLayer(kernel=kernel, shift=shift, input_index=input_index,
+                            output_index=output_index, output_fill=output_fill, width=width)
+
+    def _consume(self, op, path, data: _Narrow, operand, in_axis, out_axis, rows):
+        """(input features, bias shift) of a map reading a narrow value."""
+        dropped = np.setdiff1d(np.arange(data.width), data.keep)
+        fill = np.asarray(data.fill, np.float64)
+        if data.units is not None and len(data.sources) == 1:
+            (source,) = data.sources
+            unread = set(np.unique(data.units[data.keep][~rows[data.keep]]).tolist())
+            unread -= set(np.unique(data.units[data.keep][rows[data.keep]]).tolist())
+            previous = self.events.unread.get(source)
+            self.events.unread[source] = unread if previous is None else previous & unread
+            self.events.consumers[source] = self.events.consumers.get(source, 0) + 1
+        else:
+            self.events.widened.update(data.sources)
+        if np.any(data.unknown[dropped] & rows[dropped]):
+            self.events.widened.update(data.sources)  # an unknown value is read: not removable
+        constant = dropped[rows[dropped] & ~data.unknown[dropped] & (fill[dropped] != 0)]
+        if len(constant) == 0:
+            return data.keep, None
+        padded = op.name == "conv_general_dilated" and not _valid(op)
+        if padded or out_axis is None:
+            return np.union1d(data.keep, constant), None
+        # Each output position multiplies every constant feature by its rows (a VALID window
+        # lies inside the input, so a convolution sees the constant through every tap).
+        taken = np.moveaxis(np.take(operand, constant, in_axis), [in_axis, out_axis], [0, -1])
+        per_feature = taken.reshape(len(constant), -1, taken.shape[-1]).sum(axis=1)
+        shift = fill[constant] @ per_feature.astype(np.float64)
+        return data.keep, shift
+
+
+def _axes(op: Op, position: int, program: Program) -> tuple[int | None, int | None]:
+    """(the kernel operand's axis of input features, of output units): each only when it maps to
+    the data's last axis / the output's last axis (None otherwise)."""
+    if op.name == "dot_general":
+        (lhs_c, rhs_c), _ = op.params["dimension_numbers"]
+        param_c, data_c = (lhs_c, rhs_c) if position == 0 else (rhs_c, lhs_c)
+        data_ndim = len(program.shapes[op.inputs[1 - position]])
+        kernel_ndim = len(program.shapes[op.inputs[position]]) if isinstance(
+            op.inputs[position], int) else np.ndim(op.inputs[position].value)
+        free = [a for a in range(kernel_ndim) if a not in tuple(param_c)]
+        if position != 1:
+            return None, None
+        in_axis = param_c[0] if tuple(data_c) == (data_ndim - 1,) and len(param_c) == 1 else None
+        out_axis = free[0] if len(free) == 1 else None
+        if in_axis is not None and out_axis is None:
+            in_axis = None  # a folded bias needs the units last
+        return in_axis, out_axis
+    dn = op.params["dimension_numbers"]
+    if op.params.get("feature_group_count", 1) != 1 or position != 1:
+        return None, None
+    out_last = dn.out_spec[1] == len(dn.out_spec) - 1
+    in_last = dn.lhs_spec[1] == len(dn.lhs_spec) - 1
+    out_axis = dn.rhs_spec[0] if out_last else None
+    return (dn.rhs_spec[1] if in_last and out_last else None), out_axis
+
+
+def _num_outputs(op: Op, position: int, operand) -> int:
+    """The map's output units: the kernel's free entries (a conv's output channels)."""
+    if op.name == "conv_general_dilated":
+        return int(operand.shape[op.params["dimension_numbers"].rhs_spec[0]])
+    (lhs_c, rhs_c), _ = op.params["dimension_numbers"]
+    contracted = set(lhs_c if position == 0 else rhs_c)
+    return math.prod(n for a, n in enumerate(operand.shape) if a not in contracted)
+
+
+def _valid(op: Op) -> bool:
+    pads = np.asarray(op.params["padding"]).reshape(-1)
+    return bool(np.all(pads == 0)) and all(d == 1 for d in op.params["lhs_dilation"])
+
+
+def _contract(op: Op, data, kernel, position: int):
+    if op.name == "conv_general_dilated" and _row_matmul_applies(op, kernel, data):
+        return _conv_as_row_matmul(op, kernel, data)
+    operands = [kernel, data] if position == 0 else [data, kernel]
+    return _bind(op, operands)[0]
+
+
+# Largest row-Toeplitz matrix (entries) `_conv_as_row_matmul` builds.
+_ROW_MATMUL_MAX_ENTRIES = 1 << 20
+_NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def _row_matmul_applies(op: Op, kernel, x) -> bool:
+    """Whether a conv runs as one matmul per output row: on CPU, for plain stride-1 2-D
+    channels-last convs with few input channels (≤ 8), where XLA's CPU convolution is slow (a
+    1-channel LeNet conv takes about as long with 7 filters as with 32) and the Toeplitz matrix
+    stays small."""
+    p = op.params
+    dn = p["dimension_numbers"]
+    if jax.default_backend() != "cpu" or np.ndim(kernel) != 4 or (
+            tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != _NHWC:
+        return False
+    if (any(s != 1 for s in p["window_strides"]) or any(d != 1 for d in p["lhs_dilation"])
+            or any(d != 1 for d in p["rhs_dilation"]) or p["feature_group_count"] != 1
+            or p["batch_group_count"] != 1 or kernel.shape[2] > 8):
+        return False
+    kh, kw, cin, cout = kernel.shape
+    (top, bottom), (left, right) = p["padding"]
+    if min(top, bottom, left, right) < 0:
+        return False
+    width = x.shape[2] + left + right
+    return kh * width * cin * (width - kw + 1) * cout <= _ROW_MATMUL_MAX_ENTRIES
+
+
+def _conv_as_row_matmul(op: Op, kernel, x):
+    """A stride-1 2-D convolution as ``rows @ T``: each output row gathers the ``kh`` input rows
+    it reads, (N·H', kh·W·C), and T (kh·W·C, W'·O) is the kernel laid out as a block-Toeplitz
+    matrix, so the whole layer is one dense matmul. Same result as ``lax.conv`` up to float
+    summation order."""
+    kh, kw, cin, cout = kernel.shape
+    (top, bottom), (left, right) = op.params["padding"]
+    x = jnp.pad(x, [(0, 0), (top, bottom), (left, right), (0, 0)])
+    n, height, width, _ = x.shape
+    out_h, out_w = height - kh + 1, width - kw + 1
+    toeplitz = np.zeros((kh, width, cin, out_w, cout), np.asarray(kernel).dtype)
+    kernel = np.asarray(kernel)
+    for j in range(out_w):
+        toeplitz[:, j:j + kw, :, j, :] = kernel
+    rows = jnp.stack([x[:, a:a + out_h] for a in range(kh)], axis=2)  # (N, H', kh, W, C)
+    out = rows.reshape(n * out_h, kh * width * cin) @ toeplitz.reshape(-1, out_w * cout)
+    return out.reshape(n, out_h, out_w, cout)
+
+
+# -- the model as a function of all its arrays ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """A model as ``apply(state, x)`` over *all* its arrays (params and statistics)."""
+
+    apply: Callable
+    state: Any
+    kind: str
+
+
+def _as_model(model, variables, apply_kwargs: Mapping) -> _Model:
+    if isinstance(model, nn.Module):
+        if variables is None:
+            raise ValueError("A linen model needs its variables (or params) to be compacted.")
+        params, collections, _ = split_variables(flax.core.unfreeze(variables))
+        return _Model(lambda v, x: model.apply(v, x, **apply_kwargs),
+                      {"params": params, **collections}, "linen")
+    if isinstance(model, nnx.Module):
+        from hoyertrim.inspection.computation import as_computation
+        computation = as_computation(model, variables, apply_kwargs=apply_kwargs)
+        view = computation.rebuild(computation.params)
+        flags = {f: True for f in ("use_running_average", "deterministic")
+                 if any(hasattr(m, f) for _, m in nnx.iter_modules(view))}
+        graphdef, state = nnx.split(nnx.view(view, **flags) if flags else view)
+        return _Model(lambda s, x: nnx.merge(graphdef, s)(x, **apply_kwargs), state, "nnx")
+    if callable(model):
+        if variables is None:
+            raise ValueError("A plain function needs its params to be compacted.")
+        return _Model(lambda p, x: model(p, x, **apply_kwargs), variables, "function")
+    raise TypeError(f"Expected a flax.linen.Module, a flax.nnx.Module or a function "
+                    f"apply(params, x); got {type(model).__name__}.")
+
+
+def _as_kind(model) -> str:
+    return "linen" if isinstance(model, nn.Module) else "nnx" if isinstance(
+        model, nnx.Module) else "function"
+
+
+def _names(structure, kind: str) -> list[str]:
+    """Each leaf's layer name (`trees.layer_name`; a linen kernel's ``params/`` left out)."""
+    tree = jax.tree.unflatten(structure, [0] * structure.num_leaves)
+    names = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = path_keys(path)
+        if kind == "linen" and keys[:1] == ("params",):
+            path = path[1:]
+        names.append(layer_name(path))
+    return names
+
+
+def _trace(apply, abstract_state, x) -> Program:
+    return Program(jax.make_jaxpr(apply)(abstract_state, x))
 
 
 @dataclasses.dataclass
 class CompactModel:
-    """A compacted network: call ``apply(images)``; `weights` counts what it stores."""
+    """A compacted model: call ``apply(inputs)``; `weights` counts the kernel entries it stores.
 
-    model: nn.Module
-    variables: Any  # the original variables; compacted layers never read theirs
+    Attributes:
+      layers: ``{kernel path: CompactLayer}`` for every linear map of the model.
+      stored: ``{leaf index: array}``: every other array of the model, as it was.
+    """
+
+    model: Any
     layers: dict[str, CompactLayer]
-    sliced: dict[str, dict]  # per-channel modules on a compacted path: {path: variables}
+    stored: dict[int, Any]
+    structure: Any  # the treedef of all the model's arrays
+    shapes: list  # jax.ShapeDtypeStruct of every leaf
     apply_kwargs: dict
+    _apply: Callable = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
-        self._apply = jax.jit(self._forward)
+        model = _as_model(self.model, jax.tree.unflatten(self.structure, self.shapes)
+                          if not isinstance(self.model, nnx.Module) else None,
+                          self.apply_kwargs) if self._apply is None else None
+        apply = self._apply or model.apply
+        self._apply = apply
+        paths = _names(self.structure, _as_kind(self.model))
+        layers, structure, shapes = self.layers, self.structure, self.shapes
 
-    def apply(self, images) -> jax.Array:
-        """The compact model's output for ``images``."""
-        return self._apply(images)
+        @jax.jit
+        def forward(stored, x):
+            abstract = jax.tree.unflatten(structure, shapes)
+            program = _trace(apply, abstract, x)
+            leaves = [stored.get(i, _ABSENT) for i in range(len(shapes))]
+            data = set(program.inputs[len(shapes):])
+            interpreter = _Interpreter(program, paths, data, layers)
+            missing = set(layers) - {path for path, _ in interpreter.maps.values()}
+            if missing:
+                raise ValueError(f"The compacted layers {sorted(missing)} are not linear maps "
+                                 f"of the model at input shape {np.shape(x)}.")
+            return interpreter.run([*leaves, *jax.tree.leaves(x)])[0]
 
-    def _forward(self, images):
-        def interceptor(next_fun, args, kwargs, context):
-            if context.method_name != "__call__":
-                return next_fun(*args, **kwargs)
-            path = "/".join(context.module.path)
-            if path in self.layers:
-                return _run_layer(context.module, self.layers[path], args[0])
-            if path in self.sliced:
-                return context.module.clone(parent=None).apply(self.sliced[path], *args,
-                                                               **kwargs)
-            return next_fun(*args, **kwargs)
+        self._forward = forward
 
-        with nn.intercept_methods(interceptor):
-            return self.model.apply(self.variables, images, **self.apply_kwargs)
+    def apply(self, inputs) -> jax.Array:
+        """The compact model's (first) output for ``inputs``."""
+        return self._forward({i: jnp.asarray(v) for i, v in self.stored.items()}, inputs)
 
     def weights(self) -> int:
         """Kernel entries the compact layers store (dense storage)."""
         return sum(int(np.size(layer.kernel)) for layer in self.layers.values())
 
 
-def _run_layer(module, layer: CompactLayer, x):
-    if layer.input_index is not None:
-        x = jnp.take(x, jnp.asarray(layer.input_index), axis=-1)
-    if isinstance(module, nn.Dense):
-        out = x @ layer.kernel
-        return out if layer.bias is None else out + layer.bias
-    params = {"kernel": layer.kernel}
-    if layer.bias is not None:
-        params["bias"] = layer.bias
-    adapter = adapter_for(module)
-    if not isinstance(module, nn.Conv) and getattr(adapter, "as_conv", None) is not None:
-        module = adapter.as_conv(module)  # e.g. the zoo's PatchConv: run XLA's convolution
-    if _row_matmul_applies(module, layer.kernel, x):
-        return _conv_as_row_matmul(module, layer.kernel, layer.bias, x)
-    probe = module.clone(parent=None, features=layer.kernel.shape[-1])
-    if hasattr(probe, "use_bias"):  # a consumer without bias may get one (carried constants)
-        probe = probe.clone(use_bias=layer.bias is not None)
-    return probe.apply({"params": params}, x)
-
-
-# Largest row-Toeplitz matrix (entries) `_conv_as_row_matmul` builds.
-_ROW_MATMUL_MAX_ENTRIES = 1 << 20
-
-
-def _row_matmul_applies(module, kernel, x) -> bool:
-    """Whether a conv runs as one matmul per output row: on CPU, for plain stride-1 2-D convs
-    with few input channels (≤ 8), where XLA's CPU convolution is slow (a 1-channel LeNet
-    conv takes about as long with 7 filters as with 32) and the Toeplitz matrix stays small."""
-    if jax.default_backend() != "cpu" or not isinstance(module, nn.Conv) or kernel.ndim != 4:
-        return False
-    ones = lambda value: all(v == 1 for v in np.atleast_1d(value or 1))  # noqa: E731
-    padding = module.padding if isinstance(module.padding, str) else None
-    if (padding not in ("VALID", "SAME") or not ones(module.strides)
-            or not ones(module.kernel_dilation) or not ones(module.input_dilation)
-            or module.feature_group_count != 1 or kernel.shape[2] > 8):
-        return False
-    kh, kw, cin, cout = kernel.shape
-    width = x.shape[2] + (kw - 1 if padding == "SAME" else 0)
-    return kh * width * cin * (width - kw + 1) * cout <= _ROW_MATMUL_MAX_ENTRIES
-
-
-def _conv_as_row_matmul(module, kernel, bias, x):
-    """A stride-1 2-D convolution as ``rows @ T``: each output row gathers the ``kh`` input rows
-    it reads, (N·H', kh·W·C), and T (kh·W·C, W'·O) is the kernel laid out as a block-Toeplitz
-    matrix, so the whole layer is one dense matmul. Same result as ``lax.conv`` up to float
-    summation order."""
-    kh, kw, cin, cout = kernel.shape
-    if module.padding == "SAME":
-        pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (1, 1), "SAME")
-        x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    n, height, width, _ = x.shape
-    out_h, out_w = height - kh + 1, width - kw + 1
-    toeplitz = np.zeros((kh, width, cin, out_w, cout), np.asarray(kernel).dtype)
-    for j in range(out_w):
-        toeplitz[:, j:j + kw, :, j, :] = kernel
-    rows = jnp.stack([x[:, a:a + out_h] for a in range(kh)], axis=2)  # (N, H', kh, W, C)
-    out = rows.reshape(n * out_h, kh * width * cin) @ toeplitz.reshape(-1, out_w * cout)
-    out = out.reshape(n, out_h, out_w, cout)
-    return out if bias is None else out + bias
-
-
-@dataclasses.dataclass
-class _Recording:
-    """One eager run of the model: per module path (call order, post-order), its first
-    positional input, its output, and whether it is a BatchNorm / holds params (its own or its
-    submodules')."""
-
-    inputs: dict
-    outputs: dict
-    batch_norm: dict
-    has_params: dict
-    output: Any
-
-
-def _record(model, variables, images, apply_kwargs, override=None) -> _Recording:
-    """Runs the model once, recording every module call, with module outputs optionally
-    replaced (``override``: {path: array})."""
-    rec = _Recording({}, {}, {}, {}, None)
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__":
-            path = "/".join(context.module.path)
-            if path and args and path not in rec.inputs:
-                rec.inputs[path], rec.outputs[path] = args[0], out
-                rec.batch_norm[path] = isinstance(context.module, nn.BatchNorm)
-                rec.has_params[path] = bool(context.module.variables.get("params"))
-            if override and path in override:
-                return override[path]
-        return out
-
-    with nn.intercept_methods(interceptor):
-        rec.output = model.apply(variables, images, **apply_kwargs)
-    return rec
-
-
-def compact(model: nn.Module, variables, sample, *, apply_kwargs: Mapping | None = None
+def compact(model, variables=None, sample=None, *, apply_kwargs: Mapping | None = None
             ) -> CompactModel:
-    """Removes dead and unread units of a pruned model (see the module docstring).
+    """Removes the units a pruned model computes for nothing (see the module docstring).
 
     Args:
-      model: the linen model.
-      variables: its (pruned) params tree, or the full variables dict.
-      sample: (B, ...) a few inputs (one is enough) to trace and probe the model with.
-      apply_kwargs: keyword arguments ``model.apply`` needs (e.g. ``{"train": False}``).
+      model: a linen module, an NNX module or a function ``apply(params, x)``.
+      variables: linen: the params or the full variables dict; NNX: None (the module's own
+        state) or its params ``State``; function: its params.
+      sample: (B, ...) a few inputs (one is enough) to trace the model with.
+      apply_kwargs: keyword arguments every call needs (e.g. ``{"train": False}``).
 
     Returns:
       A `CompactModel` whose ``apply`` equals the pruned model's output (up to float rounding).
     """
+    if sample is None:
+        raise ValueError("compact needs a sample input to trace the model with.")
     apply_kwargs = dict(apply_kwargs or {})
-    variables = flax.core.unfreeze(variables)
-    if not (isinstance(variables, Mapping) and "params" in variables):
-        variables = {"params": variables}
-    params = variables["params"]
+    spec = _as_model(model, variables, apply_kwargs)
+    flat, structure = jax.tree_util.tree_flatten_with_path(spec.state)
+    paths = _names(structure, spec.kind)
+    leaves = [leaf for _, leaf in flat]
     sample = jnp.asarray(sample)[:1]
-    found, shapes = find_layers(model, variables, sample, apply_kwargs)
-    order = list(found)
-    followers = graph.followers(model, variables, sample, apply_kwargs, shapes)
-    clean = _record(model, variables, sample, apply_kwargs)
+    program = Program(jax.make_jaxpr(spec.apply)(spec.state, sample))
+    data = set(program.inputs[len(leaves):])
+    located, _ = locate(program, len(leaves))
+    kernels = {paths[leaf]: (leaf, where) for leaf, where in located.items()}
 
-    def compactable(path):
-        layer = found[path]
-        return (layer.calls == 1 and type(layer.adapter) in (DenseAdapter, ConvAdapter)
-                and int(getattr(layer.module, "feature_group_count", 1) or 1) == 1)
+    def plan(removals):
+        plans: dict[str, CompactLayer] = {}
+        interpreter = _Interpreter(program, paths, data, plans, removals)
+        with jax.default_matmul_precision("highest"):
+            interpreter.run([*leaves, sample])
+        return plans, interpreter.events
 
-    matrices = {p: layer.adapter.matrix(layer.module, layer_variables(params, p))
-                for p, layer in found.items() if compactable(p)}
-    removed: dict[str, np.ndarray] = {}     # producer -> removed output units
-    dropped_features: dict[str, np.ndarray] = {}  # consumer -> removed input features
-    bias_shift: dict[str, np.ndarray] = {}
-    sliced: dict[str, dict] = {}
-    for producer in order:
-        if producer not in matrices or followers[producer].program != "relu":
+    # First the dead units (a zero kernel column: exact constants); then, where a producer's
+    # units never come back to full width, also those no consumer reads.
+    dead = {}
+    for path, (leaf, where) in kernels.items():
+        position = 0 if where.op.inputs[0] != where.data else 1
+        _, out_axis = _axes(where.op, position, program)
+        if out_axis is None:
             continue
-        plan = _plan_removal(model, variables, sample, apply_kwargs, producer, found, order,
-                             clean, matrices, followers[producer])
-        if plan is None:
-            continue
-        units, consumer, features_of, between, shift = plan
-        if len(units) == 0:
-            continue
-        removed[producer] = units
-        dropped_features[consumer] = np.concatenate([features_of[u] for u in units])
-        bias_shift[consumer] = bias_shift.get(consumer, 0) + shift
-        keep = np.setdiff1d(np.arange(matrices[producer].shape[1]), units)
-        for module_path in between:
-            sliced[module_path] = _slice_channels(variables, module_path, keep)
-
-    layers = {}
-    for path in matrices:
-        p = layer_variables(params, path)
-        kernel = np.asarray(p["kernel"])
-        bias = None if p.get("bias") is None else np.asarray(p["bias"], np.float64)
-        if path in bias_shift:
-            bias = (0.0 if bias is None else bias) + bias_shift[path]
-        outputs = np.setdiff1d(np.arange(kernel.shape[-1]), removed.get(path, []))
-        in_axis = kernel.ndim - 2  # Dense: rows; conv: input channels
-        # The features the layer receives at run time (its producer's removed units gone, in
-        # order), and among them those its kernel reads.
-        upstream = np.setdiff1d(np.arange(np.shape(clean.inputs[path])[-1]),
-                                dropped_features.get(path, []))
-        kernel = np.take(kernel, upstream, axis=in_axis)
-        other_axes = tuple(a for a in range(kernel.ndim) if a != in_axis)
-        read = np.flatnonzero(np.any(kernel != 0, axis=other_axes))
-        if len(read) == 0:
-            read = np.array([0])  # keep one (zero) input so the layer still has a shape
-        kernel = np.take(kernel, read, axis=in_axis)[..., outputs]
-        layers[path] = CompactLayer(
-            kernel=kernel.astype(np.asarray(p["kernel"]).dtype),
-            bias=None if bias is None else bias[outputs].astype(np.float32),
-            input_index=None if len(read) == len(upstream) else read, output_index=outputs)
-    return CompactModel(model=model, variables=variables, layers=layers, sliced=sliced,
-                        apply_kwargs=apply_kwargs)
+        operand = _operand(program, where, position, leaves)
+        columns = np.any(np.moveaxis(operand, out_axis, -1).reshape(-1, operand.shape[out_axis])
+                         != 0, axis=0)
+        dead[path] = np.flatnonzero(~columns)
+    removals = {p: (units, np.array([], int)) for p, units in dead.items()}
+    plans, events = plan(removals)
+    candidates = {source: units for source, units in events.unread.items()
+                  if source not in events.widened and units}
+    while candidates:
+        trial = dict(removals)
+        for source, units in candidates.items():
+            unknown = np.array(sorted(set(units) - set(dead[source].tolist())), int)
+            trial[source] = (np.union1d(dead[source], unknown), unknown)
+        plans, events = plan(trial)
+        failed = {s for s in candidates if s in events.widened}
+        if not failed:
+            break
+        candidates = {s: u for s, u in candidates.items() if s not in failed}
+        if not candidates:
+            plans, _ = plan(removals)
+    compacted = {kernels[path][0] for path in plans}
+    stored = {i: leaf for i, leaf in enumerate(leaves) if i not in compacted}
+    shapes = [jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype) for x in leaves]
+    return CompactModel(model=model, layers=plans, stored=stored, structure=structure,
+                        shapes=shapes, apply_kwargs=apply_kwargs, _apply=spec.apply)
 
 
-def _slice_channels(variables, path, keep):
-    """The variables of a per-channel module (BatchNorm) restricted to channels ``keep``."""
-    out = {}
-    for collection, tree in variables.items():
-        try:
-            node = layer_variables(tree, path)
-        except (KeyError, TypeError):
-            continue
-        out[collection] = jax.tree.map(lambda a: np.asarray(a)[..., keep], node)
-    return out
+def _operand(program: Program, where, position: int, leaves) -> np.ndarray:
+    """The kernel as the contraction consumes it (the leaf through its layout ops)."""
+    value = leaves[program.inputs.index(where.chain[0].inputs[0])] if where.chain else None
+    if value is None:
+        value = leaves[program.inputs.index(where.op.inputs[position])]
+    value = np.asarray(value)
+    for op in where.chain:
+        value = np.asarray(_bind(op, [value])[0])
+    return value
 
 
-def _plan_removal(model, variables, sample, apply_kwargs, producer, found, order,
-                  clean: _Recording, matrices, follower):
-    """Which units of ``producer`` can go, its consumer, the consumer input features each unit
-    feeds, the per-channel modules in between, and the consumer's bias shift; None when the
-    producer's units cannot be removed safely."""
-    width = matrices[producer].shape[1]
-    z = clean.outputs[producer]
-    probe = jnp.repeat(z, width, axis=0)
-    # Example u carries an infinity in unit u, signed so that the folded affine map before the
-    # ReLU keeps it +inf: ReLU, max/avg pooling and flatten then keep it in u's features (a NaN
-    # would be dropped by max pooling).
-    marker = jnp.where(follower.scale < 0, -jnp.inf, jnp.inf)
-    hot = jnp.eye(width, dtype=bool).reshape((width,) + (1,) * (z.ndim - 2) + (width,))
-    probe = jnp.where(hot, marker, probe)
-    batch = jnp.repeat(sample, width, axis=0)
-    inputs = _record(model, variables, batch, apply_kwargs, {producer: probe}).inputs
-    later = order[order.index(producer) + 1:]
-    consumer = next((m for m in later if not bool(jnp.all(jnp.isfinite(inputs[m])))), None)
-    if consumer is None or consumer not in matrices:
-        return None
-    # The consumer must be the only way the producer reaches anything: with the consumer's
-    # output replaced by its clean value (the batch repeats the sample, so that value is the
-    # sample's), nothing non-finite may remain downstream.
-    clean_consumer = jnp.repeat(clean.outputs[consumer], width, axis=0)
-    rest = _record(model, variables, batch, apply_kwargs,
-                   {producer: probe, consumer: clean_consumer})
-    if not bool(jnp.all(jnp.isfinite(rest.output))) or any(
-            not bool(jnp.all(jnp.isfinite(rest.inputs[m]))) for m in later if m != consumer):
-        return None
-    call_order = list(clean.inputs)
-    start, stop = call_order.index(producer), call_order.index(consumer)
-    between = [m for m in call_order[start + 1:stop]
-               if not consumer.startswith(m) and not bool(jnp.all(jnp.isfinite(inputs[m])))]
-    if any(clean.has_params[m] and not clean.batch_norm[m] for m in between):
-        return None
-    consumer_in = np.asarray(inputs[consumer])
-    spatial = tuple(range(1, consumer_in.ndim - 1))
-    marked = ~np.isfinite(consumer_in)
-    touched = marked.any(axis=spatial) if spatial else marked
-    if np.any(touched.sum(axis=0) > 1):
-        return None  # an op in between mixes units: a feature is no longer one unit's
-    features_of = [np.flatnonzero(touched[u]) for u in range(width)]
-    consumer_matrix = matrices[consumer]
-    consumer_layer = found[consumer]
-    consumer_params = layer_variables(variables["params"], consumer)
-    consumer_kernel = np.asarray(consumer_params["kernel"])
-    in_axis = consumer_kernel.ndim - 2
-    dead = ~np.any(matrices[producer] != 0, axis=0)
-    constants = np.asarray(clean.inputs[consumer])
-    units, shift = [], np.zeros(consumer_kernel.shape[-1])
-    for u in range(width):
-        rows = features_of[u]
-        if len(rows) == 0:
-            continue
-        unread = not np.any(np.take(consumer_kernel, rows, axis=in_axis))
-        if unread:
-            units.append(u)
-            continue
-        if not dead[u]:
-            continue
-        values = constants[..., rows].reshape(-1, len(rows))
-        if np.all(values == 0):
-            units.append(u)
-            continue
-        if isinstance(consumer_layer.module, nn.Dense):
-            shift += values[0] @ consumer_matrix[rows]
-            units.append(u)
-        elif _valid_conv(consumer_layer.module) and np.all(values == values.flat[0]):
-            # A VALID window always lies inside the input: each output position sees this
-            # constant channel through every tap of the kernel.
-            taps = np.take(consumer_kernel, rows, axis=in_axis)
-            shift += float(values.flat[0]) * taps.reshape(-1, taps.shape[-1]).sum(axis=0)
-            units.append(u)
-    return np.array(units, int), consumer, features_of, between, shift
+# -- saving -----------------------------------------------------------------------------------
 
-
-def _valid_conv(module) -> bool:
-    padding = getattr(module, "padding", "VALID")
-    dilated = any(d != 1 for d in np.atleast_1d(getattr(module, "input_dilation", None) or 1))
-    if isinstance(padding, str):
-        return padding.upper() == "VALID" and not dilated
-    return all(p == (0, 0) or p == 0 for p in np.atleast_1d(padding)) and not dilated
-
-
-_FORMAT = 2
-
-
-def _without(variables, paths) -> dict:
-    """``variables`` with the subtrees at module ``paths`` removed (compacted layers never read
-    theirs, so the compact model need not store them)."""
-    def prune(tree, prefix):
-        out = {}
-        for key, value in tree.items():
-            path = f"{prefix}/{key}" if prefix else key
-            if path in paths:
-                continue
-            out[key] = prune(value, path) if isinstance(value, Mapping) else value
-        return out
-    return {c: prune(tree, "") for c, tree in variables.items()}
-
-
-def _flat(tree, prefix=""):
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            yield from _flat(value, path)
-        else:
-            yield path, np.asarray(value)
-
-
-def _unflat(items) -> dict:
-    tree: dict = {}
-    for path, value in items:
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
+_FORMAT = 3
 
 
 def save_compact(directory, compacted: CompactModel) -> pathlib.Path:
@@ -412,10 +753,19 @@ def save_compact(directory, compacted: CompactModel) -> pathlib.Path:
     ``compact.json``. The model itself is code: pass it to `load_compact`."""
     path = pathlib.Path(directory).expanduser().absolute()
     path.mkdir(parents=True, exist_ok=True)
-    arrays, meta = {}, {"format": _FORMAT, "layers": {}, "sliced": sorted(compacted.sliced),
-                        "apply_kwargs": compacted.apply_kwargs}
-    for name, layer in compacted.layers.items():
-        key = f"layer|{name}"
+    arrays = {}
+    meta = {"format": _FORMAT, "layers": {}, "apply_kwargs": compacted.apply_kwargs,
+            "leaves": [], "paths": _leaf_paths(compacted)}
+    for index, shape in enumerate(compacted.shapes):
+        key_typed = jax.dtypes.issubdtype(shape.dtype, jax.dtypes.prng_key)
+        meta["leaves"].append({"shape": list(shape.shape), "key": bool(key_typed),
+                               "dtype": str(shape.dtype), "stored": index in compacted.stored})
+        if index in compacted.stored:
+            value = compacted.stored[index]
+            arrays[f"leaf|{index}"] = np.asarray(jax.random.key_data(value) if key_typed
+                                                 else value)
+    for number, (name, layer) in enumerate(compacted.layers.items()):
+        key = f"layer|{number}"
         kernel = np.asarray(layer.kernel)
         nonzero = kernel.reshape(-1) != 0
         # One bit per entry against the bytes of the zeros it saves.
@@ -425,26 +775,28 @@ def save_compact(directory, compacted: CompactModel) -> pathlib.Path:
             arrays[f"{key}|kernel_values"] = kernel.reshape(-1)[nonzero]
         else:
             arrays[f"{key}|kernel"] = kernel
-        if layer.bias is not None:
-            arrays[f"{key}|bias"] = np.asarray(layer.bias)
-        if layer.input_index is not None:
-            arrays[f"{key}|input_index"] = np.asarray(layer.input_index, np.int32)
-        arrays[f"{key}|output_index"] = np.asarray(layer.output_index, np.int32)
-        meta["layers"][name] = {"shape": list(kernel.shape), "dtype": str(kernel.dtype),
-                                "sparse": bool(sparse)}
-    for module, variables in compacted.sliced.items():
-        for leaf, value in _flat(variables):
-            arrays[f"sliced|{module}|{leaf}"] = value
-    rest = _without(compacted.variables, set(compacted.layers) | set(compacted.sliced))
-    for leaf, value in _flat(rest):
-        arrays[f"rest|{leaf}"] = value
+        for field in ("shift", "input_index", "output_index", "output_fill"):
+            value = getattr(layer, field)
+            if value is not None:
+                arrays[f"{key}|{field}"] = np.asarray(value)
+        meta["layers"][name] = {"number": number, "shape": list(kernel.shape),
+                                "dtype": str(kernel.dtype), "sparse": bool(sparse),
+                                "width": layer.width}
     np.savez_compressed(path / "compact.npz", **arrays)
     (path / "compact.json").write_text(json.dumps(meta, indent=1))
     return path
 
 
-def load_compact(directory, model: nn.Module) -> CompactModel:
-    """The `CompactModel` `save_compact` wrote, for ``model`` (the same module definition)."""
+def _leaf_paths(compacted: CompactModel) -> list[str]:
+    tree = jax.tree.unflatten(compacted.structure, compacted.shapes)
+    return ["/".join(path_keys(p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def load_compact(directory, model, variables=None) -> CompactModel:
+    """The `CompactModel` `save_compact` wrote, for ``model`` (the same definition: a linen
+    module, an NNX module — its structure is used, not its values — or a function; a function
+    whose params are not nested dicts also needs ``variables``, any params of the same
+    structure)."""
     path = pathlib.Path(directory).expanduser().absolute()
     if not (path / "compact.json").is_file() or not (path / "compact.npz").is_file():
         raise FileNotFoundError(f"No compact model in {path} (compact.json and compact.npz).")
@@ -454,12 +806,42 @@ def load_compact(directory, model: nn.Module) -> CompactModel:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError) as error:
         raise ValueError(f"The compact model in {path} is damaged: {error}") from error
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path} holds compact format {meta.get('format')}, this hoyertrim "
-                         f"reads {_FORMAT}.")
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path} holds compact format {found}, this hoyertrim reads "
+                         f"{_FORMAT}; run `hoyertrim compact` again on its parent stage.")
+    try:
+        return _rebuild(meta, arrays, model, variables)
+    except (KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"The compact model in {path} is damaged or was written for another "
+                         f"model: {type(error).__name__}: {error}") from error
+
+
+def _rebuild(meta, arrays, model, variables) -> CompactModel:
+    shapes, stored = [], {}
+    for index, info in enumerate(meta["leaves"]):
+        if info["key"]:
+            value = jax.random.wrap_key_data(arrays[f"leaf|{index}"]) if info["stored"] else None
+            dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+        else:
+            value = arrays.get(f"leaf|{index}")
+            dtype = np.dtype(info["dtype"])
+        shapes.append(jax.ShapeDtypeStruct(tuple(info["shape"]), dtype))
+        if info["stored"]:
+            stored[index] = value
+    apply_kwargs = meta["apply_kwargs"]
+    if isinstance(model, nnx.Module):
+        structure = jax.tree.structure(_as_model(model, None, apply_kwargs).state)
+    elif variables is not None and not isinstance(model, nn.Module):
+        structure = jax.tree.structure(variables)
+    else:
+        structure = jax.tree.structure(_nested(meta["paths"], shapes))
+    if structure.num_leaves != len(shapes):
+        raise ValueError(f"the model has {structure.num_leaves} arrays, the file "
+                         f"{len(shapes)}")
     layers = {}
     for name, info in meta["layers"].items():
-        key = f"layer|{name}"
+        key = f"layer|{info['number']}"
         if info["sparse"]:
             size = int(np.prod(info["shape"]))
             kernel = np.zeros(size, info["dtype"])
@@ -468,11 +850,21 @@ def load_compact(directory, model: nn.Module) -> CompactModel:
             kernel = kernel.reshape(info["shape"])
         else:
             kernel = arrays[f"{key}|kernel"]
-        layers[name] = CompactLayer(kernel=kernel, bias=arrays.get(f"{key}|bias"),
+        layers[name] = CompactLayer(kernel=kernel, shift=arrays.get(f"{key}|shift"),
                                     input_index=arrays.get(f"{key}|input_index"),
-                                    output_index=arrays[f"{key}|output_index"])
-    sliced = {m: _unflat((k.split("|", 2)[2], v) for k, v in arrays.items()
-                         if k.startswith(f"sliced|{m}|")) for m in meta["sliced"]}
-    rest = _unflat((k.split("|", 1)[1], v) for k, v in arrays.items() if k.startswith("rest|"))
-    return CompactModel(model=model, variables=rest, layers=layers, sliced=sliced,
-                        apply_kwargs=meta["apply_kwargs"])
+                                    output_index=arrays.get(f"{key}|output_index"),
+                                    output_fill=arrays.get(f"{key}|output_fill"),
+                                    width=info["width"])
+    return CompactModel(model=model, layers=layers, stored=stored, structure=structure,
+                        shapes=shapes, apply_kwargs=apply_kwargs)
+
+
+def _nested(paths: list[str], leaves: list) -> dict:
+    tree: dict = {}
+    for path, leaf in zip(paths, leaves):
+        *parents, name = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[name] = leaf
+    return tree

@@ -15,8 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hoyertrim.nettrim import adapters as nettrim_adapters
-
 
 def _check_input(x: jax.Array, expected: tuple[int, ...], model: str) -> None:
     """Raises a clear ValueError when ``x`` is not a batch of ``expected``-shaped images."""
@@ -75,14 +73,6 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     if height % 2 or width % 2:
         raise ValueError(f"max_pool_2x2 needs even height and width, got {x.shape}.")
     return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
-
-
-# Net-Trim prunes PatchConv like the nn.Conv it stands for, through its own patches.
-nettrim_adapters.register_adapter(
-    PatchConv, nettrim_adapters.ConvAdapter(
-        patches=lambda module, images: image_patches(images, tuple(module.kernel_size)),
-        as_conv=lambda module: nn.Conv(module.features, tuple(module.kernel_size),
-                                       padding="VALID")))
 
 
 class MLP(nn.Module):

@@ -419,3 +419,81 @@ def test_gradual_with_the_window_to_the_end_still_reaches_its_sparsity(chain, ti
         pipeline.gradual(chain / "dense", chain / "gradual_short", sparsity=0.5, epochs=1,
                          updates_per_epoch=1, data_dir=tiny_data_root)
     assert not (chain / "gradual_short").exists()
+
+
+NNX_MODEL = textwrap.dedent("""
+    from flax import nnx
+
+    class NnxCNN(nnx.Module):  # Flax's NNX MNIST style: BatchNorm and Dropout, rngs
+        def __init__(self, width: int = 4, *, rngs: nnx.Rngs):
+            self.conv = nnx.Conv(1, width, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(width, rngs=rngs)
+            self.hidden = nnx.Linear(width * 14 * 14, 32, rngs=rngs)
+            self.dropout = nnx.Dropout(0.1, rngs=rngs)
+            self.out = nnx.Linear(32, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.max_pool(nnx.relu(self.bn(self.conv(x))), (2, 2), (2, 2))
+            x = self.dropout(nnx.relu(self.hidden(x.reshape(x.shape[0], -1))))
+            return self.out(x)
+    """)
+
+
+@pytest.mark.slow
+def test_nnx_model_from_the_users_file_through_the_whole_chain(tmp_path, capsys,
+                                                               tiny_data_root):
+    from flax import nnx
+    (tmp_path / "nnx_models.py").write_text(NNX_MODEL)
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    spec = f"{tmp_path / 'nnx_models.py'}:NnxCNN"
+    assert cli.main(["train", "--model", spec, "--model-kwargs", '{"width": 6}', "--epochs", "3",
+                     "--learning-rate", "3e-3", "--out", str(tmp_path / "dense"), *data]) == 0
+    assert cli.main(["nettrim", str(tmp_path / "dense"), "--epsilon", "0.1", "--samples", "600",
+                     "--heldout", "200", "--out", str(tmp_path / "trimmed"), *data]) == 0
+    assert cli.main(["compact", str(tmp_path / "trimmed"), "--out", str(tmp_path / "small"),
+                     *data]) == 0
+    status, out, _ = run(capsys, "evaluate", str(tmp_path / "small"), *data)
+    assert status == 0 and "test accuracy" in out
+    dense = pipeline.read_manifest(tmp_path / "dense")
+    trimmed = pipeline.read_manifest(tmp_path / "trimmed")
+    small = pipeline.read_manifest(tmp_path / "small")
+    assert dense["results"]["val_accuracy"] > 0.9
+    assert set(trimmed["results"]["layers"]) == {"conv", "hidden", "out"}
+    for layer in trimmed["results"]["layers"].values():
+        assert layer["measured"] <= layer["epsilon"]
+    assert trimmed["results"]["layers"]["conv"]["program"] == "relu"  # through BatchNorm
+    assert small["results"]["max_logit_difference"] < 1e-4
+    assert small["results"]["weights_stored"] < sum(
+        l["weights"] for l in trimmed["results"]["sparsity"]["layers"])
+    # The user gets their own NNX module back, in training mode, with the pruned weights.
+    loaded = hoyertrim.load(tmp_path / "trimmed")
+    module = loaded.nnx_module()
+    assert type(module).__name__ == "NnxCNN" and not module.bn.use_running_average
+    test = load_dataset("mnist", tiny_data_root).test
+    eval_module = nnx.view(module, use_running_average=True, deterministic=True)
+    np.testing.assert_allclose(eval_module(test.images[:64]), loaded.predict(test.images[:64]),
+                               rtol=1e-5, atol=1e-5)
+    kept = np.count_nonzero(module.hidden.kernel[...])
+    assert kept == trimmed["results"]["layers"]["hidden"]["kept_weights"]
+    small_loaded = hoyertrim.load(tmp_path / "small")
+    np.testing.assert_allclose(small_loaded.predict(test.images[:64]),
+                               loaded.predict(test.images[:64]), rtol=1e-4, atol=1e-4)
+
+
+def test_nnx_state_saved_with_orbax_is_imported(tmp_path, tiny_data_root):
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    (tmp_path / "nnx_models.py").write_text(NNX_MODEL)
+    spec = f"{tmp_path / 'nnx_models.py'}:NnxCNN"
+    model = pipeline.resolve_model(spec, {"width": 5}).build(nnx.Rngs(3))
+    model.bn.mean[...] = 0.25  # statistics must land in batch_stats, not params
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(tmp_path / "state", nnx.state(model))
+    assert cli.main(["import", str(tmp_path / "state"), "--model", spec, "--model-kwargs",
+                     '{"width": 5}', "--out", str(tmp_path / "imported"), "--data-dir",
+                     str(tiny_data_root), "--no-progress"]) == 0
+    loaded = hoyertrim.load(tmp_path / "imported")
+    assert float(loaded.model_state["batch_stats"]["bn"]["mean"][0]) == 0.25
+    images = load_dataset("mnist", tiny_data_root).test.images[:16]
+    expected = nnx.view(model, use_running_average=True, deterministic=True)(images)
+    np.testing.assert_allclose(loaded.predict(images), expected, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ import pytest
 
 from examples import user_models as um
 from hoyertrim import compact as compact_lib
+from hoyertrim.inspection.program import Program
 from hoyertrim.models import LeNet5, MLP
 
 
@@ -61,11 +62,12 @@ def test_cnn_with_valid_convs_and_pooling():
     compacted = _check(model, params, images)
     assert compacted.layers["Conv_0"].kernel.shape[-1] == 6
     assert compacted.layers["Conv_1"].kernel.shape[-2:] == (6, 13)
+    assert compacted.layers["Conv_1"].shift is not None  # Conv_0's constants, through every tap
     assert compacted.layers["Dense_0"].kernel.shape[0] == 13  # 1x1 positions after Conv_1
 
 
 @pytest.mark.slow
-def test_batchnorm_between_layers_is_sliced_and_same_padding_keeps_nonzero_constants(tmp_path):
+def test_batchnorm_between_layers_runs_narrow_and_same_padding_keeps_nonzero_constants(tmp_path):
     model = um.ConvBatchNormCNN(widths=(6, 8), hidden=16)
     images = jax.random.uniform(jax.random.PRNGKey(1), (16, 8, 8, 1))
     variables = model.init(jax.random.PRNGKey(0), images[:1], train=False)
@@ -76,9 +78,10 @@ def test_batchnorm_between_layers_is_sliced_and_same_padding_keeps_nonzero_const
     params["BatchNorm_0"]["bias"][2] = 0.7         # a nonzero constant before SAME padding: kept
     variables["batch_stats"]["BatchNorm_0"]["mean"] += 0.1
     compacted = _check(model, variables, images, {"train": False})
-    assert list(compacted.layers["Conv_0"].output_index) == [2, 3, 4, 5]
-    assert compacted.layers["Conv_1"].kernel.shape[-2] == 4
-    assert "BatchNorm_0" in compacted.sliced
+    # Conv_0's units 0-2 are not computed; 0 and 1 are 0 after BatchNorm and ReLU and go, but
+    # SAME padding would see unit 2's constant 0.7 as 0 at the borders: Conv_1 keeps reading it.
+    assert list(compacted.layers["Conv_0"].output_index) == [3, 4, 5]
+    assert list(compacted.layers["Conv_1"].input_index) == [2, 3, 4, 5]
     loaded = compact_lib.load_compact(compact_lib.save_compact(tmp_path / "c", compacted), model)
     np.testing.assert_allclose(loaded.apply(images), compacted.apply(images), rtol=1e-6,
                                atol=1e-6)
@@ -94,19 +97,20 @@ def test_lenet5_group_sparse_filters():
     params = _kill(params, "dense0", outputs=range(400), bias=-0.1)
     compacted = _check(model, params, images, fewer_than=431080 // 10)
     # conv0: 12 dead filters, and 12-13 no longer read by conv1; dense0: 14 filters × 4×4
-    assert compacted.layers["conv0"].kernel.shape == (5, 5, 1, 6)
-    assert compacted.layers["conv1"].kernel.shape == (5, 5, 6, 14)
+    # (PatchConv's kernels as its contraction reads them: (window · channels, filters))
+    assert compacted.layers["conv0"].kernel.shape == (25, 6)
+    assert compacted.layers["conv1"].kernel.shape == (25 * 6, 14)
     assert compacted.layers["dense0"].kernel.shape == (14 * 16, 100)
 
 
 @pytest.mark.slow
-def test_residual_branch_is_left_whole():
+def test_dead_units_feeding_a_residual_add_are_filled_back_in():
     model = um.ResidualMLP()
     images = jax.random.uniform(jax.random.PRNGKey(1), (16, 6, 6, 1))
     params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
     params = _kill(params, "Dense_0", outputs=(0, 1), bias=0.2)  # feeds Dense_1 and the skip
     compacted = _check(model, params, images)
-    assert compacted.layers["Dense_0"].kernel.shape[-1] == 24
+    assert compacted.layers["Dense_0"].kernel.shape[-1] == 22
 
 
 @pytest.mark.slow
@@ -141,13 +145,19 @@ class _MixingMLP(nn.Module):
         return nn.Dense(4)(x)
 
 
-def test_units_mixed_before_their_consumer_are_left_whole():
+def test_units_mixed_before_their_consumer_are_computed_or_filled_in():
     model = _MixingMLP()
     images = jax.random.uniform(jax.random.PRNGKey(1), (16, 6, 6, 1))
     params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
     params = _kill(params, "Dense_0", outputs=(0, 1), bias=0.3)  # constant, but mixed with 11, 10
     compacted = _check(model, params, images)
-    assert compacted.layers["Dense_0"].kernel.shape[-1] == 12
+    assert compacted.layers["Dense_0"].kernel.shape[-1] == 10  # the dead units' constants
+    assert compacted.layers["Dense_1"].input_index is None     # are filled back in
+
+def _conv_op(module, x):
+    variables = module.init(jax.random.PRNGKey(0), x)
+    program = Program(jax.make_jaxpr(lambda v, x: module.apply(v, x))(variables, x))
+    return next(op for op in program.ops if op.name == "conv_general_dilated")
 
 
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
@@ -157,23 +167,23 @@ def test_small_channel_conv_as_row_matmul_equals_xla_conv(padding, cin, cout, ke
                                                           shape):
     from hoyertrim.compact import _conv_as_row_matmul, _row_matmul_applies
     rng = np.random.default_rng(cin + cout)
-    module = nn.Conv(cout, kernel_size, padding=padding)
+    module = nn.Conv(cout, kernel_size, padding=padding, use_bias=False)
     x = jnp.asarray(rng.normal(size=(3, *shape, cin)), jnp.float32)
     kernel = rng.normal(size=(*kernel_size, cin, cout)).astype(np.float32)
-    bias = rng.normal(size=cout).astype(np.float32)
-    expected = module.apply({"params": {"kernel": kernel, "bias": bias}}, x)
-    assert _row_matmul_applies(module, kernel, x)
-    np.testing.assert_allclose(_conv_as_row_matmul(module, kernel, bias, x), expected,
-                               rtol=1e-5, atol=1e-5)
+    expected = module.apply({"params": {"kernel": kernel}}, x)
+    op = _conv_op(module, x)
+    assert _row_matmul_applies(op, kernel, x)
+    np.testing.assert_allclose(_conv_as_row_matmul(op, kernel, x), expected, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_row_matmul_is_only_used_where_it_is_exact():
     from hoyertrim.compact import _row_matmul_applies
     x = jnp.zeros((1, 8, 8, 2))
     kernel = np.zeros((3, 3, 2, 4), np.float32)
-    assert not _row_matmul_applies(nn.Conv(4, (3, 3), strides=2), kernel, x)
-    assert not _row_matmul_applies(nn.Conv(4, (3, 3), kernel_dilation=2), kernel, x)
-    assert not _row_matmul_applies(nn.Conv(4, (3, 3), padding="CIRCULAR"), kernel, x)
-    assert not _row_matmul_applies(nn.Conv(4, (3, 3), padding=((1, 1), (1, 1))), kernel, x)
-    assert not _row_matmul_applies(nn.Conv(4, (3, 3)), np.zeros((3, 3, 9, 4)),
-                                   jnp.zeros((1, 8, 8, 9)))  # many input channels: XLA's conv
+    for module in (nn.Conv(4, (3, 3), strides=2), nn.Conv(4, (3, 3), kernel_dilation=2),
+                   nn.Conv(4, (3, 3), feature_group_count=2)):
+        assert not _row_matmul_applies(_conv_op(module, x), kernel, x)
+    wide = jnp.zeros((1, 8, 8, 9))
+    assert not _row_matmul_applies(_conv_op(nn.Conv(4, (3, 3)), wide), np.zeros((3, 3, 9, 4)),
+                                   wide)  # many input channels: XLA's conv

@@ -271,3 +271,67 @@ def test_peers_at_half_and_two_four(name, solver):
         with pytest.raises(ValueError, match="not a multiple of M = 4"):
             nettrim.prune_network(model, variables, inputs, kept_fraction=0.5, nm=(2, 4),
                                   solver=layer_solver, heldout=0, progress=False)
+
+
+# (producer, consumer, width, dead units (zero kernel columns, a bias of 0.2 kept: a non-zero
+# constant carried on), units the consumer no longer reads)
+_COMPACT = {
+    "nnx_mlp": ("hidden", "out", 24, range(0, 8), (10, 11)),
+    "nnx_cnn": ("linear1", "linear2", 16, range(0, 5), (6,)),
+    "nnx_vit": ("blocks/0/fc1", "blocks/0/fc2", 32, range(0, 10), (12, 13)),
+    "linen_vit": ("fc1", "fc2", 32, range(0, 10), (12, 13)),
+    "decoder": ("mlp_in", "mlp_out", 32, range(0, 10), (12, 13)),
+    "function": ("w1", "w2", 24, range(0, 8), (10, 11)),
+}
+
+
+def _with_units_killed(name, model, variables):
+    """The model's params with whole producer columns zeroed (their bias set to 0.2) and
+    consumer rows zeroed, as structured pruning leaves them; (model, variables) back."""
+    producer, consumer, _, dead, unread = _COMPACT[name]
+    params = jax.tree.map(np.array, _params(model, variables))
+
+    def edit(path, leaf):
+        key = path_string(path)
+        if key in (f"{producer}/kernel", producer):
+            leaf[..., list(dead)] = 0
+        elif key in (f"{producer}/bias", "b" + producer[1:]):
+            leaf[list(dead)] = 0.2
+        elif key in (f"{consumer}/kernel", consumer):
+            leaf[list(unread)] = 0
+        return leaf
+
+    params = jax.tree_util.tree_map_with_path(edit, params)
+    if isinstance(model, nnx.Module):
+        model = nnx.merge(*nnx.split(model, nnx.Param, ...)[:1], params,
+                          nnx.split(model, nnx.Param, ...)[2])
+        return model, None
+    return model, params
+
+
+def _outputs(model, variables, inputs):
+    if isinstance(model, nnx.Module):
+        return nnx.view(model, **_flags(model))(inputs) if _flags(model) else model(inputs)
+    if isinstance(model, nn.Module):
+        return model.apply({"params": variables}, inputs)
+    return model(variables, inputs)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in ("nnx_vit", "function")
+                                               else pytest.mark.slow) for n in MODELS])
+def test_compaction_removes_dead_and_unread_units_with_equal_outputs(name, tmp_path):
+    from hoyertrim import compact as compact_lib
+    model, variables, inputs, _, _, _ = _build(name)
+    model, variables = _with_units_killed(name, model, variables)
+    producer, consumer, width, dead, unread = _COMPACT[name]
+    compacted = compact_lib.compact(model, variables, inputs[:1])
+    expected = _outputs(model, variables, inputs)
+    np.testing.assert_allclose(compacted.apply(inputs), expected, rtol=1e-5, atol=1e-5)
+    kept = compacted.layers[producer].output_index
+    assert len(kept) == width - len(dead) - len(unread)
+    assert not set(kept.tolist()) & (set(dead) | set(unread))
+    assert compacted.layers[consumer].shift is not None  # the dead units' gelu/relu(0.2)
+    loaded = compact_lib.load_compact(compact_lib.save_compact(tmp_path / "c", compacted),
+                                      model, None if isinstance(model, nnx.Module) else
+                                      variables)
+    np.testing.assert_allclose(loaded.apply(inputs), expected, rtol=1e-5, atol=1e-5)

@@ -5,13 +5,15 @@ Modules, bottom to top:
   computation   any model as ``apply(params, x)`` with its params in the user's kind of tree
   linear_maps   every contraction with a parameter as ``z = rows(x) @ U + b``; what is refused
   graph         what follows a map's output (ReLU after folded affine steps, or not)
-  layers        `inspect_model`, the `Recorder` of each map's signals, `contraction_filter`
+  layers        `inspect_model`, `record_maps`, the `Recorder` of each map's signals,
+                `contraction_filter`
 """
 
 from hoyertrim.inspection.computation import Computation, as_computation
 from hoyertrim.inspection.graph import Follower
-from hoyertrim.inspection.layers import Inspection, Recorder, contraction_filter, inspect_model
+from hoyertrim.inspection.layers import Inspection, Recorder, contraction_filter, inspect_model, \
+    record_maps
 from hoyertrim.inspection.linear_maps import LinearMap, Refusal, select_maps
 
 __all__ = ["Computation", "Follower", "Inspection", "LinearMap", "Recorder", "Refusal",
-           "as_computation", "contraction_filter", "inspect_model", "select_maps"]
+           "as_computation", "contraction_filter", "inspect_model", "record_maps", "select_maps"]

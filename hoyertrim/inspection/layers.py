@@ -21,7 +21,7 @@ from hoyertrim.inspection.linear_maps import LinearMap, Refusal, find_linear_map
 from hoyertrim.inspection.program import Program
 from hoyertrim.trees import path_string
 
-__all__ = ["Inspection", "Recorder", "contraction_filter", "inspect_model"]
+__all__ = ["Inspection", "Recorder", "contraction_filter", "inspect_model", "record_maps"]
 
 
 @dataclasses.dataclass
@@ -126,3 +126,16 @@ class Recorder:
                     captured[name][1].append(self._maps[name].output_rows(z))
         return (np.concatenate(outputs),
                 {n: (np.concatenate(x), np.concatenate(z)) for n, (x, z) in captured.items()})
+
+
+def record_maps(model, variables, images, *, apply_kwargs: Mapping | None = None,
+                batch_size: int = 1000) -> dict[str, tuple[np.ndarray, np.ndarray, LinearMap]]:
+    """``{name: (inputs (P, N), outputs (P, M), map)}`` of every linear map over ``images``, in
+    the order the computation runs them: each output row (a conv's position, a token) with the
+    input row (patch, features) it was computed from, before any activation."""
+    found = inspect_model(model, variables, np.asarray(images)[:2], apply_kwargs=apply_kwargs)
+    recorder = Recorder(found.computation, found.maps, batch_size)
+    names = [m.name for m in found.maps]
+    _, signals = recorder(found.computation.params, np.asarray(images), names)
+    by_name = found.by_name()
+    return {n: (by_name[n].input_rows(signals[n][0]), signals[n][1], by_name[n]) for n in names}

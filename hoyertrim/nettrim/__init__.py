@@ -13,17 +13,12 @@ Modules, bottom to top:
   fista     the restarted FISTA kernel (`jaxopt.ProximalGradient` steps, vmapped over neurons)
   search    the λ search meeting ε or a kept fraction; `solve_layer`
   admm      the paper's ADMM (reference)
-  adapters  linen layer types as matrix problems (compaction's view of a linen model)
-  capture   linen module calls intercepted (compaction's view of a linen model)
   network   `prune_network` (parallel / cascade) over the linear maps `hoyertrim.inspection`
             finds in any model's computation, the checked certificate, save / load
   peers     one-shot layer-wise peers as solvers: magnitude, Wanda, SparseGPT (also N:M)
 """
 
-from hoyertrim.nettrim.adapters import ConvAdapter, DenseAdapter, LayerAdapter, \
-    register_adapter, supported_types
 from hoyertrim.nettrim.admm import solve_layer_admm
-from hoyertrim.nettrim.capture import capture_layers
 from hoyertrim.inspection.graph import Follower
 from hoyertrim.nettrim.network import CertificateError, PrunedNetwork, load_pruned, \
     prune_network, save_pruned
@@ -31,7 +26,6 @@ from hoyertrim.nettrim import peers
 from hoyertrim.nettrim.problem import LayerSolution
 from hoyertrim.nettrim.search import KEPT_FRACTION_TOLERANCE, solve_layer, solve_layer_nm
 
-__all__ = ["CertificateError", "ConvAdapter", "DenseAdapter", "Follower",
-           "KEPT_FRACTION_TOLERANCE", "LayerAdapter", "LayerSolution", "PrunedNetwork",
-           "capture_layers", "load_pruned", "peers", "prune_network", "register_adapter", "save_pruned",
-           "solve_layer", "solve_layer_admm", "solve_layer_nm", "supported_types"]
+__all__ = ["CertificateError", "Follower", "KEPT_FRACTION_TOLERANCE", "LayerSolution",
+           "PrunedNetwork", "load_pruned", "peers", "prune_network", "save_pruned", "solve_layer",
+           "solve_layer_admm", "solve_layer_nm"]

@@ -45,7 +45,9 @@ def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
             "layers": {name: {"kernel_shape": list(np.shape(layer.kernel)),
                               "inputs_read": None if layer.input_index is None
                               else int(np.size(layer.input_index)),
-                              "outputs_kept": int(np.size(layer.output_index))}
+                              "outputs_kept": layer.width if layer.output_index is None
+                              else int(np.size(layer.output_index)),
+                              "outputs": layer.width}
                        for name, layer in compacted.layers.items()},
             "bytes_on_disk": directory_bytes(stage.out / "compact"),
             "parent_bytes_on_disk": directory_bytes(pathlib.Path(parent).expanduser().absolute()

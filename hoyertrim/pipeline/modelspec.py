@@ -1,8 +1,10 @@
 """Which model a stage directory holds: a zoo name, ``package.module:Name`` or
-``file.py:Name`` with keyword arguments, resolved to a linen module."""
+``file.py:Name`` with keyword arguments, resolved to a linen module (an NNX class runs inside
+`nnx_bridge.NnxModel`)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -11,7 +13,9 @@ import sys
 from typing import Mapping
 
 import flax.linen as nn
+from flax.core import FrozenDict
 
+from hoyertrim.nnx_bridge import NnxModel, nnx_class_of
 from hoyertrim.pipeline.directory import StageError
 
 
@@ -21,8 +25,9 @@ def resolve_model(spec: str, kwargs: Mapping | None = None, *,
 
     Args:
       spec: a zoo name (`models.MODELS`), ``package.module:Name`` (imported; the current
-        directory is searched) or ``path/to/file.py:Name``. ``Name`` is a linen Module class or
-        a function returning a module.
+        directory is searched) or ``path/to/file.py:Name``. ``Name`` is a linen Module class, a
+        function returning one, or an NNX Module class (constructed with
+        ``rngs=nnx.Rngs(...)`` when its ``__init__`` takes ``rngs``; see `nnx_bridge`).
       kwargs: keyword arguments for it (e.g. ``{"dropout_rate": 0.3}``).
       search_path: a directory to put on ``sys.path`` for the import (the manifest records the
         one the model was first resolved from).
@@ -70,12 +75,21 @@ def resolve_model(spec: str, kwargs: Mapping | None = None, *,
 
 
 def _build(factory, kwargs, spec) -> nn.Module:
+    if nnx_class_of(factory):  # run through linen: stages, checkpoints and training alike
+        factory = functools.partial(_nnx_model, factory)
     try:
         model = factory(**kwargs)
     except TypeError as error:
         raise StageError(f"Cannot build {spec} with keyword arguments {kwargs}: {error}") from error
     if not isinstance(model, nn.Module):
-        raise StageError(f"{spec} built a {type(model).__name__}, not a flax.linen Module.")
+        raise StageError(f"{spec} built a {type(model).__name__}, not a flax.linen Module or an "
+                         "NNX Module class.")
+    return model
+
+
+def _nnx_model(nnx_class, **kwargs) -> NnxModel:
+    model = NnxModel(nnx_class, FrozenDict(kwargs))
+    model.build()  # the user's own errors (a wrong keyword) now, not inside a trace
     return model
 
 

@@ -13,10 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
+from flax.nnx import variablelib
 
 from hoyertrim.masks import kernel_nonzero_masks
 from hoyertrim.pipeline.directory import StageError, StageResult, _kernels, _load_data, \
     _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary
+from hoyertrim.nnx_bridge import NnxModel
 from hoyertrim.pipeline.modelspec import model_spec, resolve_model
 
 
@@ -140,6 +143,8 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
                          ) from error
     if not isinstance(tree, dict):
         raise StageError(f"{checkpoint} holds a {type(tree).__name__}, not a tree of arrays.")
+    if isinstance(module, NnxModel) and "params" not in tree:
+        tree = _nnx_collections(tree, module)
     if "params" in tree:
         params = tree["params"]
         model_state = dict(tree.get("model_state") or {})
@@ -167,6 +172,33 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
         _save_network(stage.out, params, kernel_nonzero_masks(params), model_state)
         stage.finish(_summary(module, params, model_state, data))
     return _result(stage)
+
+
+def _nnx_collections(tree: Mapping, module: NnxModel) -> dict:
+    """An NNX module's saved state (``nnx.state(model)`` through orbax: ``{'conv': {'kernel':
+    {'value': array}}}``, or plain arrays) as linen collections, each leaf put where the
+    module's own variables have it (``params``, ``batch_stats``); RNG state is left out."""
+    def strip(node):
+        if isinstance(node, Mapping):
+            if set(node) == {"value"} and not isinstance(node["value"], Mapping):
+                return node["value"]
+            return {k: strip(v) for k, v in node.items()}
+        return node
+
+    flat = nnx.traversals.flatten_mapping(strip(tree))
+    where: dict[tuple, str] = {}
+    state = nnx.state(module.build(), nnx.Not(nnx.RngState))
+    for path, variable in nnx.to_flat_state(state):
+        name = variablelib.variable_name_from_type(type(variable), allow_register=True)
+        where[tuple(str(k) for k in path)] = name
+    out: dict = {}
+    for path, value in flat.items():
+        key = tuple(str(k) for k in path)
+        if key in where:
+            out.setdefault(where[key], {})[key] = value
+        elif not (key and key[-1] in ("key", "count")):  # an Rngs stream's state
+            out.setdefault("params", {})[key] = value  # reported as unexpected below
+    return {name: nnx.traversals.unflatten_mapping(leaves) for name, leaves in out.items()}
 
 
 def _optimizer(config, num_train):
