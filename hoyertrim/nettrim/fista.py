@@ -32,13 +32,15 @@ def _solver(maxiter: int) -> jaxopt.ProximalGradient:
 
 
 @functools.partial(jax.jit, static_argnames=("maxiter",))
-def solve_at(x, y, v, active, u0, penalty_weights, maxiter: int, tol: float):
+def solve_at(x, y, v, active, u0, penalty_weights, maxiter: int, tol: float, floor=0.0):
     """All neurons at one λ (folded into ``penalty_weights``).
 
     Args:
       x: (P, L) normalized design.  y, v, active: (P, M).  u0: (L, M) warm start.
       penalty_weights: (L, M) λ·w.  maxiter: iteration cap.  tol: stop a neuron once its step
         ‖u_{k+1} − u_k‖ is at most ``tol`` (absolute, in the normalized units).
+      floor: the misfit the rows do not carry (a Gram-form problem's, normalized units): it
+        adds ½·floor to the objective, so the relative gap is taken against the real objective.
 
     Returns:
       U (L, M), per-neuron iteration counts (M,) and the layer's relative duality gap at U
@@ -74,10 +76,10 @@ def solve_at(x, y, v, active, u0, penalty_weights, maxiter: int, tol: float):
 
     u, iterations = jax.vmap(one, in_axes=(1, 1, 1, 1, 1), out_axes=(1, 0))(
         u0, y, v, active, penalty_weights)
-    return u, iterations, duality_gap(x, y, v, active, u, penalty_weights)
+    return u, iterations, duality_gap(x, y, v, active, u, penalty_weights, floor)
 
 
-def duality_gap(x, y, v, active, u, penalty_weights):
+def duality_gap(x, y, v, active, u, penalty_weights, floor=0.0):
     """Relative duality gap (F(U) − D(Θ)) / F(U) of the layer's problem at one λ, summed over
     neurons: an upper bound on how far U's objective is from the optimum, relative to it.
 
@@ -99,4 +101,6 @@ def duality_gap(x, y, v, active, u, penalty_weights):
     excess = jnp.where(penalized, correlation / jnp.where(penalized, penalty_weights, 1.0), 0.0)
     theta = theta / jnp.maximum(1.0, jnp.max(excess, axis=0))
     dual = -jnp.sum(jnp.where(active, theta * y, theta * v) + 0.5 * theta * theta, axis=0)
-    return jnp.sum(primal - dual) / jnp.maximum(jnp.sum(primal), 1e-30)
+    # A constant in the objective (½·floor) moves primal and dual alike: the gap is unchanged,
+    # the objective it is relative to is not.
+    return jnp.sum(primal - dual) / jnp.maximum(jnp.sum(primal) + 0.5 * floor, 1e-30)

@@ -22,6 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hoyertrim.nettrim import gram as gram_lib
+from hoyertrim.nettrim.gram import GramStats
+
 
 @dataclasses.dataclass
 class LayerSolution:
@@ -84,6 +87,11 @@ class LayerData:
       fit_bias: whether a bias is solved for (a ones column is appended to ``x``).
       support: (N, M) kernel entries that may be nonzero.
       relu: which program.
+      bias_column: (P,) the column that multiplies the bias (None: ones). A compressed linear
+        program (`gram.compress`) has its own.
+      floor: misfit the rows do not carry (the compressed form's `gram.Compressed.floor`),
+        added to every measured error.
+      norm: ‖y‖_F of the real rows when ``y`` are compressed targets (None: ``y``'s own).
     """
 
     x: np.ndarray
@@ -94,27 +102,51 @@ class LayerData:
     fit_bias: bool
     support: np.ndarray
     relu: bool
+    bias_column: np.ndarray | None = None
+    floor: float = 0.0
+    norm: float | None = None
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the rows are the Gram form's (`gram.compress`), not samples."""
+        return self.norm is not None
 
     @property
     def design(self) -> np.ndarray:
-        """(P, N [+1]) inputs with the ones column of the bias."""
+        """(P, N [+1]) inputs with the bias's column (ones for real rows)."""
         if not self.fit_bias:
             return self.x
-        return np.concatenate([self.x, np.ones((self.x.shape[0], 1), np.float32)], axis=1)
+        column = np.ones(self.x.shape[0], np.float32) if self.bias_column is None \
+            else self.bias_column
+        return np.concatenate([self.x, column[:, None]], axis=1)
 
     @property
     def y_norm(self) -> float:
-        return float(np.linalg.norm(self.y))
+        return self.norm if self.norm is not None else float(np.linalg.norm(self.y))
 
     def rows(self, rows: np.ndarray) -> "LayerData":
         """The same layer on a subset of its samples."""
+        if self.compressed:
+            raise ValueError("A compressed (Gram form) layer has no samples to subsample.")
         return dataclasses.replace(self, x=self.x[rows], y=self.y[rows], v=self.v[rows],
                                    active=self.active[rows])
 
 
 def layer_data(x, y, *, v=None, relu: bool = True, fit_bias: bool = True, offset=None,
-               support=None) -> LayerData:
-    """Checks the signals of one layer and returns them as float32 `LayerData`."""
+               support=None, gram: GramStats | None = None, form: str = "auto") -> LayerData:
+    """Checks the signals of one layer and returns them as float32 `LayerData`.
+
+    The linear program (``relu=False``) is put in Gram form (`gram.compress`: at most N + 1
+    rows, the same misfit) when ``form="gram"``, when ``gram`` statistics are given instead of
+    ``x`` and ``y``, or with ``form="auto"`` when P > 2(N + 1); ``form="rows"`` keeps the rows.
+    """
+    if form not in ("auto", "gram", "rows"):
+        raise ValueError(f"form must be 'auto', 'gram' or 'rows', got {form!r}.")
+    if gram is not None or (not relu and form == "gram") or (
+            not relu and form == "auto" and np.ndim(x) == 2
+            and np.shape(x)[0] > 2 * (np.shape(x)[1] + 1)):
+        return _gram_layer_data(x, y, v=v, relu=relu, fit_bias=fit_bias, offset=offset,
+                                support=support, stats=gram)
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim != 2 or y.ndim != 2:
         raise ValueError(f"x must be (P, N) and y (P, M); got shapes {x.shape} and {y.shape}.")
@@ -146,6 +178,38 @@ def layer_data(x, y, *, v=None, relu: bool = True, fit_bias: bool = True, offset
                      fit_bias=fit_bias, support=support, relu=relu)
 
 
+def _gram_layer_data(x, y, *, v, relu, fit_bias, offset, support, stats) -> LayerData:
+    if relu:
+        raise ValueError("The ReLU program needs the layer's rows (its active set is per row); "
+                         "Gram statistics serve the linear program only (relu=False).")
+    if v is not None:
+        raise ValueError("v (the inactive-set bound) belongs to the ReLU program; the linear "
+                         "program has none.")
+    if stats is None:
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"x must be (P, N) and y (P, M) with the same P; got shapes "
+                             f"{x.shape} and {y.shape}.")
+        stats = gram_lib.from_arrays(x, y)
+    n, m = stats.num_inputs, stats.num_outputs
+    offset = np.zeros(m, np.float32) if offset is None else np.asarray(offset, np.float32)
+    if offset.shape != (m,) or not np.all(np.isfinite(offset)):
+        raise ValueError(f"offset must be a finite ({m},) vector, got shape {offset.shape}.")
+    support = np.ones((n, m), bool) if support is None else np.asarray(support, bool)
+    if support.shape != (n, m):
+        raise ValueError(f"support must have the kernel's shape {(n, m)}, got {support.shape}.")
+    compressed = gram_lib.compress(stats, fit_bias=fit_bias, offset=offset)
+    if compressed.y_norm == 0:
+        raise ValueError("y is zero on every sample: there is nothing to preserve. Use more or "
+                         "other samples, or drop the layer.")
+    rows = compressed.y.shape[0]
+    return LayerData(x=compressed.x, y=compressed.y, v=np.zeros_like(compressed.y),
+                     active=np.ones((rows, m), bool), offset=np.zeros(m, np.float32),
+                     fit_bias=fit_bias, support=support, relu=False,
+                     bias_column=compressed.bias_column, floor=compressed.floor,
+                     norm=compressed.y_norm)
+
+
 def residual(z, y, v, active):
     """Active entries: z − y; inactive: the hinge relu(z − v). Its square is the smooth loss."""
     return jnp.where(active, z - y, jax.nn.relu(z - v))
@@ -168,7 +232,7 @@ def measure(data: LayerData, u_real, device_data=None) -> tuple[float, float]:
     design, y, v, active = device_data or (data.design, data.y, data.v, data.active)
     error, violation = _measure(design, jnp.asarray(u_real), jnp.asarray(data.offset), y, v,
                                 active, data.relu)
-    return math.sqrt(float(error)), math.sqrt(float(violation))
+    return math.sqrt(float(error) + data.floor), math.sqrt(float(violation))
 
 
 def _neuron_sharding(num_neurons: int):

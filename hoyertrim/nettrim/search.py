@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from hoyertrim.nettrim import gram as gram_lib
 from hoyertrim.nettrim.fista import solve_at
+from hoyertrim.nettrim.gram import GramStats
 from hoyertrim.nettrim.problem import LayerData, LayerSolution, NormalizedLayer, layer_data, \
     measure
 
@@ -71,7 +73,8 @@ class _Goal:
 def _solve(problem: NormalizedLayer, lam: float, start, maxiter: int, tol: float) -> dict:
     weights = lam * problem.penalty_weights
     u, iterations, gap = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d,
-                                  start, weights, maxiter, problem.abs_tol * tol)
+                                  start, weights, maxiter, problem.abs_tol * tol,
+                                  problem.data.floor / problem.y_scale ** 2)
     u_real = problem.to_real(u)
     error, violation = measure(problem.data, u_real, problem.device_data)
     return {"u": u, "u_real": u_real, "lam": lam, "error": error, "violation": violation,
@@ -180,7 +183,7 @@ def _multilevel_search(data: LayerData, make_goal: Callable[[LayerData], _Goal],
     num_samples = data.x.shape[0]
     init_kernel, init_bias = init
     lam, slope, factor, presolve_iterations = None, None, 8.0, 0
-    if presolve_samples and num_samples > 2 * presolve_samples:
+    if presolve_samples and num_samples > 2 * presolve_samples and not data.compressed:
         rows = np.sort(np.random.default_rng(0).choice(num_samples, presolve_samples, False))
         subset = data.rows(rows)
         if np.any(subset.y != 0):
@@ -199,8 +202,10 @@ def _multilevel_search(data: LayerData, make_goal: Callable[[LayerData], _Goal],
     return found, problem, presolve_iterations
 
 
-def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | None = None,
-                relu: bool = True, v=None, fit_bias: bool = True, offset=None, support=None,
+def solve_layer(x=None, y=None, *, epsilon: float | None = None,
+                kept_fraction: float | None = None, relu: bool = True, v=None,
+                fit_bias: bool = True, offset=None, support=None,
+                gram: GramStats | None = None, form: str = "auto",
                 maxiter: int = 300, tol: float = 1e-4, gap_tol: float = 0.05,
                 search_tol: float | None = None,
                 max_solves: int = 30, lam_range: float = 1e-6, init_kernel=None, init_bias=None,
@@ -223,6 +228,12 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
       fit_bias: solve for a bias; False for layers without one.
       offset: (M,) fixed term added to the pre-activation (e.g. a folded batch-norm shift).
       support: (N, M) bool, entries allowed to be nonzero (default all).
+      gram: the linear program's `gram.GramStats` (sums over the calibration rows, accumulated
+        in chunks), instead of ``x`` and ``y``: nothing of size P is held.
+      form: the linear program in Gram form (``"gram"``: memory and cost independent of P, see
+        `gram`), on its rows (``"rows"``), or ``"auto"``: Gram form when P > 2(N + 1). The
+        certificate is measured on the real rows either way (``x``, ``y`` in chunks; from
+        ``gram`` alone, by the sums over all rows in float64).
       maxiter: FISTA iterations per solve (per λ).
       tol: a neuron's solve stops once a FISTA step moves its (normalized) weights by at most
         tol × the largest gradient entry at zero.
@@ -272,7 +283,10 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
         raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}.")
     if polish < 0:
         raise ValueError(f"polish is a number of rounds (>= 0), got {polish}.")
-    data = layer_data(x, y, v=v, relu=relu, fit_bias=fit_bias, offset=offset, support=support)
+    if gram is None and (x is None or y is None):
+        raise ValueError("Give the layer's rows x and y, or (linear program) gram=GramStats.")
+    data = layer_data(x, y, v=v, relu=relu, fit_bias=fit_bias, offset=offset, support=support,
+                      gram=gram, form=form)
     if search_tol is None:
         search_tol = 0.15 if polish else 0.03
     if epsilon is not None:
@@ -318,17 +332,23 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
                           "smallest tried). Raise epsilon, maxiter, or lower lam_range.",
                           stacklevel=2)
     kernel, bias = problem.split(best["u_real"])
+    if data.compressed:  # the certificate, on the real rows rather than the compressed ones
+        discrepancy = _real_misfit(x, y, gram, kernel, bias, offset) / y_norm
+        if epsilon is None:
+            certified = discrepancy * (1 + 1e-3)
     kept, violation, refit_report = best["kept"], best["violation"], None
     if refit:
         again, refit_kernel, refit_bias = _refit(
             x, y, data.support & (kernel != 0), kernel, bias,
-            dict(relu=relu, v=v, fit_bias=fit_bias, offset=offset), shard=shard,
-            maxiter=refit_maxiter, tol=tol, lam=refit_lam)
+            dict(relu=relu, v=v, fit_bias=fit_bias, offset=offset, gram=gram, form=form),
+            shard=shard, maxiter=refit_maxiter, tol=tol, lam=refit_lam)
         refit_report = {"discrepancy_before": discrepancy, "iterations": again["iterations"],
                         "used": bool(again["error"] < best["error"])}
         if refit_report["used"]:
             kernel, bias, violation = refit_kernel, refit_bias, again["violation"]
             discrepancy = again["error"] / y_norm
+            if data.compressed:
+                discrepancy = _real_misfit(x, y, gram, kernel, bias, offset) / y_norm
             kept = np.count_nonzero(kernel) / max(int(data.support.sum()), 1)
             if epsilon is None:
                 certified = discrepancy * (1 + 1e-3)
@@ -343,6 +363,14 @@ def solve_layer(x, y, *, epsilon: float | None = None, kept_fraction: float | No
         presolve_iterations=presolve_iterations, refit=refit_report, polish=polish_report,
         lam_path=tuple({"lam": float(r["lam"]), "discrepancy": float(r["error"] / y_norm),
                         "kept_fraction": float(r["kept"])} for r in found.solves))
+
+
+def _real_misfit(x, y, stats, kernel, bias, offset) -> float:
+    """‖x·kernel + bias + offset − y‖_F on the real rows (in chunks), or from the statistics
+    of all of them when only those were given."""
+    if x is not None:
+        return math.sqrt(gram_lib.row_misfit(x, y, kernel, bias, offset))
+    return math.sqrt(float(stats.misfit(kernel, bias, offset).sum()))
 
 
 def _polish(problem: NormalizedLayer, result: dict, target_error: float, *, rounds: int,
@@ -466,6 +494,9 @@ def _refit(x, y, pattern, kernel, bias, common: dict, *, shard: bool, maxiter: i
                               init_bias=bias if common.get("fit_bias", True) else None)
     again = _solve(problem, lam * problem.lam_max, problem.start, maxiter, tol)
     refit_kernel, refit_bias = problem.split(again["u_real"])
+    if data.compressed:
+        again["error"] = _real_misfit(x, y, common.get("gram"), refit_kernel, refit_bias,
+                                      common.get("offset"))
     return again, refit_kernel, refit_bias
 
 
@@ -498,14 +529,16 @@ def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bi
     n, m = nm
     if not 0 < n <= m:
         raise ValueError(f"N:M needs 0 < N ≤ M, got {n}:{m}.")
-    x = np.asarray(x)
-    if x.shape[1] % m:
-        raise ValueError(f"N:M groups M consecutive inputs; this layer has {x.shape[1]} inputs, "
+    gram, form = options.pop("gram", None), options.pop("form", "auto")
+    num_inputs, num_outputs = (gram.num_inputs, gram.num_outputs) if gram is not None else (
+        np.shape(x)[1], np.shape(y)[1])
+    if num_inputs % m:
+        raise ValueError(f"N:M groups M consecutive inputs; this layer has {num_inputs} inputs, "
                          f"not a multiple of M = {m}.")
     started = time.perf_counter()
-    allowed = np.ones((x.shape[1], np.shape(y)[1]), bool) if support is None \
+    allowed = np.ones((num_inputs, num_outputs), bool) if support is None \
         else np.asarray(support, bool)
-    common = dict(relu=relu, v=v, fit_bias=fit_bias, offset=offset)
+    common = dict(relu=relu, v=v, fit_bias=fit_bias, offset=offset, gram=gram, form=form)
     first = solve_layer(x, y, kept_fraction=n / m, support=allowed, maxiter=maxiter, tol=tol,
                         shard=shard, **common, **options)
     scores = np.abs(first.kernel) + 1e-9 * (0 if trained_kernel is None
@@ -513,7 +546,8 @@ def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bi
     pattern = nm_mask(np.where(allowed, scores, -np.inf), n, m) & allowed
     best, kernel, bias = _refit(x, y, pattern, first.kernel, first.bias, common, shard=shard,
                                 maxiter=refit_maxiter, tol=tol, lam=refit_lam)
-    y_norm = float(np.linalg.norm(np.asarray(y, np.float32)))
+    y_norm = math.sqrt(float(gram.y_squares.sum())) if gram is not None else float(
+        np.linalg.norm(np.asarray(y, np.float32)))
     discrepancy = best["error"] / y_norm
     return LayerSolution(
         kernel=kernel, bias=bias, discrepancy=discrepancy, epsilon=discrepancy * (1 + 1e-3),
