@@ -105,6 +105,23 @@ CONFIGS["nettrim_thrice_ft_lenet300100"] = CONFIGS["nettrim_twice_ft_lenet300100
 LENET5_TEACHER = {"teacher": DENSE_LENET5}
 
 
+# Transformers (docs/transformers.md): the byte-level GPT on the Python standard library's
+# sources, pruned without fine-tune by Net-Trim (cascade, kept-fraction mode) and the one-shot
+# peers at the same per-layer counts, on the same 128 calibration windows (16,384 byte rows).
+DENSE_GPT = ("train", {"model": "gpt", "dataset": "python_stdlib", "epochs": 4,
+                       "batch_size": 64, "learning_rate": 3e-3, "train_examples": 20000})
+_CALIBRATION_GPT = {"samples": 128, "heldout": 32}
+GPT_METHODS = ("nettrim", "sparsegpt", "wanda", "magnitude")
+GPT_KEPT = (0.5, 0.4, 0.3, 0.2)  # 50/60/70/80% sparsity
+for _method in GPT_METHODS:
+    _extra = {"scheme": "cascade"} if _method == "nettrim" else {"method": _method}
+    for _kept in GPT_KEPT:
+        CONFIGS[f"gpt_{_method}_{round(100 * (1 - _kept))}"] = [
+            DENSE_GPT, ("nettrim", {"kept_fraction": _kept, **_extra, **_CALIBRATION_GPT})]
+    CONFIGS[f"gpt_{_method}_2to4"] = [
+        DENSE_GPT, ("nettrim", {"nm": (2, 4), **_extra, **_CALIBRATION_GPT})]
+
+
 def with_lenet5_teacher(stages: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """The chain with every (distilled) fine-tune distilling from the dense LeNet-5."""
     return [(stage, {**settings, **LENET5_TEACHER} if stage == "finetune" else settings)

@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p, 30, 1e-3)
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning-rate schedule")
+    p.add_argument("--train-examples", type=_positive_int, default=None,
+                   help="train on this many training examples (a fixed random subset; "
+                        "default: all)")
     _common(p, training=True)
 
     p = command("import", "make weights trained elsewhere (orbax checkpoint directory, flax "
@@ -352,7 +355,8 @@ def _run(args, command_line) -> int:
             args.model, out, model_kwargs=args.model_kwargs, dataset=args.dataset,
             epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
             learning_rate=args.learning_rate, schedule=args.schedule,
-            weight_decay=args.weight_decay, seed=args.seed, progress=progress, **common)
+            weight_decay=args.weight_decay, seed=args.seed, train_examples=args.train_examples,
+            progress=progress, **common)
     elif args.command == "regularize":
         result = pipeline.regularize(
             args.parent, out, penalty=args.penalty, strength=args.strength, epochs=args.epochs,
@@ -389,8 +393,14 @@ def _run(args, command_line) -> int:
 
 
 def _evaluation_text(result: dict) -> str:
-    lines = [f"{result['directory']} ({result['stage']}): {result['split']} accuracy "
-             f"{100 * result['accuracy']:.2f}% on {result['examples']:,} images"]
+    if "perplexity" in result:  # a language model: per next byte
+        lines = [f"{result['directory']} ({result['stage']}): {result['split']} perplexity "
+                 f"{result['perplexity']:.3f} ({result['bits_per_byte']:.3f} bits per byte), "
+                 f"next-byte accuracy {100 * result['accuracy']:.2f}% on "
+                 f"{result['positions']:,} bytes"]
+    else:
+        lines = [f"{result['directory']} ({result['stage']}): {result['split']} accuracy "
+                 f"{100 * result['accuracy']:.2f}% on {result['examples']:,} images"]
     if "agreement" in result:
         lines.append(f"  vs {result['reference']} ({100 * result['reference_accuracy']:.2f}%): "
                      f"top-1 agreement {100 * result['agreement']:.2f}%, logits relative error "

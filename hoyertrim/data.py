@@ -22,6 +22,7 @@ import io
 import os
 import pathlib
 import pickle
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -43,7 +44,8 @@ class ChecksumError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """One split: ``images`` float32 (n, H, W, C) in [0, 1], ``labels`` int32 (n,)."""
+    """One split: ``images`` float32 (n, H, W, C) in [0, 1], ``labels`` int32 (n,); for a text
+    corpus ``images`` are uint8 byte windows (n, T) and ``labels`` the next bytes (n, T)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -61,10 +63,31 @@ class Dataset:
     validation: Split
     test: Split
     num_classes: int
+    info: dict = dataclasses.field(default_factory=dict)  # provenance (a text corpus's files)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.train.images.shape[1:])
+
+    @property
+    def input_dtype(self):
+        """The inputs' dtype (float32 images, uint8 bytes)."""
+        return self.train.images.dtype
+
+    def with_train_examples(self, count: int | None) -> "Dataset":
+        """The same data with ``count`` training examples (a fixed random subset, seed 0)."""
+        if count is None or count >= len(self.train):
+            return self
+        if count <= 0:
+            raise ValueError(f"The number of training examples must be positive, got {count}.")
+        chosen = np.sort(np.random.default_rng(0).permutation(len(self.train))[:count])
+        return dataclasses.replace(self, train=Split(self.train.images[chosen],
+                                                     self.train.labels[chosen]))
+
+    @property
+    def is_text(self) -> bool:
+        """Per-position labels (a language model's next bytes)."""
+        return self.train.labels.ndim == 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +157,8 @@ _SPECS = {
     ),
 }
 
-DATASETS: tuple[str, ...] = tuple(_SPECS)
+TEXT_DATASETS = ("python_stdlib",)
+DATASETS: tuple[str, ...] = tuple(_SPECS) + TEXT_DATASETS
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -303,7 +327,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     """Loads a dataset as train / validation / test `Split`s.
 
     Args:
-      name: ``"mnist"``, ``"fashion_mnist"`` or ``"cifar10"``.
+      name: ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"`` or ``"python_stdlib"`` (`load_text`).
       data_dir: data root with one folder per dataset (see module docstring). Falls back to
         ``$HOYERTRIM_DATA``, the cache, then a download.
       validation_size: examples held out of the training set for validation. The hold-out is a
@@ -314,6 +338,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
       A `Dataset`; images float32 NHWC in [0, 1] (MNIST: (n, 28, 28, 1), CIFAR-10: (n, 32, 32, 3)),
       labels int32.
     """
+    if name in TEXT_DATASETS:
+        return load_text(data_dir)
     spec = _spec(name)
     folder = locate(name, data_dir, download=download)
     loader = _load_cifar10 if name == "cifar10" else _load_idx_dataset
@@ -331,3 +357,85 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
         test=_split(test_x, test_y),
         num_classes=spec.num_classes,
     )
+
+
+# -- a text corpus every machine has ----------------------------------------------------------
+
+TEXT_CONTEXT = 128  # bytes per window
+_TEXT_FOLDER = "python_stdlib"
+_HELD_OUT = 0.025  # of the files, each for validation and for test
+
+
+def stdlib_sources() -> pathlib.Path:
+    """The running interpreter's standard library folder (``sysconfig``'s ``stdlib``)."""
+    import sysconfig
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def _text_files(data_dir) -> tuple[pathlib.Path, list[pathlib.Path], str]:
+    """(folder, its files in a fixed order, what they are)."""
+    for _, root in _candidate_roots(data_dir):
+        folder = root / _TEXT_FOLDER
+        if folder.is_dir():
+            files = sorted(p for p in folder.rglob("*") if p.is_file())
+            if files:
+                return folder, files, f"text files under {folder}"
+    folder = stdlib_sources()
+    files = sorted(p for p in folder.rglob("*.py")
+                   if "site-packages" not in p.relative_to(folder).parts
+                   and "dist-packages" not in p.relative_to(folder).parts)
+    if not files:
+        raise DatasetNotFoundError(
+            f"This Python has no standard library sources under {folder} (some minimal installs "
+            f"strip them). Put any text files under <root>/{_TEXT_FOLDER}/ and pass --data-dir "
+            "<root> (or set HOYERTRIM_DATA).")
+    return folder, files, f"Python {sys.version.split()[0]} standard library sources"
+
+
+def _bucket(relative: str) -> str:
+    """A file's split, from a hash of its path: the same on every machine, and adding a file
+    moves no other."""
+    value = int(hashlib.sha256(relative.encode()).hexdigest()[:8], 16) / 16 ** 8
+    return "test" if value < _HELD_OUT else "validation" if value < 2 * _HELD_OUT else "train"
+
+
+def _windows(data: bytes, context: int) -> Split:
+    """Non-overlapping windows of ``context`` bytes and, as labels, each byte's next byte."""
+    array = np.frombuffer(data, np.uint8)
+    count = (len(array) - 1) // context
+    inputs = array[:count * context].reshape(count, context)
+    labels = array[1:count * context + 1].reshape(count, context)
+    return Split(inputs.copy(), labels.copy())
+
+
+def load_text(data_dir=None, *, context: int = TEXT_CONTEXT) -> Dataset:
+    """A byte-level language-modelling corpus: the Python standard library's own source files
+    (``*.py`` under `stdlib_sources`, site-packages excluded), or any text files under
+    ``<data root>/python_stdlib/`` when that folder exists.
+
+    Files are split by a hash of their relative path (2.5% validation, 2.5% test, the rest
+    train),
+    each split's files concatenated in path order and cut into windows of ``context`` bytes;
+    ``labels`` are the next bytes (256 classes). ``Dataset.info`` records the source, the
+    Python version, the file count, the bytes per split and a SHA-256 over the file list (paths
+    and sizes), so a result can say which corpus it was measured on.
+    """
+    folder, files, source = _text_files(data_dir)
+    parts = {"train": [], "validation": [], "test": []}
+    listing = hashlib.sha256()
+    for path in files:
+        relative = path.relative_to(folder).as_posix()
+        data = path.read_bytes()
+        listing.update(f"{relative}\t{len(data)}\n".encode())
+        parts[_bucket(relative)].append(data)
+    splits = {name: _windows(b"".join(chunks), context) for name, chunks in parts.items()}
+    empty = [name for name, split in splits.items() if len(split) == 0]
+    if empty:
+        raise DatasetNotFoundError(f"The text under {folder} is too small: no {context}-byte "
+                                   f"window for the {', '.join(empty)} split.")
+    info = {"source": source, "python": sys.version.split()[0], "files": len(files),
+            "file_list_sha256": listing.hexdigest(), "context": context,
+            "bytes": {name: len(split) * context for name, split in splits.items()}}
+    return Dataset(name="python_stdlib", train=splits["train"],
+                   validation=splits["validation"], test=splits["test"], num_classes=256,
+                   info=info)

@@ -160,6 +160,79 @@ class CifarResNet(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+class TransformerBlock(nn.Module):
+    """A pre-LayerNorm transformer block: multi-head self-attention (``DenseGeneral`` q/k/v/out,
+    causal when asked) and a gelu MLP, each added back to its input."""
+
+    heads: int
+    mlp: int
+    causal: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm(name="norm1")(x)
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:2])) if self.causal else None
+        x = x + nn.MultiHeadDotProductAttention(self.heads, name="attn")(y, y, mask=mask)
+        y = nn.LayerNorm(name="norm2")(x)
+        y = nn.Dense(self.mlp, name="mlp_in")(y)
+        return x + nn.Dense(x.shape[-1], name="mlp_out")(nn.gelu(y))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer for 28×28 images: 4×4 patches (49 tokens) embedded by a Dense
+    layer, learned positions, ``depth`` pre-LayerNorm blocks, mean-pooled tokens, a Dense
+    classifier (71,946 parameters at the defaults)."""
+
+    num_classes: int = 10
+    input_shape: tuple[int, ...] = (28, 28, 1)
+    patch: int = 4
+    dim: int = 64
+    heads: int = 4
+    mlp: int = 128
+    depth: int = 2
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        _check_input(x, self.input_shape, "ViT")
+        b, h, w, c = x.shape
+        p = self.patch
+        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = nn.Dense(self.dim, name="embed")(x.reshape(b, (h // p) * (w // p), p * p * c))
+        x = x + self.param("position", nn.initializers.normal(0.02), x.shape[1:])
+        for i in range(self.depth):
+            x = TransformerBlock(self.heads, self.mlp, name=f"block{i}")(x)
+        x = nn.LayerNorm(name="norm")(x).mean(axis=1)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class GPT(nn.Module):
+    """A small byte-level decoder-only transformer (GPT): byte embedding, learned positions,
+    ``depth`` causal pre-LayerNorm blocks, final LayerNorm and a Dense head over the 256 bytes
+    (not tied to the embedding, so every projection is a prunable map); 478,976 parameters at
+    the defaults. Input: uint8/int bytes
+    (batch, T ≤ context); output: next-byte logits (batch, T, 256)."""
+
+    num_classes: int = 256
+    context: int = 128
+    dim: int = 128
+    heads: int = 4
+    mlp: int = 512
+    depth: int = 2
+
+    @nn.compact
+    def __call__(self, tokens, train: bool = False):
+        if tokens.ndim != 2 or tokens.shape[1] > self.context or \
+                not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"GPT expects integer byte tokens of shape (batch, T ≤ "
+                             f"{self.context}), got {tokens.dtype} {tuple(tokens.shape)}.")
+        x = nn.Embed(self.num_classes, self.dim, name="embed")(tokens.astype(jnp.int32))
+        position = self.param("position", nn.initializers.normal(0.02), (self.context, self.dim))
+        x = x + position[:tokens.shape[1]]
+        for i in range(self.depth):
+            x = TransformerBlock(self.heads, self.mlp, causal=True, name=f"block{i}")(x)
+        return nn.Dense(self.num_classes, name="head")(nn.LayerNorm(name="norm")(x))
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "lenet300100": lambda **kw: MLP(hidden=(300, 100), **kw),
     "lenet5": LeNet5,
@@ -167,6 +240,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda **kw: CifarResNet(blocks_per_stage=3, **kw),
     "resnet32": lambda **kw: CifarResNet(blocks_per_stage=5, **kw),
     "resnet56": lambda **kw: CifarResNet(blocks_per_stage=9, **kw),
+    "vit": ViT,
+    "gpt": GPT,
 }
 
 MODELS: tuple[str, ...] = tuple(_REGISTRY)
@@ -176,7 +251,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """Builds a registered model by name (`MODELS`); keyword arguments go to its constructor.
 
     ``nettrim_fc`` is the Net-Trim paper's 784-300-1000-100-10 network; pass ``dropout_rate`` to
-    the MLPs to train them with dropout.
+    the MLPs to train them with dropout. ``vit`` is for 28×28 images (MNIST, Fashion-MNIST),
+    ``gpt`` for the ``python_stdlib`` byte corpus.
     """
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")

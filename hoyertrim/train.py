@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -66,7 +67,7 @@ def mode_kwargs(model: nn.Module, train: bool) -> dict:
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                        input_shape: tuple[int, ...], params: Any = None,
-                       model_state: Any = None) -> TrainState:
+                       model_state: Any = None, input_dtype=jnp.float32) -> TrainState:
     """Initializes a model and optimizer.
 
     Args:
@@ -75,9 +76,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
       key: a raw PRNG key (``jax.random.PRNGKey``); split into init and run keys.
       input_shape: per-example image shape (H, W, C).
       params / model_state: start from these instead of a fresh init (e.g. a pretrained model).
+      input_dtype: the inputs' dtype (``Dataset.input_dtype``: uint8 bytes for a text corpus).
     """
     init_key, run_key = jax.random.split(key)
-    variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32),
+    variables = model.init(init_key, jnp.zeros((1, *input_shape), input_dtype),
                            **mode_kwargs(model, False))
     variables = flax.core.unfreeze(variables)
     fresh_params = variables.pop("params")
@@ -89,7 +91,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of logits (batch, classes) against int labels (batch,)."""
+    """Mean softmax cross-entropy of logits (batch, [positions,] classes) against int labels
+    (batch, [positions])."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -216,7 +219,8 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
         state = state.replace(epoch=state.epoch + 1)
         bad = ~jnp.isfinite(metrics["loss"])
         return state, {"loss": metrics["loss"].mean(),
-                       "accuracy": metrics["correct"].sum() / (num_batches * batch_size),
+                       "accuracy": metrics["correct"].sum() / (
+                           num_batches * batch_size * math.prod(labels.shape[1:])),
                        "first_nonfinite_step": jnp.where(jnp.any(bad), jnp.argmax(bad), -1)}
 
     return train_epoch
@@ -226,7 +230,9 @@ def make_evaluate(model: nn.Module, batch_size: int = 1000):
     """Returns jitted ``evaluate(params, model_state, images, labels) -> {"loss", "accuracy"}``.
 
     Runs the model in inference mode over all examples (the last batch is padded and masked, so
-    every example counts exactly once); ``loss`` is the mean cross-entropy.
+    every example counts exactly once); ``loss`` is the mean cross-entropy, ``accuracy`` the
+    top-1 accuracy, both per position for per-position labels (a language model's next bytes:
+    perplexity = exp(loss), bits per byte = loss / ln 2).
     """
 
     @jax.jit
@@ -235,21 +241,24 @@ def make_evaluate(model: nn.Module, batch_size: int = 1000):
         num_batches = -(-num_examples // batch_size)
         pad = num_batches * batch_size - num_examples
         images = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
-        labels = jnp.pad(labels, (0, pad))
+        labels = jnp.pad(labels, [(0, pad)] + [(0, 0)] * (labels.ndim - 1))
         valid = jnp.arange(num_batches * batch_size) < num_examples
+        per_example = math.prod(labels.shape[1:])  # positions per example (1 for a class)
         batches = (images.reshape(num_batches, batch_size, *images.shape[1:]),
-                   labels.reshape(num_batches, batch_size),
+                   labels.reshape(num_batches, batch_size, *labels.shape[1:]),
                    valid.reshape(num_batches, batch_size))
 
         def body(carry, batch):
             x, y, mask = batch
             logits, _ = _forward(model, params, model_state, x, False, None)
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            mask = mask.reshape(mask.shape + (1,) * (y.ndim - 1))
             correct = (jnp.argmax(logits, -1) == y) & mask
             return carry, (jnp.sum(losses * mask), jnp.sum(correct))
 
         _, (losses, correct) = jax.lax.scan(body, None, batches)
-        return {"loss": losses.sum() / num_examples, "accuracy": correct.sum() / num_examples}
+        count = num_examples * per_example
+        return {"loss": losses.sum() / count, "accuracy": correct.sum() / count}
 
     return evaluate
 
@@ -299,7 +308,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
         (checked before any training).
     """
     if state is None:
-        state = create_train_state(model, tx, jax.random.PRNGKey(seed), dataset.image_shape)
+        state = create_train_state(model, tx, jax.random.PRNGKey(seed), dataset.image_shape,
+                                   input_dtype=dataset.input_dtype)
     if checkpointer is not None:
         checkpointer.check_space(2 * sum(np.asarray(leaf).nbytes
                                          for leaf in jax.tree.leaves(state_to_tree(state))))

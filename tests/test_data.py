@@ -111,3 +111,50 @@ def test_unknown_dataset_and_bad_validation_size(data_root):
         data.load_dataset("imagenet")
     with pytest.raises(ValueError, match="validation_size"):
         data.load_dataset("mnist", data_root, validation_size=60000)
+
+
+def _text_root(tmp_path, files):
+    folder = tmp_path / "python_stdlib"
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return tmp_path
+
+
+def test_text_corpus_windows_predict_the_next_byte_and_split_by_file(tmp_path):
+    files = {f"pkg/m{i}.py": f"def f{i}(x):\n    return x * {i}\n" * 40 for i in range(60)}
+    root = _text_root(tmp_path, files)
+    dataset = data.load_dataset("python_stdlib", root)
+    assert dataset.is_text and dataset.num_classes == 256 and dataset.input_dtype == np.uint8
+    for split in (dataset.train, dataset.validation, dataset.test):
+        assert split.images.shape[1] == data.TEXT_CONTEXT and split.labels.shape == split.images.shape
+        # each label is the next byte of the same stream
+        np.testing.assert_array_equal(split.labels[:, :-1], split.images[:, 1:])
+        np.testing.assert_array_equal(split.labels[:-1, -1], split.images[1:, 0])
+    assert dataset.info["files"] == 60 and "under" in dataset.info["source"]
+    total = sum(len(t) for t in files.values())
+    assert sum(dataset.info["bytes"].values()) <= total
+    again = data.load_dataset("python_stdlib", root)
+    assert again.info["file_list_sha256"] == dataset.info["file_list_sha256"]
+    np.testing.assert_array_equal(again.test.images, dataset.test.images)
+    (root / "python_stdlib" / "pkg" / "m0.py").write_text("changed\n" * 100)
+    assert data.load_dataset("python_stdlib", root).info["file_list_sha256"] != \
+        dataset.info["file_list_sha256"]
+
+
+def test_missing_standard_library_sources_say_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.delenv("HOYERTRIM_DATA", raising=False)
+    monkeypatch.setattr(data, "stdlib_sources", lambda: tmp_path / "stripped")
+    monkeypatch.setattr(data, "default_cache_dir", lambda: tmp_path / "cache")
+    with pytest.raises(data.DatasetNotFoundError, match="Put any text files under"):
+        data.load_text(tmp_path / "nothing")
+
+
+def test_the_interpreters_own_sources_are_the_default_corpus():
+    sources = data.stdlib_sources()
+    if not any(sources.glob("*.py")):
+        pytest.skip("this Python has no standard library sources")
+    dataset = data.load_text(context=64)
+    assert dataset.info["python"] and dataset.info["files"] > 100
+    assert len(dataset.validation) > 0 and len(dataset.test) > 0
+    assert len(dataset.train) > 10 * len(dataset.test)

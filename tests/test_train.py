@@ -269,3 +269,19 @@ def test_load_needs_no_template(tmp_path):
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
     assert hoyertrim.load(tmp_path / "run").step == loaded.step
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_evaluate_counts_every_position_of_per_position_labels_once():
+    import optax as _optax
+    from hoyertrim.models import create_model
+    from hoyertrim.train import make_evaluate
+    model = create_model("gpt", dim=16, heads=2, mlp=32, depth=1, context=8)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (5, 8), 0, 256).astype(jnp.uint8)
+    labels = jax.random.randint(jax.random.PRNGKey(1), (5, 8), 0, 256)
+    variables = model.init(jax.random.PRNGKey(2), tokens)
+    logits = model.apply(variables, tokens)
+    expected_loss = _optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    expected_accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    got = make_evaluate(model, batch_size=2)(variables["params"], {}, tokens, labels)  # padded
+    assert float(got["loss"]) == pytest.approx(float(expected_loss), rel=1e-5)
+    assert float(got["accuracy"]) == pytest.approx(float(expected_accuracy), abs=1e-7)

@@ -164,7 +164,9 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
       apply_kwargs: keyword arguments each call of the model needs, e.g. ``{"train": False}``.
       heldout: held-out inputs (array), or the fraction of ``images`` to hold out (default
         0.1; 0 disables). Not used to solve; reported on.
-      max_rows: a layer with more signal rows (conv: images × positions) uses a random subset.
+      max_rows: a layer with more signal rows (conv: images × positions) uses a random subset —
+        except a non-conv map with the linear program, solved on all its rows in Gram form
+        (`gram`).
       batch_size: images per forward pass.
       key: PRNG key for the row subsets and the held-out split.
       solver: `solve_layer`, `solve_layer_admm` (for Dense/Conv layers with bias and no
@@ -211,7 +213,10 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
 
     record = Recorder(computation, list(maps.values()), batch_size)
     _, original = record(params, calibration, names)
-    rows = {name: _sample_rows(len(original[name][1]), max_rows, key, index)
+    # The linear program of a contraction whose rows are already recorded (not a conv's
+    # patches) is solved in Gram form on all of them: its cost no longer grows with P.
+    rows = {name: None if followers[name].program == "linear" and maps[name].kind != "conv"
+            else _sample_rows(len(original[name][1]), max_rows, key, index)
             for index, name in enumerate(names)}
     inner_progress = progress and (devices is None or len(devices) == 1)
 

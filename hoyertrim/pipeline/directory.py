@@ -269,11 +269,19 @@ def directory_bytes(path) -> int:
 def _summary(model, params, model_state, dataset, extra=None) -> dict:
     from hoyertrim import masks as masks_lib
     from hoyertrim.train import mode_kwargs, predict_accuracy
-    report = masks_lib.sparsity_report(params, model, dataset.image_shape,
+    report = masks_lib.sparsity_report(params, model, sample=dataset.validation.images[:1],
                                        model_state=model_state,
                                        apply_kwargs=mode_kwargs(model, False))
-    return {"val_accuracy": predict_accuracy(model, params, model_state,
-                                             dataset.validation.images,
-                                             dataset.validation.labels),
+    text = {}
+    if dataset.is_text:
+        from hoyertrim.train import make_evaluate
+        metrics = make_evaluate(model, 256)(params, model_state, dataset.validation.images,
+                                            dataset.validation.labels)
+        loss = float(metrics["loss"])
+        text = {"val_loss": loss, "val_perplexity": float(np.exp(loss)),
+                "val_bits_per_byte": loss / float(np.log(2)), "dataset_info": dataset.info}
+    return {**text, "val_accuracy": predict_accuracy(model, params, model_state,
+                                                     dataset.validation.images,
+                                                     dataset.validation.labels),
             "kept_fraction": report.kept_fraction, "compression": report.compression,
             "architecture": report.architecture, "sparsity": report.as_dict(), **(extra or {})}

@@ -71,11 +71,19 @@ def evaluate(directory, *, reference=None, split: str = "test", data_dir=None) -
     loaded = load(path)
     data = _load_data(manifest, data_dir)
     images, labels = getattr(data, split).images, getattr(data, split).labels
-    logits = loaded.predict(images)
-    result = {"directory": str(path), "stage": manifest["stage"], "split": split,
-              "accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
-              "examples": int(len(labels))}
     reference = reference or manifest.get("root")
+    if data.is_text:  # logits per byte: streamed, never all in memory
+        result = {"directory": str(path), "stage": manifest["stage"], "split": split,
+                  **_text_metrics(loaded, load(reference) if reference else None, images,
+                                  labels)}
+        if reference:
+            result["reference"] = str(pathlib.Path(reference).absolute())
+        reference = None
+    else:
+        logits = loaded.predict(images)
+        result = {"directory": str(path), "stage": manifest["stage"], "split": split,
+                  "accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
+                  "examples": int(len(labels))}
     if reference:
         reference_loaded = load(reference)
         reference_logits = reference_loaded.predict(images)
@@ -90,11 +98,42 @@ def evaluate(directory, *, reference=None, split: str = "test", data_dir=None) -
         from hoyertrim import masks as masks_lib
         from hoyertrim.train import mode_kwargs
         result["sparsity"] = masks_lib.sparsity_report(
-            loaded.params, loaded.model, data.image_shape, model_state=loaded.model_state,
+            loaded.params, loaded.model, sample=images[:1], model_state=loaded.model_state,
             apply_kwargs=mode_kwargs(loaded.model, False)).as_dict()
         result["bytes_on_disk"] = directory_bytes(path / "network")
     else:
         result["weights_stored"] = loaded.compact.weights()
         result["bytes_on_disk"] = directory_bytes(path / "compact")
     (path / f"evaluation-{split}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _text_metrics(loaded, reference, tokens, labels, batch_size: int = 256) -> dict:
+    """A language model's next-byte cross-entropy (and perplexity, bits per byte) and top-1
+    accuracy on ``tokens`` (n, T); with a ``reference`` stage, the top-1 agreement with it and
+    the logits' relative error ‖f − f_ref‖_F / ‖f_ref‖_F. In batches of windows."""
+    sums = dict(loss=0.0, correct=0, agree=0, reference_correct=0, difference=0.0, norm=0.0)
+    for start in range(0, len(tokens), batch_size):
+        x, y = tokens[start:start + batch_size], labels[start:start + batch_size]
+        logits = loaded.predict(x, batch_size=batch_size).astype(np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        sums["loss"] += float(-np.take_along_axis(log_probs, y[..., None].astype(int),
+                                                  -1).sum())
+        sums["correct"] += int(np.sum(np.argmax(logits, -1) == y))
+        if reference is not None:
+            other = reference.predict(x, batch_size=batch_size).astype(np.float64)
+            sums["agree"] += int(np.sum(np.argmax(logits, -1) == np.argmax(other, -1)))
+            sums["reference_correct"] += int(np.sum(np.argmax(other, -1) == y))
+            sums["difference"] += float(np.square(logits - other).sum())
+            sums["norm"] += float(np.square(other).sum())
+    count = labels.size
+    loss = sums["loss"] / count
+    result = {"loss": loss, "perplexity": float(np.exp(loss)),
+              "bits_per_byte": loss / float(np.log(2)), "accuracy": sums["correct"] / count,
+              "examples": int(len(labels)), "positions": int(count)}
+    if reference is not None:
+        result.update(agreement=sums["agree"] / count,
+                      reference_accuracy=sums["reference_correct"] / count,
+                      logits_relative_error=float(np.sqrt(sums["difference"] / sums["norm"])))
     return result

@@ -10,6 +10,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from hoyertrim.inspection import inspect_model
 from hoyertrim.masks import kernel_nonzero_masks
 from hoyertrim.pipeline.directory import StageError, StageResult, _kernels, _load_data, \
     _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary
@@ -154,8 +155,10 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
     if nm is not None:
         options = {"nm": tuple(nm)}
         kept_fraction = nm[0] / nm[1]
-        layers = [name for name, kernel in _kernels(loaded.params).items()
-                  if int(np.prod(kernel.shape[:-1])) % nm[1] == 0]
+        found = inspect_model(model, {"params": loaded.params, **loaded.model_state},
+                              _load_data(parent_manifest, data_dir).validation.images[:1],
+                              apply_kwargs=mode_kwargs(model, False))
+        layers = [m.name for m in found.maps if m.num_inputs % nm[1] == 0]
         if not layers:
             raise StageError(f"No layer has an input count that is a multiple of {nm[1]}.")
     if method == "nettrim" and nm is None:

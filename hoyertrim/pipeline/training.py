@@ -43,6 +43,7 @@ def _fit_stage(stage: _Stage, model, tx, dataset, params, model_state, config, *
     from hoyertrim.checkpoint import Checkpointer
     from hoyertrim.train import create_train_state, fit
     state = create_train_state(model, tx, jax.random.PRNGKey(config["seed"]), dataset.image_shape,
+                               input_dtype=dataset.input_dtype,
                                params=params, model_state=model_state)
     started = time.perf_counter()
     with Checkpointer(stage.out / "checkpoints") as checkpointer:
@@ -63,22 +64,27 @@ def _fit_stage(stage: _Stage, model, tx, dataset, params, model_state, config, *
 def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str = "mnist",
           epochs: int = 30, batch_size: int = 128, optimizer: str = "adam",
           learning_rate: float = 1e-3, schedule: str = "cosine", weight_decay: float = 0.0,
-          seed: int = 0, data_dir=None, progress: bool = True, command=None) -> StageResult:
+          seed: int = 0, train_examples: int | None = None, data_dir=None,
+          progress: bool = True, command=None) -> StageResult:
     """Trains a dense model from scratch; keeps the best-validation epoch.
 
     Args:
       model: zoo name or ``module:Class`` / ``file.py:Class`` (see `resolve_model`).
       out: the stage directory to write (resumed if it holds this run's checkpoints).
+      train_examples: train on this many training examples (a fixed random subset; default
+        all), e.g. a part of the ``python_stdlib`` corpus's 224k windows.
     """
     record = model_spec(model, model_kwargs)
     module = resolve_model(record["spec"], record["kwargs"], search_path=record.get("search_path"))
     config = _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight_decay,
                            seed, "best")
+    if train_examples is not None:
+        config["train_examples"] = int(train_examples)
     manifest = _manifest("train", config, model=record, dataset=dataset, command=command)
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
-        data = _load_data(manifest, data_dir)
+        data = _load_data(manifest, data_dir).with_train_examples(train_examples)
         stage.manifest["input_shape"] = list(data.image_shape)
         tx = _optimizer(config, len(data.train))
         _fit_stage(stage, module, tx, data, None, None, config, progress=progress)
@@ -160,7 +166,8 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
         data = _load_data(manifest, data_dir)
         stage.manifest["input_shape"] = list(data.image_shape)
         expected = flax.core.unfreeze(module.init(
-            jax.random.PRNGKey(0), jnp.zeros((1, *data.image_shape)), **mode_kwargs(module, False)))
+            jax.random.PRNGKey(0), jnp.zeros((1, *data.image_shape), data.input_dtype),
+            **mode_kwargs(module, False)))
         try:
             _check_structure(params, expected.pop("params"), "params")
             _check_structure(model_state, expected, "other collections")
