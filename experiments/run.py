@@ -120,6 +120,12 @@ for _method in GPT_METHODS:
             DENSE_GPT, ("nettrim", {"kept_fraction": _kept, **_extra, **_CALIBRATION_GPT})]
     CONFIGS[f"gpt_{_method}_2to4"] = [
         DENSE_GPT, ("nettrim", {"nm": (2, 4), **_extra, **_CALIBRATION_GPT})]
+# Net-Trim whose kept weights are re-fit without ℓ1 (its kept-fraction polish: cut to the count
+# in 2 rounds, the survivors re-fit on their support after each).
+for _kept in GPT_KEPT:
+    CONFIGS[f"gpt_nettrimpolish_{round(100 * (1 - _kept))}"] = [
+        DENSE_GPT, ("nettrim", {"kept_fraction": _kept, "scheme": "cascade", "polish": 2,
+                                **_CALIBRATION_GPT})]
 
 
 def with_lenet5_teacher(stages: list[tuple[str, dict]]) -> list[tuple[str, dict]]:

@@ -143,15 +143,15 @@ class _Interpreter:
     """Runs a traced model with compacted maps (``plans``), deciding the plans first when
     ``planning`` (then every input is concrete and the full kernels are present)."""
 
-    def __init__(self, program: Program, paths: list[str], data_inputs: set[int],
+    def __init__(self, program: Program, names: list[str], data_inputs: set[int],
                  plans: dict[str, CompactLayer], planning: dict | None = None):
         self.program = program
         self.plans = plans
-        self.planning = planning  # {path: (removed units, unknown units)} while planning
+        self.planning = planning  # {layer: (removed units, unknown units)} while planning
         self.events = _Events()
-        located, _ = locate(program, len(paths))
-        self.maps = {where.op: (paths[leaf], where) for leaf, where in located.items()
-                     if paths[leaf] in plans or planning is not None}
+        located, _ = locate(program, len(names))
+        self.maps = {where.op: (names[leaf], where) for leaf, where in located.items()
+                     if names[leaf] in plans or planning is not None}
         self.dynamic = set(data_inputs)
         for op in program.ops:
             if any(isinstance(a, int) and a in self.dynamic for a in op.inputs):
@@ -616,45 +616,47 @@ class CompactModel:
     """A compacted model: call ``apply(inputs)``; `weights` counts the kernel entries it stores.
 
     Attributes:
-      layers: ``{kernel path: CompactLayer}`` for every linear map of the model.
+      model: the model definition (linen module, NNX module or function).
+      layers: ``{layer name: CompactLayer}`` for every linear map of the model.
       stored: ``{leaf index: array}``: every other array of the model, as it was.
+      structure, shapes: the treedef and shapes of all the model's arrays (to trace it).
+      apply_kwargs: keyword arguments of every call.
     """
 
     model: Any
     layers: dict[str, CompactLayer]
     stored: dict[int, Any]
-    structure: Any  # the treedef of all the model's arrays
-    shapes: list  # jax.ShapeDtypeStruct of every leaf
+    structure: Any
+    shapes: list
     apply_kwargs: dict
-    _apply: Callable = dataclasses.field(default=None, repr=False)
+    _apply: Callable | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
-        model = _as_model(self.model, jax.tree.unflatten(self.structure, self.shapes)
-                          if not isinstance(self.model, nnx.Module) else None,
-                          self.apply_kwargs) if self._apply is None else None
-        apply = self._apply or model.apply
-        self._apply = apply
-        paths = _names(self.structure, _as_kind(self.model))
+        if self._apply is None:
+            template = None if isinstance(self.model, nnx.Module) else jax.tree.unflatten(
+                self.structure, self.shapes)
+            self._apply = _as_model(self.model, template, self.apply_kwargs).apply
+        apply, names = self._apply, _names(self.structure, _as_kind(self.model))
         layers, structure, shapes = self.layers, self.structure, self.shapes
 
         @jax.jit
         def forward(stored, x):
-            abstract = jax.tree.unflatten(structure, shapes)
-            program = _trace(apply, abstract, x)
+            program = _trace(apply, jax.tree.unflatten(structure, shapes), x)
             leaves = [stored.get(i, _ABSENT) for i in range(len(shapes))]
-            data = set(program.inputs[len(shapes):])
-            interpreter = _Interpreter(program, paths, data, layers)
-            missing = set(layers) - {path for path, _ in interpreter.maps.values()}
+            interpreter = _Interpreter(program, names, set(program.inputs[len(shapes):]),
+                                       layers)
+            missing = set(layers) - {name for name, _ in interpreter.maps.values()}
             if missing:
                 raise ValueError(f"The compacted layers {sorted(missing)} are not linear maps "
                                  f"of the model at input shape {np.shape(x)}.")
             return interpreter.run([*leaves, *jax.tree.leaves(x)])[0]
 
         self._forward = forward
+        self._device = {i: jnp.asarray(v) for i, v in self.stored.items()}  # moved once
 
     def apply(self, inputs) -> jax.Array:
         """The compact model's (first) output for ``inputs``."""
-        return self._forward({i: jnp.asarray(v) for i, v in self.stored.items()}, inputs)
+        return self._forward(self._device, inputs)
 
     def weights(self) -> int:
         """Kernel entries the compact layers store (dense storage)."""
@@ -680,17 +682,17 @@ def compact(model, variables=None, sample=None, *, apply_kwargs: Mapping | None 
     apply_kwargs = dict(apply_kwargs or {})
     spec = _as_model(model, variables, apply_kwargs)
     flat, structure = jax.tree_util.tree_flatten_with_path(spec.state)
-    paths = _names(structure, spec.kind)
+    names = _names(structure, spec.kind)
     leaves = [leaf for _, leaf in flat]
     sample = jnp.asarray(sample)[:1]
     program = Program(jax.make_jaxpr(spec.apply)(spec.state, sample))
     data = set(program.inputs[len(leaves):])
     located, _ = locate(program, len(leaves))
-    kernels = {paths[leaf]: (leaf, where) for leaf, where in located.items()}
+    kernels = {names[leaf]: (leaf, where) for leaf, where in located.items()}
 
     def plan(removals):
         plans: dict[str, CompactLayer] = {}
-        interpreter = _Interpreter(program, paths, data, plans, removals)
+        interpreter = _Interpreter(program, names, data, plans, removals)
         with jax.default_matmul_precision("highest"):
             interpreter.run([*leaves, sample])
         return plans, interpreter.events

@@ -209,8 +209,8 @@ class GPT(nn.Module):
     """A small byte-level decoder-only transformer (GPT): byte embedding, learned positions,
     ``depth`` causal pre-LayerNorm blocks, final LayerNorm and a Dense head over the 256 bytes
     (not tied to the embedding, so every projection is a prunable map); 478,976 parameters at
-    the defaults. Input: uint8/int bytes
-    (batch, T ≤ context); output: next-byte logits (batch, T, 256)."""
+    the defaults. Input: uint8/int bytes (batch, T ≤ context); output: next-byte logits
+    (batch, T, 256)."""
 
     num_classes: int = 256
     context: int = 128

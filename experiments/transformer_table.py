@@ -1,0 +1,106 @@
+"""The transformer comparison's table and plot, from the pipelines' results files.
+
+    python experiments/run.py gpt_nettrim_50 …            # one results file per point
+    python experiments/transformer_table.py               # → docs/transformers.md + PNG
+
+Reads ``results/pipelines/gpt_<method>_<sparsity>.json`` (written by `run.py`; the test split is
+evaluated once per point there) and writes the Markdown table of test perplexity, bits per byte,
+next-byte accuracy, top-1 agreement with the dense model and whole-network pruning time, and
+one plot of test perplexity against sparsity per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METHODS = ("nettrim", "nettrimpolish", "sparsegpt", "wanda", "magnitude")
+POINTS = ("50", "60", "70", "80", "2to4")
+LABELS = {"nettrim": "Net-Trim (cascade, kept fraction)",
+          "nettrimpolish": "Net-Trim + polish 2 (re-fit without ℓ1)", "sparsegpt": "SparseGPT",
+          "wanda": "Wanda", "magnitude": "magnitude"}
+
+
+def _rows(results: pathlib.Path) -> tuple[dict, dict]:
+    dense, rows = None, {}
+    for method in METHODS:
+        for point in POINTS:
+            path = results / f"gpt_{method}_{point}.json"
+            if not path.is_file():
+                continue
+            payload = json.loads(path.read_text())
+            dense = payload["test"][0]
+            pruned = payload["test"][-1]
+            stage = payload["stages"][-1]["results"]
+            rows[method, point] = {"perplexity": pruned["perplexity"],
+                                   "bits_per_byte": pruned["bits_per_byte"],
+                                   "accuracy": pruned["accuracy"],
+                                   "agreement": pruned["agreement"],
+                                   "kept_fraction": stage["kept_fraction"],
+                                   "seconds": stage["solve_seconds"]}
+    return dense, rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results/pipelines")
+    parser.add_argument("--out", default="docs/transformers.md")
+    args = parser.parse_args(argv)
+    dense, rows = _rows(pathlib.Path(args.results))
+    if dense is None:
+        raise SystemExit(f"No results/pipelines/gpt_*.json under {args.results}: run "
+                         "experiments/run.py gpt_nettrim_50 … first.")
+    lines = [
+        "| sparsity | method | test perplexity | bits per byte | next-byte accuracy | "
+        "agreement with dense | kept | pruning seconds |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| 0 (dense) | – | {dense['perplexity']:.3f} | {dense['bits_per_byte']:.3f} | "
+        f"{100 * dense['accuracy']:.2f}% | – | 1.0 | – |"]
+    for point in POINTS:
+        for method in METHODS:
+            row = rows.get((method, point))
+            if row is None:
+                continue
+            label = "2:4" if point == "2to4" else f"{point}%"
+            lines.append(f"| {label} | {LABELS[method]} | {row['perplexity']:.3f} | "
+                         f"{row['bits_per_byte']:.3f} | {100 * row['accuracy']:.2f}% | "
+                         f"{100 * row['agreement']:.2f}% | {row['kept_fraction']:.3f} | "
+                         f"{row['seconds']:.1f} |")
+    out = pathlib.Path(args.out)
+    figure = out.with_name("transformers_gpt_perplexity.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        points = [(int(p), rows[method, p]["perplexity"]) for p in POINTS[:-1]
+                  if (method, p) in rows]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=LABELS[method])
+    ax.axhline(dense["perplexity"], color="gray", linestyle="--", label="dense")
+    ax.set_xlabel("sparsity (%) of every linear map")
+    ax.set_ylabel("test perplexity (bytes)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figure, dpi=120)
+    table = "\n".join(lines)
+    marker_start, marker_end = "<!-- gpt table start -->", "<!-- gpt table end -->"
+    text = out.read_text() if out.is_file() else ""
+    if marker_start in text and marker_end in text:
+        head, rest = text.split(marker_start, 1)
+        text = head + marker_start + "\n" + table + "\n" + marker_end + rest.split(marker_end, 1)[1]
+    else:
+        text = f"{text}\n{marker_start}\n{table}\n{marker_end}\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(table)
+    print(f"wrote {out} and {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
