@@ -128,6 +128,21 @@ for _kept in GPT_KEPT:
                                 **_CALIBRATION_GPT})]
 
 
+# The ViT on MNIST, the same comparison: 1,000 calibration images (49,000 token rows).
+DENSE_VIT = ("train", {"model": "vit", "epochs": 10, "learning_rate": 1e-3})
+_CALIBRATION_VIT = {"samples": 1000, "heldout": 200}
+for _method in ("nettrimpolish", "sparsegpt", "wanda", "magnitude"):
+    _extra = {"scheme": "cascade", "polish": 2} if _method == "nettrimpolish" else {
+        "method": _method}
+    for _kept in (0.5, 0.3):
+        CONFIGS[f"vit_{_method}_{round(100 * (1 - _kept))}"] = [
+            DENSE_VIT, ("nettrim", {"kept_fraction": _kept, **_extra, **_CALIBRATION_VIT})]
+CONFIGS["vit_nettrim_2to4"] = [DENSE_VIT, ("nettrim", {"nm": (2, 4), "scheme": "cascade",
+                                                       **_CALIBRATION_VIT})]
+CONFIGS["vit_sparsegpt_2to4"] = [DENSE_VIT, ("nettrim", {"nm": (2, 4), "method": "sparsegpt",
+                                                         **_CALIBRATION_VIT})]
+
+
 def with_lenet5_teacher(stages: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """The chain with every (distilled) fine-tune distilling from the dense LeNet-5."""
     return [(stage, {**settings, **LENET5_TEACHER} if stage == "finetune" else settings)

@@ -1,4 +1,4 @@
-"""The transformer comparison's table and plot, from the pipelines' results files.
+"""The transformer comparison's tables (GPT, ViT) and plot, from the pipelines' results files.
 
     python experiments/run.py gpt_nettrim_50 …            # one results file per point
     python experiments/transformer_table.py               # → docs/transformers.md + PNG
@@ -47,6 +47,36 @@ def _rows(results: pathlib.Path) -> tuple[dict, dict]:
     return dense, rows
 
 
+def _label(method: str, point: str) -> str:
+    if method == "nettrim" and point == "2to4":
+        return "Net-Trim (cascade, N:M mode: re-fit on the pattern)"
+    return LABELS[method]
+
+
+def _vit_table(results: pathlib.Path) -> str:
+    """The ViT's rows (``results/pipelines/vit_*.json``): test accuracy and agreement."""
+    lines, dense = [], None
+    for point in ("50", "70", "2to4"):
+        for method in METHODS:
+            path = results / f"vit_{method}_{point}.json"
+            if not path.is_file():
+                continue
+            payload = json.loads(path.read_text())
+            dense = payload["test"][0]
+            pruned, stage = payload["test"][-1], payload["stages"][-1]["results"]
+            label = "2:4" if point == "2to4" else f"{point}%"
+            name = _label(method, point)
+            lines.append(f"| {label} | {name} | {100 * pruned['accuracy']:.2f}% | "
+                         f"{100 * pruned['agreement']:.2f}% | {stage['kept_fraction']:.3f} | "
+                         f"{stage['solve_seconds']:.1f} |")
+    if dense is None:
+        return ""
+    return "\n".join([
+        "| sparsity | method | test accuracy | agreement with dense | kept | pruning seconds |",
+        "|---|---|---|---|---|---|",
+        f"| 0 (dense) | – | {100 * dense['accuracy']:.2f}% | – | 1.0 | – |", *lines])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results/pipelines")
@@ -68,7 +98,7 @@ def main(argv=None) -> int:
             if row is None:
                 continue
             label = "2:4" if point == "2to4" else f"{point}%"
-            lines.append(f"| {label} | {LABELS[method]} | {row['perplexity']:.3f} | "
+            lines.append(f"| {label} | {_label(method, point)} | {row['perplexity']:.3f} | "
                          f"{row['bits_per_byte']:.3f} | {100 * row['accuracy']:.2f}% | "
                          f"{100 * row['agreement']:.2f}% | {row['kept_fraction']:.3f} | "
                          f"{row['seconds']:.1f} |")
@@ -95,9 +125,18 @@ def main(argv=None) -> int:
         text = head + marker_start + "\n" + table + "\n" + marker_end + rest.split(marker_end, 1)[1]
     else:
         text = f"{text}\n{marker_start}\n{table}\n{marker_end}\n"
+    vit = _vit_table(pathlib.Path(args.results))
+    if vit:
+        start, end = "<!-- vit table start -->", "<!-- vit table end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            text = head + start + "\n" + vit + "\n" + end + rest.split(end, 1)[1]
+        else:
+            text = f"{text}\n{start}\n{vit}\n{end}\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(table)
+    print(vit)
     print(f"wrote {out} and {figure}")
     return 0
 
