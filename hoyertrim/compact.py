@@ -159,7 +159,7 @@ class _Interpreter:
         self._per_feature: dict[int, bool] = {}
 
     def run(self, inputs: list):
-        env = dict(zip(self.program.inputs, inputs))
+        env = self._env = dict(zip(self.program.inputs, inputs))
 
         def read(atom):
             return atom.value if isinstance(atom, Const) else env[atom]
@@ -396,7 +396,13 @@ class _Interpreter:
                 data = _widen(data, plan.input_index)
         elif plan.input_index is not None:
             data = jnp.take(data, plan.input_index, axis=-1)
-        out = _contract(op, data, plan.kernel, position)
+        patches = self._patch_source(op, position, plan) if self.planning is None else None
+        if patches is not None:  # image patches @ kernel: one convolution of their source
+            source, window = patches
+            kernel = np.asarray(plan.kernel).reshape(*window, -1, plan.kernel.shape[-1])
+            out = _valid_conv(source, kernel)
+        else:
+            out = _contract(op, data, plan.kernel, position)
         if plan.shift is not None:
             out = out + jnp.asarray(plan.shift, out.dtype)
         if plan.output_index is None:
@@ -404,6 +410,41 @@ class _Interpreter:
         unknown = np.isnan(plan.output_fill)
         return _Narrow(out, plan.output_index, np.nan_to_num(plan.output_fill), unknown,
                        frozenset([path]), np.arange(plan.width))
+
+    def _patch_source(self, op: Op, position: int, plan: CompactLayer):
+        """(source, (kh, kw)) when the map's data operand is the stride-1 VALID image patches
+        of one channels-last value — the concatenation, along features, of its kh·kw shifted
+        windows in row-major order (the zoo's ``PatchConv``) — and the compact kernel's rows
+        are exactly those patches' features; else None."""
+        data = op.inputs[1 - position]
+        concat = self.program.producer.get(data) if isinstance(data, int) else None
+        if (position != 1 or np.ndim(plan.kernel) != 2 or concat is None
+                or concat.name != "concatenate"
+                or concat.params["dimension"] != len(self.program.shapes[data]) - 1):
+            return None
+        slices = [self.program.producer.get(a) if isinstance(a, int) else None
+                  for a in concat.inputs]
+        if any(s is None or s.name != "slice" for s in slices):
+            return None
+        source = slices[0].inputs[0]
+        shape = self.program.shapes.get(source, ())
+        if len(shape) != 4 or any(s.inputs[0] != source or any(
+                d not in (None, 1) for d in (s.params.get("strides") or ())) for s in slices):
+            return None
+        starts = [tuple(s.params["start_indices"]) for s in slices]
+        out_shape = self.program.shapes[slices[0].outputs[0]]
+        kh, kw = shape[1] - out_shape[1] + 1, shape[2] - out_shape[2] + 1
+        expected = [(0, i, j, 0) for i in range(kh) for j in range(kw)]
+        if starts != expected or any(self.program.shapes[s.outputs[0]] != out_shape
+                                     for s in slices) or out_shape[3] != shape[3]:
+            return None
+        value = self._env[source]
+        if isinstance(value, _Narrow):
+            taps = (np.arange(kh * kw)[:, None] * value.width + value.keep[None, :]).ravel()
+            if plan.input_index is None or not np.array_equal(plan.input_index, taps):
+                return None
+            return value.array, (kh, kw)
+        return (value, (kh, kw)) if plan.input_index is None else None
 
     def _decide(self, op: Op, path: str, where, position: int, data, operand) -> CompactLayer:
         """A map's plan, from its full kernel (as the contraction consumes it) and its input."""
@@ -513,6 +554,19 @@ def _contract(op: Op, data, kernel, position: int):
 # Largest row-Toeplitz matrix (entries) `_conv_as_row_matmul` builds.
 _ROW_MATMUL_MAX_ENTRIES = 1 << 20
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def _valid_conv(x, kernel):
+    """A stride-1 VALID convolution of NHWC ``x`` with an HWIO ``kernel``: as one row-Toeplitz
+    matmul where that is fast (`_row_matmul_applies`), else XLA's convolution."""
+    op = Op(jax.lax.conv_general_dilated_p, [], [], dict(
+        window_strides=(1, 1), padding=((0, 0), (0, 0)), lhs_dilation=(1, 1),
+        rhs_dilation=(1, 1), dimension_numbers=jax.lax.ConvDimensionNumbers(*_NHWC),
+        feature_group_count=1, batch_group_count=1), ())
+    if _row_matmul_applies(op, kernel, x):
+        return _conv_as_row_matmul(op, kernel, x)
+    return jax.lax.conv_general_dilated(x, jnp.asarray(kernel, x.dtype), (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _row_matmul_applies(op: Op, kernel, x) -> bool:
@@ -639,8 +693,14 @@ class CompactModel:
         apply, names = self._apply, _names(self.structure, _as_kind(self.model))
         layers, structure, shapes = self.layers, self.structure, self.shapes
 
+        # The stored arrays enter the program as constants, so XLA folds what depends on them
+        # alone (a bias broadcast and narrowed, a BatchNorm's scale) once, at compile time.
+        stored = {i: v if jax.dtypes.issubdtype(getattr(v, "dtype", np.float32),
+                                                 jax.dtypes.prng_key) else np.asarray(v)
+                  for i, v in self.stored.items()}
+
         @jax.jit
-        def forward(stored, x):
+        def forward(x):
             program = _trace(apply, jax.tree.unflatten(structure, shapes), x)
             leaves = [stored.get(i, _ABSENT) for i in range(len(shapes))]
             interpreter = _Interpreter(program, names, set(program.inputs[len(shapes):]),
@@ -652,11 +712,10 @@ class CompactModel:
             return interpreter.run([*leaves, *jax.tree.leaves(x)])[0]
 
         self._forward = forward
-        self._device = {i: jnp.asarray(v) for i, v in self.stored.items()}  # moved once
 
     def apply(self, inputs) -> jax.Array:
         """The compact model's (first) output for ``inputs``."""
-        return self._forward(self._device, inputs)
+        return self._forward(inputs)
 
     def weights(self) -> int:
         """Kernel entries the compact layers store (dense storage)."""
