@@ -27,17 +27,24 @@ LABELS = {"nettrim": "Net-Trim (cascade, kept fraction)",
           "wanda": "Wanda", "magnitude": "magnitude"}
 
 
+def _point(results: pathlib.Path, name: str):
+    """(dense test result, pruned test result, pruning stage's results) of one pipeline's
+    results file, or None when it has not been run."""
+    path = results / f"{name}.json"
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    return payload["test"][0], payload["test"][-1], payload["stages"][-1]["results"]
+
+
 def _rows(results: pathlib.Path) -> tuple[dict, dict]:
     dense, rows = None, {}
     for method in METHODS:
         for point in POINTS:
-            path = results / f"gpt_{method}_{point}.json"
-            if not path.is_file():
+            found = _point(results, f"gpt_{method}_{point}")
+            if found is None:
                 continue
-            payload = json.loads(path.read_text())
-            dense = payload["test"][0]
-            pruned = payload["test"][-1]
-            stage = payload["stages"][-1]["results"]
+            dense, pruned, stage = found
             rows[method, point] = {"perplexity": pruned["perplexity"],
                                    "bits_per_byte": pruned["bits_per_byte"],
                                    "accuracy": pruned["accuracy"],
@@ -58,12 +65,10 @@ def _vit_table(results: pathlib.Path) -> str:
     lines, dense = [], None
     for point in ("50", "70", "2to4"):
         for method in METHODS:
-            path = results / f"vit_{method}_{point}.json"
-            if not path.is_file():
+            found = _point(results, f"vit_{method}_{point}")
+            if found is None:
                 continue
-            payload = json.loads(path.read_text())
-            dense = payload["test"][0]
-            pruned, stage = payload["test"][-1], payload["stages"][-1]["results"]
+            dense, pruned, stage = found
             label = "2:4" if point == "2to4" else f"{point}%"
             name = _label(method, point)
             lines.append(f"| {label} | {name} | {100 * pruned['accuracy']:.2f}% | "
