@@ -497,3 +497,29 @@ def test_nnx_state_saved_with_orbax_is_imported(tmp_path, tiny_data_root):
     images = load_dataset("mnist", tiny_data_root).test.images[:16]
     expected = nnx.view(model, use_running_average=True, deterministic=True)(images)
     np.testing.assert_allclose(loaded.predict(images), expected, rtol=1e-5, atol=1e-5)
+
+
+PLAIN_MODEL = textwrap.dedent("""
+    import flax.linen as nn
+    import jax
+
+    class PlainMLP(nn.Module):  # weights not named 'kernel': found as the maps they are
+        @nn.compact
+        def __call__(self, x):
+            w1 = self.param("w1", nn.initializers.lecun_normal(), (784, 16))
+            w2 = self.param("w2", nn.initializers.lecun_normal(), (16, 10))
+            return jax.nn.relu(x.reshape(x.shape[0], -1) @ w1) @ w2
+    """)
+
+
+def test_weights_not_named_kernel_are_trained_reported_and_pruned(tmp_path, tiny_data_root):
+    (tmp_path / "plain.py").write_text(PLAIN_MODEL)
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    assert cli.main(["train", "--model", f"{tmp_path / 'plain.py'}:PlainMLP", "--epochs", "1",
+                     "--out", str(tmp_path / "dense"), *data]) == 0
+    dense = pipeline.read_manifest(tmp_path / "dense")["results"]
+    assert [layer["name"] for layer in dense["sparsity"]["layers"]] == ["w1", "w2"]
+    assert cli.main(["nettrim", str(tmp_path / "dense"), "--epsilon", "0.2", "--samples", "300",
+                     "--heldout", "50", "--out", str(tmp_path / "trim"), *data]) == 0
+    trimmed = pipeline.read_manifest(tmp_path / "trim")["results"]
+    assert set(trimmed["layers"]) == {"w1", "w2"} and trimmed["kept_fraction"] < 1

@@ -16,6 +16,8 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
+from hoyertrim.trees import path_string
+
 
 MANIFEST = "hoyertrim.json"
 FORMAT = 1
@@ -268,10 +270,20 @@ def directory_bytes(path) -> int:
 
 def _summary(model, params, model_state, dataset, extra=None) -> dict:
     from hoyertrim import masks as masks_lib
+    from hoyertrim.inspection import inspect_model
+    from hoyertrim.penalties import is_kernel
     from hoyertrim.train import mode_kwargs, predict_accuracy
-    report = masks_lib.sparsity_report(params, model, sample=dataset.validation.images[:1],
-                                       model_state=model_state,
-                                       apply_kwargs=mode_kwargs(model, False))
+    sample, kwargs = dataset.validation.images[:1], mode_kwargs(model, False)
+    # The weights reported: every linear map's, whatever its name (a user's `x @ w`), and any
+    # other leaf named `kernel`.
+    maps = {m.path for m in inspect_model(model, {"params": params, **model_state}, sample,
+                                          apply_kwargs=kwargs).maps}
+
+    def reported(path, leaf):
+        return path_string(path) in maps or is_kernel(path, leaf)
+
+    report = masks_lib.sparsity_report(params, model, sample=sample, model_state=model_state,
+                                       apply_kwargs=kwargs, where=reported)
     text = {}
     if dataset.is_text:
         from hoyertrim.train import make_evaluate

@@ -175,12 +175,17 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             raise StageError(f"--samples {samples} exceeds the {len(data.train)} training images.")
         variables = {"params": loaded.params, **loaded.model_state}
         started = time.perf_counter()
-        pruned = nettrim_lib.prune_network(
-            model, variables, data.train.images[:samples], epsilon=epsilon,
-            kept_fraction=kept_fraction, scheme=scheme, solver=solver, layers=layers,
-            heldout=data.validation.images[:heldout] if heldout else 0,
-            apply_kwargs=mode_kwargs(model, False), key=jax.random.PRNGKey(seed),
-            progress=progress, within_nonzeros=within_nonzeros, **options)
+        try:
+            pruned = nettrim_lib.prune_network(
+                model, variables, data.train.images[:samples], epsilon=epsilon,
+                kept_fraction=kept_fraction, scheme=scheme, solver=solver, layers=layers,
+                heldout=data.validation.images[:heldout] if heldout else 0,
+                apply_kwargs=mode_kwargs(model, False), key=jax.random.PRNGKey(seed),
+                progress=progress, within_nonzeros=within_nonzeros, **options)
+        except (ValueError, NotImplementedError) as error:
+            # What the model cannot give (no linear map, a layer refused by name, a bad
+            # N:M shape): the user's to fix, said in one line; nothing is written.
+            raise StageError(f"Cannot prune {parent}: {error}") from error
         seconds = time.perf_counter() - started
         _save_network(stage.out, pruned.params, pruned.masks, loaded.model_state)
         layers = {name: {k: v for k, v in layer.items()} for name, layer in pruned.layers.items()}
