@@ -523,3 +523,25 @@ def test_weights_not_named_kernel_are_trained_reported_and_pruned(tmp_path, tiny
                      "--heldout", "50", "--out", str(tmp_path / "trim"), *data]) == 0
     trimmed = pipeline.read_manifest(tmp_path / "trim")["results"]
     assert set(trimmed["layers"]) == {"w1", "w2"} and trimmed["kept_fraction"] < 1
+
+
+def test_a_model_without_linear_maps_trains_and_says_what_it_cannot_prune(tmp_path, capsys,
+                                                                          tiny_data_root):
+    (tmp_path / "odd.py").write_text(textwrap.dedent("""
+        import flax.linen as nn
+
+        class Scaled(nn.Module):  # a weight matrix used elementwise: no contraction
+            @nn.compact
+            def __call__(self, x):
+                table = self.param("table", nn.initializers.normal(), (784, 10))
+                return x.reshape(x.shape[0], -1)[:, :10] * table[0]
+        """))
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    assert cli.main(["train", "--model", f"{tmp_path / 'odd.py'}:Scaled", "--epochs", "1",
+                     "--out", str(tmp_path / "dense"), *data]) == 0
+    capsys.readouterr()
+    status, _, err = run(capsys, "nettrim", str(tmp_path / "dense"), "--epsilon", "0.1",
+                         "--samples", "100", "--heldout", "10", "--out", str(tmp_path / "trim"),
+                         *data)
+    assert status == 1 and "no linear map to prune" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "trim").exists()

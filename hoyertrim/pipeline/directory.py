@@ -282,6 +282,11 @@ def _summary(model, params, model_state, dataset, extra=None) -> dict:
     def reported(path, leaf):
         return path_string(path) in maps or is_kernel(path, leaf)
 
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if not any(reported(path, leaf) for path, leaf in leaves):
+        def reported(path, leaf):  # no map, no kernel: every matrix-shaped weight
+            return np.ndim(leaf) >= 2
+
     report = masks_lib.sparsity_report(params, model, sample=sample, model_state=model_state,
                                        apply_kwargs=kwargs, where=reported)
     text = {}
