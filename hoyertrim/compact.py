@@ -118,7 +118,6 @@ class _Events:
 
     widened: set = dataclasses.field(default_factory=set)  # sources brought back to full width
     unread: dict = dataclasses.field(default_factory=dict)  # source -> units no consumer reads
-    consumers: dict = dataclasses.field(default_factory=dict)  # source -> consumer count
 
 
 def _is_float(dtype) -> bool:
@@ -455,7 +454,7 @@ class _Interpreter:
         if in_axis is not None:
             rows = np.any(np.moveaxis(operand, in_axis, 0).reshape(width_in, -1) != 0, axis=1)
             if isinstance(data, _Narrow):
-                input_index, shift = self._consume(op, path, data, operand, in_axis, out_axis,
+                input_index, shift = self._consume(op, data, operand, in_axis, out_axis,
                                                    rows)
             elif not rows.all():
                 input_index = np.flatnonzero(rows) if rows.any() else np.array([0])
@@ -475,7 +474,7 @@ class _Interpreter:
         return CompactLayer(kernel=kernel, shift=shift, input_index=input_index,
                             output_index=output_index, output_fill=output_fill, width=width)
 
-    def _consume(self, op, path, data: _Narrow, operand, in_axis, out_axis, rows):
+    def _consume(self, op, data: _Narrow, operand, in_axis, out_axis, rows):
         """(input features, bias shift) of a map reading a narrow value."""
         dropped = np.setdiff1d(np.arange(data.width), data.keep)
         fill = np.asarray(data.fill, np.float64)
@@ -485,7 +484,6 @@ class _Interpreter:
             unread -= set(np.unique(data.units[data.keep][rows[data.keep]]).tolist())
             previous = self.events.unread.get(source)
             self.events.unread[source] = unread if previous is None else previous & unread
-            self.events.consumers[source] = self.events.consumers.get(source, 0) + 1
         else:
             self.events.widened.update(data.sources)
         if np.any(data.unknown[dropped] & rows[dropped]):
@@ -494,7 +492,7 @@ class _Interpreter:
         if len(constant) == 0:
             return data.keep, None
         padded = op.name == "conv_general_dilated" and not _valid(op)
-        if padded or out_axis is None:
+        if padded:
             return np.union1d(data.keep, constant), None
         # Each output position multiplies every constant feature by its rows (a VALID window
         # lies inside the input, so a convolution sees the constant through every tap).

@@ -523,6 +523,8 @@ def test_weights_not_named_kernel_are_trained_reported_and_pruned(tmp_path, tiny
                      "--heldout", "50", "--out", str(tmp_path / "trim"), *data]) == 0
     trimmed = pipeline.read_manifest(tmp_path / "trim")["results"]
     assert set(trimmed["layers"]) == {"w1", "w2"} and trimmed["kept_fraction"] < 1
+    evaluated = pipeline.evaluate(tmp_path / "trim", data_dir=tiny_data_root)
+    assert [layer["name"] for layer in evaluated["sparsity"]["layers"]] == ["w1", "w2"]
 
 
 def test_a_model_without_linear_maps_trains_and_says_what_it_cannot_prune(tmp_path, capsys,

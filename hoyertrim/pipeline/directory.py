@@ -268,14 +268,15 @@ def directory_bytes(path) -> int:
     return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
 
 
-def _summary(model, params, model_state, dataset, extra=None) -> dict:
+def _sparsity(model, params, model_state, sample):
+    """A stage's `masks.SparsityReport`: every linear map's weights, whatever their names (a
+    user's ``x @ w``), and any other leaf named ``kernel``; for a model with neither, every
+    matrix-shaped weight."""
     from hoyertrim import masks as masks_lib
     from hoyertrim.inspection import inspect_model
     from hoyertrim.penalties import is_kernel
-    from hoyertrim.train import mode_kwargs, predict_accuracy
-    sample, kwargs = dataset.validation.images[:1], mode_kwargs(model, False)
-    # The weights reported: every linear map's, whatever its name (a user's `x @ w`), and any
-    # other leaf named `kernel`.
+    from hoyertrim.train import mode_kwargs
+    kwargs = mode_kwargs(model, False)
     maps = {m.path for m in inspect_model(model, {"params": params, **model_state}, sample,
                                           apply_kwargs=kwargs).maps}
 
@@ -287,8 +288,13 @@ def _summary(model, params, model_state, dataset, extra=None) -> dict:
         def reported(path, leaf):  # no map, no kernel: every matrix-shaped weight
             return np.ndim(leaf) >= 2
 
-    report = masks_lib.sparsity_report(params, model, sample=sample, model_state=model_state,
-                                       apply_kwargs=kwargs, where=reported)
+    return masks_lib.sparsity_report(params, model, sample=sample, model_state=model_state,
+                                     apply_kwargs=kwargs, where=reported)
+
+
+def _summary(model, params, model_state, dataset, extra=None) -> dict:
+    from hoyertrim.train import predict_accuracy
+    report = _sparsity(model, params, model_state, dataset.validation.images[:1])
     text = {}
     if dataset.is_text:
         from hoyertrim.train import make_evaluate

@@ -9,7 +9,7 @@ import numpy as np
 
 from hoyertrim.checkpoint import predict_in_batches
 from hoyertrim.pipeline.directory import StageError, StageResult, _load_data, \
-    _manifest, _parent, _result, _Stage, directory_bytes, load, read_manifest
+    _manifest, _parent, _result, _sparsity, _Stage, directory_bytes, load, read_manifest
 
 
 def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
@@ -95,11 +95,8 @@ def evaluate(directory, *, reference=None, split: str = "test", data_dir=None) -
                       reference_accuracy=float(np.mean(np.argmax(reference_logits, -1)
                                                        == labels)))
     if loaded.compact is None:
-        from hoyertrim import masks as masks_lib
-        from hoyertrim.train import mode_kwargs
-        result["sparsity"] = masks_lib.sparsity_report(
-            loaded.params, loaded.model, sample=images[:1], model_state=loaded.model_state,
-            apply_kwargs=mode_kwargs(loaded.model, False)).as_dict()
+        result["sparsity"] = _sparsity(loaded.model, loaded.params, loaded.model_state,
+                                       images[:1]).as_dict()
         result["bytes_on_disk"] = directory_bytes(path / "network")
     else:
         result["weights_stored"] = loaded.compact.weights()
