@@ -142,6 +142,20 @@ CONFIGS["vit_nettrim_2to4"] = [DENSE_VIT, ("nettrim", {"nm": (2, 4), "scheme": "
 CONFIGS["vit_sparsegpt_2to4"] = [DENSE_VIT, ("nettrim", {"nm": (2, 4), "method": "sparsegpt",
                                                          **_CALIBRATION_VIT})]
 
+# The same short fine-tune after each method (masked: pruned weights stay 0, plain cross-entropy):
+# one epoch of the GPT's 20,000 training windows, two epochs of the ViT's MNIST.
+_FINETUNE = {"gpt": ("finetune", {"epochs": 1, "learning_rate": 1e-3, "batch_size": 64,
+                                  "train_examples": 20000}),
+             "vit": ("finetune", {"epochs": 2, "learning_rate": 3e-4})}
+for _model, _points in (("gpt", ("nettrimpolish_50", "nettrimpolish_70", "nettrim_2to4")),
+                        ("vit", ("nettrimpolish_50", "nettrimpolish_70", "nettrim_2to4"))):
+    for _point in _points:
+        for _name in (_point, *(_point.replace(_point.split("_")[0], _method)
+                                for _method in ("sparsegpt", "wanda", "magnitude"))):
+            if f"{_model}_{_name}" in CONFIGS:
+                CONFIGS[f"{_model}_{_name}_ft"] = CONFIGS[f"{_model}_{_name}"] + [
+                    _FINETUNE[_model]]
+
 
 def with_lenet5_teacher(stages: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """The chain with every (distilled) fine-tune distilling from the dense LeNet-5."""
@@ -259,6 +273,13 @@ for _name in ("nettrim_thrice_ft5_lenet300100", "hoyertrim5_lenet300100_eps0.2",
               "hs_distill_lenet5", "ghs_structured_long_lenet5_a0.03"):
     for _seed in (1, 2):
         CONFIGS[f"{_name}_seed{_seed}"] = seeded(CONFIGS[_name], _seed)
+
+# The transformers' headline points over three calibration samples (seed 0 is the plain name).
+for _model in ("gpt", "vit"):
+    for _name in ("nettrimpolish_50", "sparsegpt_50", "nettrimpolish_70", "sparsegpt_70",
+                  "nettrim_2to4", "sparsegpt_2to4"):
+        for _seed in (1, 2):
+            CONFIGS[f"{_model}_{_name}_seed{_seed}"] = seeded(CONFIGS[f"{_model}_{_name}"], _seed)
 
 NETTRIM_FC_REFIT = ("nettrim", {"epsilon": 0.1, "scheme": "cascade", "refit": True})
 for _name in ("plain", "l1", "hs"):

@@ -120,6 +120,12 @@ def _train_args(parser, epochs, learning_rate):
                         default="adam", help="optimizer")
 
 
+def _train_examples_arg(parser):
+    parser.add_argument("--train-examples", type=_positive_int, default=None,
+                        help="train on this many training examples (a fixed random subset; "
+                             "default: all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hoyertrim.data import DATASETS
     from hoyertrim.models import MODELS
@@ -159,9 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p, 30, 1e-3)
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning-rate schedule")
-    p.add_argument("--train-examples", type=_positive_int, default=None,
-                   help="train on this many training examples (a fixed random subset; "
-                        "default: all)")
+    _train_examples_arg(p)
     _common(p, training=True)
 
     p = command("import", "make weights trained elsewhere (orbax checkpoint directory, flax "
@@ -224,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None,
                    help="teacher stage directory for --distill (default: the chain's first "
                         "stage, usually the dense model)")
+    _train_examples_arg(p)
     _common(p, training=True)
 
     for name, help_text in (
@@ -256,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--within-nonzeros", action="store_true",
                        help="keep the parent's zeros: re-fit each layer on its nonzeros only")
         p.add_argument("--samples", type=_positive_int, default=5000,
-                       help="training images that define the problems")
+                       help="training examples that define the problems (a random subset, "
+                            "drawn with --seed)")
         p.add_argument("--heldout", type=int, default=1000,
-                       help="validation images the discrepancies are measured on (0: none)")
+                       help="validation examples the discrepancies are measured on (a random "
+                            "subset; 0: none)")
         if name == "nettrim":
             p.add_argument("--maxiter", type=_positive_int, default=300,
                            help="FISTA iterations per solve")
@@ -270,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with --epsilon fewer weights at the same ε, with "
                                 "--kept-fraction the exact count at a lower discrepancy (~50 "
                                 "extra iterations a round)")
-        p.add_argument("--seed", type=int, default=0, help="seeds row subsets of large layers")
+        p.add_argument("--seed", type=int, default=0,
+                       help="seeds the calibration and held-out subsets and the row subsets of "
+                            "large layers")
         _common(p)
 
     p = command("compact", "remove dead units and store the smaller arrays compressed")
@@ -375,7 +384,8 @@ def _run(args, command_line) -> int:
         result = pipeline.finetune(
             args.parent, out, epochs=args.epochs, learning_rate=args.learning_rate,
             batch_size=args.batch_size, weight_decay=args.weight_decay, distill=args.distill,
-            teacher=args.teacher, seed=args.seed, progress=progress, **common)
+            teacher=args.teacher, seed=args.seed, train_examples=args.train_examples,
+            progress=progress, **common)
     elif args.command in ("nettrim", "oneshot"):
         explicit = any(v is not None for v in (args.kept_fraction, args.nm, args.like))
         result = pipeline.nettrim(

@@ -110,20 +110,29 @@ class Recorder:
 
         self._run = run
 
+    def batches(self, params, images, names: Sequence[str] = ()):
+        """Yields, batch by batch, ``(start, output, {name: (inputs, z)})``: the index of the
+        batch's first image, the model's (first) output and each named map's recorded inputs
+        (`LinearMap.recorded_input`) and output rows (`LinearMap.output_rows`) — for streaming
+        over calibration sets too large to hold."""
+        with jax.default_matmul_precision("highest"):
+            for start in range(0, len(images), self.batch_size):
+                output, layers = self._run(params, images[start:start + self.batch_size])
+                yield start, np.asarray(output), {
+                    name: (self._maps[name].recorded_input(layers[name][0]),
+                           self._maps[name].output_rows(layers[name][1])) for name in names}
+
     def __call__(self, params, images, names: Sequence[str] = ()
                  ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
         """The model's (first) output and ``{name: (inputs, z)}`` for ``names`` over all
         ``images``: ``inputs`` as `LinearMap.recorded_input` keeps them (take rows with
         `LinearMap.input_rows`), ``z`` the map's output as (rows, M) (`LinearMap.output_rows`)."""
         outputs, captured = [], {n: ([], []) for n in names}
-        with jax.default_matmul_precision("highest"):
-            for start in range(0, len(images), self.batch_size):
-                output, layers = self._run(params, images[start:start + self.batch_size])
-                outputs.append(np.asarray(output))
-                for name in names:
-                    data, z = layers[name]
-                    captured[name][0].append(self._maps[name].recorded_input(data))
-                    captured[name][1].append(self._maps[name].output_rows(z))
+        for _, output, layers in self.batches(params, images, names):
+            outputs.append(output)
+            for name, (inputs, z) in layers.items():
+                captured[name][0].append(inputs)
+                captured[name][1].append(z)
         return (np.concatenate(outputs),
                 {n: (np.concatenate(x), np.concatenate(z)) for n, (x, z) in captured.items()})
 

@@ -3,18 +3,20 @@
 The layers are the model's linear maps, found in its computation (`hoyertrim.inspection`): any
 linen or NNX model or plain function ``apply(params, x)``, and every contraction with a parameter
 in it — Dense, Conv, DenseGeneral, Einsum, attention projections. For every selected map (in the
-order the computation runs them) its signals are recorded on calibration inputs,
-what follows the layer decides the program (`graph`), per-channel affine steps before a ReLU are
-folded in, the layer is solved (`search.solve_layer`) and unfolded back into the params tree.
-Then the original and the pruned model are run (the real forward pass) and each layer's
-certified quantity is measured on its calibration rows; a value above the certificate raises
-`CertificateError`. Held-out inputs give the measured discrepancy, the logits' relative error
+order the computation runs them) what follows the layer decides the program (`graph`), its
+calibration signals are streamed from the real forward pass (`calibration`: the linear program's
+Gram sums over every row, or a row subset for the ReLU program), per-channel affine steps before
+a ReLU are folded in, the layer is solved (`search.solve_layer`) and unfolded back into the
+params tree. Then the original and the pruned model are run (the real forward pass, streamed)
+and each layer's certified quantity is measured on its calibration rows; a value above the
+certificate raises `CertificateError`. Held-out inputs give the measured discrepancy, the logits' relative error
 and the top-1 agreement with the original model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
@@ -29,6 +31,7 @@ from hoyertrim.inspection import LinearMap, Recorder, as_computation, graph, ins
     select_maps
 from hoyertrim.inspection.computation import split_variables
 from hoyertrim.masks import SparsityReport, sparsity_report
+from hoyertrim.nettrim import calibration as calibration_lib
 from hoyertrim.nettrim.search import solve_layer
 from hoyertrim.penalties import is_kernel
 from hoyertrim.trees import path_string, replace_leaves
@@ -121,19 +124,12 @@ def _relative(new: np.ndarray, old: np.ndarray) -> float:
     return float(np.linalg.norm(new - old)) / norm if norm > 0 else float(np.linalg.norm(new))
 
 
-def _sample_rows(num_rows: int, max_rows: int, key, index: int) -> np.ndarray | None:
-    if num_rows <= max_rows:
-        return None
-    return np.sort(np.asarray(jax.random.choice(jax.random.fold_in(key, index), num_rows,
-                                                (max_rows,), replace=False)))
-
-
 def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
                   scheme: str = "parallel", gamma: float = 1.1,
                   layers: Sequence[str] | None = None,
                   activations: Mapping[str, str] | None = None,
                   apply_kwargs: Mapping | None = None, heldout=0.1, max_rows: int = 20000,
-                  batch_size: int = 1000, key=None, solver: Callable = solve_layer,
+                  batch_size: int | None = None, key=None, solver: Callable = solve_layer,
                   devices: Sequence[jax.Device] | None = None, progress: bool = True,
                   within_nonzeros: bool = False, **solver_kwargs) -> PrunedNetwork:
     """Net-Trim over every linear map of a model (Dense, Conv, DenseGeneral, Einsum, attention
@@ -165,9 +161,11 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
       heldout: held-out inputs (array), or the fraction of ``images`` to hold out (default
         0.1; 0 disables). Not used to solve; reported on.
       max_rows: a layer with more signal rows (conv: images × positions) uses a random subset —
-        except a non-conv map with the linear program, solved on all its rows in Gram form
-        (`gram`).
-      batch_size: images per forward pass.
+        except a map with the linear program and a solver that takes its Gram form
+        (`solve_layer`, `solve_layer_nm`, the peers): it is solved on all its rows as their Gram
+        sums, streamed (`calibration`), so the calibration set is bounded by time, not memory.
+      batch_size: images per forward pass (default: as many as keep one batch's recorded
+        signals within 64 MiB, at most 1000).
       key: PRNG key for the row subsets and the held-out split.
       solver: `solve_layer`, `solve_layer_admm` (for Dense/Conv layers with bias and no
         folding), or a one-shot peer from `peers` (``magnitude_layer``, ``wanda_layer``,
@@ -211,22 +209,25 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
     followers = graph.override({n: found.followers[n] for n in names}, activations,
                                lambda n: maps[n].num_outputs)
 
+    if batch_size is None:
+        batch_size = calibration_lib.batch_size_for(list(maps.values()))
     record = Recorder(computation, list(maps.values()), batch_size)
-    _, original = record(params, calibration, names)
-    # The linear program of a contraction whose rows are already recorded (not a conv's
-    # patches) is solved in Gram form on all of them: its cost no longer grows with P.
-    rows = {name: None if followers[name].program == "linear" and maps[name].kind != "conv"
-            else _sample_rows(len(original[name][1]), max_rows, key, index)
-            for index, name in enumerate(names)}
+    # The linear program is solved on all its rows, as their Gram sums, by a solver that takes
+    # them: its cost and memory no longer grow with P. Other layers get a row subset.
+    takes_gram = "gram" in inspect.signature(solver).parameters and \
+        solver_kwargs.get("form", "auto") != "rows"
+    plans = {name: calibration_lib.row_plan(
+        maps[name], len(calibration), gram=takes_gram and followers[name].program == "linear",
+        max_rows=max_rows, key=key, index=index) for index, name in enumerate(names)}
+    original = calibration_lib.gather(record, maps, plans, calibration, params)
     inner_progress = progress and (devices is None or len(devices) == 1)
 
-    def prune(name, x_hat=None, concurrent=False):
+    def prune(name, signals, cascade=False, concurrent=False):
         # Concurrent layers each own a device: no spreading of one layer over all of them.
         extra = {"shard": False} if concurrent and solver is solve_layer else {}
-        inputs, z = original[name]
         return _prune_layer(
-            maps[name], params, followers[name], inputs, x_hat, z,
-            rows[name], epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma,
+            maps[name], params, followers[name], signals, cascade=cascade,
+            epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma,
             solver=solver, within_nonzeros=within_nonzeros,
             solver_kwargs={**solver_kwargs, **extra, **(
                 {"progress": inner_progress} if solver is solve_layer else {})})
@@ -235,14 +236,18 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
     bar = tqdm(total=len(names), desc=f"Net-Trim ({scheme})", unit="layer",
                disable=not progress)
     if devices is not None and len(devices) > 1:
-        results = _solve_on_devices(names, devices, prune, bar)
+        results = _solve_on_devices(names, devices, lambda name, concurrent: prune(
+            name, original[name], concurrent=concurrent), bar)
     else:
         results = {}
         for index, name in enumerate(names):
-            x_hat = None
-            if scheme == "cascade" and index > 0:
-                x_hat = record(pruned, calibration, [name])[1][name][0]
-            results[name] = prune(name, x_hat)
+            cascade = scheme == "cascade" and index > 0
+            # The cascade's layer sees the pruned layers' outputs, its target stays trained.
+            signals = calibration_lib.gather(
+                record, {name: maps[name]}, plans, calibration, params,
+                input_params=pruned)[name] if cascade else original.pop(name)
+            results[name] = prune(name, signals, cascade)
+            del signals
             pruned = _with_layer(pruned, maps[name], results[name][1])
             bar.update()
             bar.set_postfix(layer=name, kept=f"{results[name][0]['kept_fraction']:.3f}",
@@ -252,8 +257,9 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
         reports[name], new_layer = results[name]
         pruned = _with_layer(pruned, maps[name], new_layer)
 
-    network = _check(record, params, pruned, maps, followers, original, rows, reports,
-                     calibration, held, scheme)
+    del original
+    network = _check(record, params, pruned, maps, followers, plans, reports, calibration, held,
+                     scheme)
     network.masks = _map_nonzero_masks(network.params, found.maps)
     network.kernels = tuple(m.path for m in found.maps)
     rebuilt = computation.rebuild(network.params)
@@ -319,18 +325,18 @@ def _split_heldout(images, heldout, key):
     return images[np.sort(order[count:])], images[np.sort(order[:count])]
 
 
-def _prune_layer(lmap: LinearMap, params, follower, inputs, x_hat, z, rows, *, epsilon,
-                 kept_fraction, gamma, solver, solver_kwargs, within_nonzeros=False):
-    """One map's solve: its report and ``(kernel matrix, bias)`` to write back, or None for
-    the trained layer."""
+def _prune_layer(lmap: LinearMap, params, follower, signals: calibration_lib.LayerSignals, *,
+                 cascade: bool, epsilon, kept_fraction, gamma, solver, solver_kwargs,
+                 within_nonzeros=False):
+    """One map's solve on its calibration ``signals`` (in the cascade, ``cascade=True``: inputs
+    from the pruned network, targets from the trained one): its report and ``(kernel matrix,
+    bias)`` to write back, or None for the trained layer."""
     kernel = lmap.matrix(params).astype(np.float64)
     bias = lmap.bias(params)
     support = lmap.support()
     if within_nonzeros:
         support = (kernel != 0) if support is None else (support & (kernel != 0))
     num_outputs = kernel.shape[1]
-    z_rows = np.asarray(z) if rows is None else np.asarray(z)[rows]
-    x = lmap.input_rows(inputs, rows)
     relu = follower.program == "relu"
     # Fold the per-channel affine map before the ReLU: relu(a⊙z + c) = relu(x·(W a) + (a b + c)).
     scale = follower.scale if relu else np.ones(num_outputs)
@@ -338,17 +344,23 @@ def _prune_layer(lmap: LinearMap, params, follower, inputs, x_hat, z, rows, *, e
     folded_kernel = kernel * scale
     folded_bias = None if bias is None else scale * bias + shift
     offset = shift if bias is None else np.zeros(num_outputs)
-    target = _quantity(follower, z_rows).astype(np.float32)
-    x_solve, v, certified, mode = x, None, epsilon, "epsilon"
+    gram = signals.gram
+    x = signals.inputs
+    target = None if gram is not None else _quantity(follower, signals.outputs).astype(np.float32)
+    v, certified, mode = None, epsilon, "epsilon"
     trained_discrepancy = 0.0  # of the trained weights: 0 on the trained network's inputs
-    if x_hat is not None:
-        x_solve = lmap.input_rows(x_hat, rows)
-        v = x_solve @ folded_kernel + (offset if bias is None else folded_bias)
-        trained = np.maximum(v, 0) if relu else v
-        trained_discrepancy = _relative(trained, target)
+    if cascade:
+        shift_all = offset if bias is None else folded_bias
+        if gram is not None:  # the linear program: scale 1, shift 0
+            trained_discrepancy = float(np.sqrt(gram.misfit(folded_kernel, shift_all).sum()
+                                                / max(gram.y_squares.sum(), 1e-300)))
+        else:
+            v = x @ folded_kernel + shift_all
+            trained = np.maximum(v, 0) if relu else v
+            trained_discrepancy = _relative(trained, target)
+            v = v.astype(np.float32) if relu else None
         if kept_fraction is None:
             certified = max(math.sqrt(gamma) * trained_discrepancy, 1e-6)
-        v = v.astype(np.float32) if relu else None
     extra = {}
     if bias is None:
         extra["fit_bias"] = False
@@ -367,7 +379,9 @@ def _prune_layer(lmap: LinearMap, params, follower, inputs, x_hat, z, rows, *, e
         # weights are off by ≥ 1/√γ: nothing to prune; the trained weights keep ε = √γ·that.
         solution = None
     else:
-        solution = solver(x_solve, target, relu=relu, v=v, **extra, **solver_kwargs)
+        if gram is not None:
+            extra["gram"] = gram
+        solution = solver(x, target, relu=relu, v=v, **extra, **solver_kwargs)
     if kept_fraction is not None:
         certified = solution.epsilon
     fallback = None
@@ -399,42 +413,40 @@ def _prune_layer(lmap: LinearMap, params, follower, inputs, x_hat, z, rows, *, e
         "bounds": ("‖relu(ẑ) − relu(z)‖_F ≤ ε‖relu(z)‖_F (post-activation"
                    + (", batch-norm/affine folded" if np.any(scale != 1) or np.any(shift != 0)
                       else "") + ")") if relu else "‖ẑ − z‖_F ≤ ε‖z‖_F (pre-activation)",
-        "samples": int(x.shape[0]), "weights": weights, "kept_weights": kept,
+        "samples": int(signals.rows if gram is not None else x.shape[0]),
+        "weights": weights, "kept_weights": kept,
         "kept_fraction": kept / weights, "fallback": fallback}
     if fallback:  # what is returned is the trained layer, feasible at the certified ε
         report.update(discrepancy=trained_discrepancy, feasible=True)
     return report, new_layer
 
 
-def _measure_layers(record, params, pruned, maps, followers, images, rows, scheme, reference,
-                    pruned_signals):
+def _measure_layers(record, params, pruned, maps, followers, plans, images, scheme
+                    ) -> dict[str, float]:
     """Per layer, the measured relative discrepancy of its certified quantity in the real
-    forward pass: the layer alone pruned (parallel) or the whole pruned network (cascade, whose
-    recorded signals on ``images`` are ``pruned_signals``)."""
+    forward pass, over the rows its plan solved on: the layer alone pruned (parallel) or the
+    whole pruned network (cascade)."""
+    def quantity(name, z):
+        return _quantity(followers[name], z)
+
+    if scheme == "cascade":
+        return calibration_lib.relative_discrepancy(record, maps, plans, images, params, pruned,
+                                                    quantity)
     measured = {}
     pruned_leaves = jax.tree.leaves(pruned)
     for name, lmap in maps.items():
-        if scheme == "parallel":
-            own = [i for i in (lmap.kernel_leaf, lmap.bias_leaf) if i is not None]
-            alone = replace_leaves(params, {i: pruned_leaves[i] for i in own})
-            z = record(alone, images, [name])[1][name][1]
-        else:
-            z = pruned_signals[name][1]
-        new, old = _quantity(followers[name], z), _quantity(followers[name], reference[name][1])
-        r = rows.get(name)
-        if r is not None:
-            new, old = new[r], old[r]
-        measured[name] = _relative(new, old)
+        own = [i for i in (lmap.kernel_leaf, lmap.bias_leaf) if i is not None]
+        alone = replace_leaves(params, {i: pruned_leaves[i] for i in own})
+        measured.update(calibration_lib.relative_discrepancy(
+            record, {name: lmap}, plans, images, params, alone, quantity))
     return measured
 
 
-def _check(record, params, pruned, maps, followers, original, sample_rows, reports,
-           calibration, held, scheme) -> PrunedNetwork:
+def _check(record, params, pruned, maps, followers, plans, reports, calibration, held,
+           scheme) -> PrunedNetwork:
     names = list(maps)
-    whole = names if scheme == "cascade" else []  # what the cascade measures on the pruned net
-    pruned_signals = record(pruned, calibration, whole)[1] if whole else {}
-    measured = _measure_layers(record, params, pruned, maps, followers, calibration,
-                               sample_rows, scheme, original, pruned_signals)
+    measured = _measure_layers(record, params, pruned, maps, followers, plans, calibration,
+                               scheme)
     for name in names:
         report = reports[name]
         report["measured"] = measured[name]
@@ -448,18 +460,13 @@ def _check(record, params, pruned, maps, followers, original, sample_rows, repor
             report["output_bound"] = report["lipschitz"] * report["epsilon"]
     heldout = None
     if held is not None and len(held):
-        reference_out, reference = record(params, held, names)
-        out, pruned_signals = record(pruned, held, whole)
-        held_measured = _measure_layers(record, params, pruned, maps, followers, held, {},
-                                        scheme, reference, pruned_signals)
+        every_row = dict.fromkeys(names, calibration_lib.ALL)
+        held_measured = _measure_layers(record, params, pruned, maps, followers, every_row,
+                                        held, scheme)
         for name in names:
             reports[name]["heldout_measured"] = held_measured[name]
         heldout = {"samples": int(len(held)),
-                   "logits_relative_error": _relative(out.astype(np.float64),
-                                                      reference_out.astype(np.float64))}
-        if out.ndim >= 2 and out.shape[-1] > 1:
-            heldout["top1_agreement"] = float(np.mean(np.argmax(out, -1)
-                                                      == np.argmax(reference_out, -1)))
+                   **calibration_lib.compare_outputs(record, held, params, pruned)}
     pruned = jax.tree.map(jnp.asarray, pruned)
     return PrunedNetwork(params=pruned, masks=None, layers=reports, scheme=scheme,
                          heldout=heldout)

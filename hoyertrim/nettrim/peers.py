@@ -3,7 +3,9 @@ SparseGPT, at a kept fraction per layer or as N:M patterns.
 
 Each ``*_layer`` function takes what `solve_layer` takes (inputs ``x`` (P, N), the layer's
 trained output ``y`` (P, M) — post-ReLU for the ReLU program, the pre-activation for the linear
-one — and the options `network.prune_network` passes) plus the trained kernel and bias, and
+one — or, for the linear program, their Gram sums ``gram`` (`gram.GramStats`: SparseGPT's
+H = XᵀX and Wanda's ‖X_:,i‖₂ are read off them), and the options `network.prune_network`
+passes) plus the trained kernel and bias, and
 returns a `LayerSolution` whose ``discrepancy`` is measured like Net-Trim's (the layer's
 certified quantity: ‖relu(ẑ) − y‖_F / ‖y‖_F or ‖ẑ − y‖_F / ‖y‖_F) and whose ``epsilon`` is that
 discrepancy: a one-shot method fixes a sparsity, not an error. So
@@ -24,16 +26,18 @@ sequential mode: each layer sees the pruned layers' outputs), with the same chec
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax.numpy as jnp
 import numpy as np
 
 from hoyertrim.masks import top_k_mask
+from hoyertrim.nettrim.gram import GramStats
 from hoyertrim.nettrim.problem import LayerSolution
 
 
-def _check(x, kernel, kept_fraction, nm):
+def _check(num_inputs: int, kernel, kept_fraction, nm):
     if (kept_fraction is None) == (nm is None):
         raise ValueError("Give exactly one of kept_fraction and nm=(N, M).")
     if kept_fraction is not None and not 0 < kept_fraction <= 1:
@@ -45,8 +49,8 @@ def _check(x, kernel, kept_fraction, nm):
         if kernel.shape[0] % m:
             raise ValueError(f"N:M groups M consecutive inputs; this layer has {kernel.shape[0]}"
                              f" inputs, not a multiple of M = {m}.")
-    if x.shape[1] != kernel.shape[0]:
-        raise ValueError(f"x has {x.shape[1]} inputs, the kernel {kernel.shape[0]}.")
+    if num_inputs != kernel.shape[0]:
+        raise ValueError(f"x has {num_inputs} inputs, the kernel {kernel.shape[0]}.")
 
 
 def nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
@@ -86,12 +90,21 @@ def magnitude_mask(kernel, *, kept_fraction=None, nm=None, support=None) -> np.n
     return _top_k(scores, int(round(kept_fraction * allowed.sum())))
 
 
+def _inputs_gram(x) -> np.ndarray:
+    """XᵀX (N, N) in float64 of inputs ``x`` (P, N), or of a `GramStats` (its sums)."""
+    if isinstance(x, GramStats):
+        return x.gram[:-1, :-1].copy()
+    x = np.asarray(x, np.float64)
+    return x.T @ x
+
+
 def wanda_mask(x, kernel, *, kept_fraction=None, nm=None, support=None) -> np.ndarray:
     """Wanda's mask: score |w_ij|·‖x_:,i‖₂; each output unit keeps ``kept_fraction`` of its
-    allowed inputs (or the N best of every M consecutive inputs)."""
+    allowed inputs (or the N best of every M consecutive inputs). ``x``: (P, N) inputs or
+    their `GramStats`."""
     kernel = np.asarray(kernel)
     allowed = _allowed(support, kernel)
-    norms = np.linalg.norm(np.asarray(x, np.float64), axis=0)
+    norms = np.sqrt(np.maximum(np.diag(_inputs_gram(x)), 0.0))
     scores = np.where(allowed, np.abs(kernel) * norms[:, None], -np.inf)
     if nm is not None:
         return nm_mask(scores, *nm) & allowed
@@ -104,15 +117,15 @@ def wanda_mask(x, kernel, *, kept_fraction=None, nm=None, support=None) -> np.nd
 
 def sparsegpt_kernel(x, kernel, *, kept_fraction=None, nm=None, support=None,
                      block_size: int = 128, damping: float = 0.01) -> np.ndarray:
-    """SparseGPT's pruned kernel (N, M) for inputs ``x`` (P, N); see the module docstring.
+    """SparseGPT's pruned kernel (N, M) for inputs ``x`` (P, N) or their `GramStats`; see the
+    module docstring.
 
     Inputs that are zero on every sample are pruned (their weights do nothing on the data), as
     in the reference implementation. Float64 throughout.
     """
-    x = np.asarray(x, np.float64)
     weights = np.array(kernel, np.float64).T  # (M, N): rows are output units, as in the paper
     allowed = _allowed(support, kernel).T
-    hessian = x.T @ x
+    hessian = _inputs_gram(x)
     dead = np.diag(hessian) == 0
     hessian[dead, dead] = 1.0
     weights[:, dead] = 0.0
@@ -155,12 +168,16 @@ def sparsegpt_kernel(x, kernel, *, kept_fraction=None, nm=None, support=None,
     return weights.T
 
 
-def _solution(x, y, kernel, bias, relu, offset, started) -> LayerSolution:
-    x64 = np.asarray(x, np.float64)
-    z = x64 @ kernel + (0.0 if bias is None else bias) + (0.0 if offset is None else offset)
-    out = np.maximum(z, 0) if relu else z
-    y = np.asarray(y, np.float64)
-    discrepancy = float(np.linalg.norm(out - y) / np.linalg.norm(y))
+def _solution(x, y, gram, kernel, bias, relu, offset, started) -> LayerSolution:
+    shift = (0.0 if bias is None else bias) + (0.0 if offset is None else offset)
+    if gram is not None:  # the linear program's misfit from the sums (float64)
+        misfit = float(gram.misfit(kernel, np.broadcast_to(shift, kernel.shape[1])).sum())
+        discrepancy = math.sqrt(misfit / float(gram.y_squares.sum()))
+    else:
+        z = np.asarray(x, np.float64) @ kernel + shift
+        out = np.maximum(z, 0) if relu else z
+        y = np.asarray(y, np.float64)
+        discrepancy = float(np.linalg.norm(out - y) / np.linalg.norm(y))
     return LayerSolution(
         kernel=kernel.astype(np.float32),
         bias=np.zeros(kernel.shape[1], np.float32) if bias is None else
@@ -172,20 +189,30 @@ def _solution(x, y, kernel, bias, relu, offset, started) -> LayerSolution:
 
 
 def _peer(name, prune):
-    def layer(x, y, *, trained_kernel, trained_bias=None, kept_fraction=None, nm=None,
-              relu=True, v=None, fit_bias=True, offset=None, support=None, **unused):
+    def layer(x=None, y=None, *, trained_kernel, trained_bias=None, kept_fraction=None,
+              nm=None, relu=True, v=None, fit_bias=True, offset=None, support=None,
+              gram: GramStats | None = None, **unused):
         started = time.perf_counter()
+        if (gram is None) == (x is None):
+            raise ValueError("Give the layer's inputs x (and outputs y) or their gram sums.")
+        if gram is not None and relu:
+            raise ValueError("The Gram sums describe the linear program only; the ReLU program "
+                             "needs the rows x, y.")
         kernel = np.asarray(trained_kernel, np.float64)
-        _check(np.asarray(x), kernel, kept_fraction if nm is None else None, nm)
-        new = prune(np.asarray(x), kernel, kept_fraction=None if nm else kept_fraction, nm=nm,
+        data = gram if gram is not None else np.asarray(x)
+        _check(gram.num_inputs if gram is not None else np.shape(x)[1], kernel,
+               kept_fraction if nm is None else None, nm)
+        new = prune(data, kernel, kept_fraction=None if nm else kept_fraction, nm=nm,
                     support=support)
         bias = None if trained_bias is None or not fit_bias else np.asarray(trained_bias)
-        return _solution(x, y, new, bias, relu, None if bias is not None else offset, started)
+        return _solution(x, y, gram, new, bias, relu, None if bias is not None else offset,
+                         started)
 
     layer.uses_trained_weights = True
     layer.__name__ = f"{name}_layer"
     layer.__doc__ = (f"{name} as a `prune_network` solver: ``kept_fraction`` or ``nm=(N, M)`` "
-                     "(then pass kept_fraction=N/M to prune_network); the bias is kept.")
+                     "(then pass kept_fraction=N/M to prune_network); inputs ``x``, ``y`` or, "
+                     "for the linear program, their ``gram`` sums; the bias is kept.")
     return layer
 
 

@@ -502,7 +502,8 @@ def _refit(x, y, pattern, kernel, bias, common: dict, *, shard: bool, maxiter: i
 
 def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bias=None,
                    support=None, kept_fraction=None, relu: bool = True, v=None,
-                   fit_bias: bool = True, offset=None, maxiter: int = 300, tol: float = 1e-4,
+                   fit_bias: bool = True, offset=None, gram: GramStats | None = None,
+                   form: str = "auto", maxiter: int = 300, tol: float = 1e-4,
                    refit_maxiter: int = 2000, refit_lam: float = 1e-6, shard: bool = True,
                    **options) -> LayerSolution:
     """Net-Trim with an N:M pattern: every M consecutive inputs of an output unit keep at most N
@@ -523,13 +524,13 @@ def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bi
         kept fraction).
       refit_maxiter: FISTA iterations of the re-fit (a least-squares-like problem converges
         slower than a strongly regularized one).
-      relu, v, fit_bias, offset, maxiter, tol, shard, options: as in `solve_layer`.
+      relu, v, fit_bias, offset, gram, form, maxiter, tol, shard, options: as in
+        `solve_layer`.
     """
     from hoyertrim.nettrim.peers import nm_mask
     n, m = nm
     if not 0 < n <= m:
         raise ValueError(f"N:M needs 0 < N ≤ M, got {n}:{m}.")
-    gram, form = options.pop("gram", None), options.pop("form", "auto")
     num_inputs, num_outputs = (gram.num_inputs, gram.num_outputs) if gram is not None else (
         np.shape(x)[1], np.shape(y)[1])
     if num_inputs % m:

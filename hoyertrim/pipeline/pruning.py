@@ -77,7 +77,9 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             maxiter: int = 300, seed: int = 0, data_dir=None, progress=True,
             command=None) -> StageResult:
     """Layer-wise pruning of the parent network from ``samples`` training images, each layer's
-    discrepancy checked by a forward pass on them and measured on ``heldout`` validation images.
+    discrepancy checked by a forward pass on them and measured on ``heldout`` validation images
+    (both random subsets drawn with ``seed``: a corpus's windows come file by file, so its first
+    ones would all be one file's).
 
     Args:
       epsilon / kept_fraction / nm / like: Net-Trim's ε, or a kept fraction per layer, or an
@@ -127,7 +129,7 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             raise StageError(f"{like} keeps no weight of {', '.join(empty)}; a layer-wise "
                              "method needs at least one kept weight per layer.")
     config = dict(epsilon=epsilon, kept_fraction=kept_fraction, scheme=scheme, samples=samples,
-                  heldout=heldout, maxiter=maxiter, seed=seed)
+                  heldout=heldout, maxiter=maxiter, seed=seed, calibration="random subsets")
     if like is not None:
         config["like"] = like
     if nm is not None:
@@ -174,12 +176,17 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         if samples > len(data.train):
             raise StageError(f"--samples {samples} exceeds the {len(data.train)} training images.")
         variables = {"params": loaded.params, **loaded.model_state}
+        rng = np.random.default_rng(seed)
+        calibration = data.train.images[np.sort(rng.choice(len(data.train), samples,
+                                                           replace=False))]
+        held = data.validation.images[np.sort(rng.choice(
+            len(data.validation), min(heldout, len(data.validation)), replace=False))]
         started = time.perf_counter()
         try:
             pruned = nettrim_lib.prune_network(
-                model, variables, data.train.images[:samples], epsilon=epsilon,
+                model, variables, calibration, epsilon=epsilon,
                 kept_fraction=kept_fraction, scheme=scheme, solver=solver, layers=layers,
-                heldout=data.validation.images[:heldout] if heldout else 0,
+                heldout=held if heldout else 0,
                 apply_kwargs=mode_kwargs(model, False), key=jax.random.PRNGKey(seed),
                 progress=progress, within_nonzeros=within_nonzeros, **options)
         except (ValueError, NotImplementedError) as error:

@@ -356,14 +356,16 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
 
 def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
              batch_size: int = 128, weight_decay: float = 0.0, distill: bool = False,
-             teacher=None, seed: int = 0, data_dir=None, progress=True,
-             command=None) -> StageResult:
+             teacher=None, seed: int = 0, train_examples: int | None = None,
+             data_dir=None, progress=True, command=None) -> StageResult:
     """Masked fine-tune (`transforms.masked_fine_tuning`: pruned weights stay exactly 0), Adam
     with a cosine schedule; best validation epoch kept.
 
     Args:
       distill: fine-tune towards a teacher (`train.distillation_loss`) instead of plain
         cross-entropy; ``teacher`` is a stage directory, by default the chain's first stage.
+      train_examples: fine-tune on this many training examples (a fixed random subset, as
+        `train` takes it; default all).
     """
     from hoyertrim.masks import apply_masks
     from hoyertrim.train import frozen_teacher
@@ -377,6 +379,8 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
         raise StageError("A teacher is only used with distillation (--distill).")
     config = {"distill": distill, "teacher": teacher_dir, **_train_config(
         epochs, batch_size, "adam", learning_rate, "cosine", weight_decay, seed, "best")}
+    if train_examples is not None:
+        config["train_examples"] = int(train_examples)
     manifest = _manifest("finetune", config, parent=parent_manifest, parent_dir=parent,
                          command=command)
     teacher_fn = None
@@ -387,7 +391,7 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
-        data = _load_data(manifest, data_dir)
+        data = _load_data(manifest, data_dir).with_train_examples(train_examples)
         masks = kernel_nonzero_masks(loaded.params)
         tx = masked_fine_tuning(_optimizer(config, len(data.train)), masks)
         _fit_stage(stage, model, tx, data, apply_masks(loaded.params, masks),
