@@ -16,13 +16,17 @@ Between a producer and its consumers the activations stay *narrow*: the model's 
 run on the kept features only, while the removed ones are tracked as one constant per feature
 (an exact value, or "unknown" for units nobody reads). Operations that act feature by feature —
 activations (ReLU, gelu written inline), per-channel affine steps (inference BatchNorm, a bias,
-a scale), pooling over positions, a flatten, a transpose that keeps the feature axis last — run
-narrow. Any other operation that meets a narrow value (a residual add with a full branch, a
+a scale), pooling over positions, a flatten, a transpose that keeps the feature axis last,
+zero channels padded on (a ResNet's option-A shortcut) — run narrow. A residual add of two
+narrow branches computes the features either keeps: a channel coupled across residual adds
+(DepGraph's group: the stem and every block writing the stream) goes only when it is dead in
+every member. Any other operation that meets a narrow value (an add with a full branch, a
 LayerNorm's reduction over features, attention's head split, a reversal) first gets it back at
 full width, its removed features filled with their constants, so the result is exact wherever
 the computation goes; a unit whose value is unknown is removed only when the analysis shows it
-never comes back to full width. A convolution with padding receives a constant feature as zero
-at the borders, so a non-zero constant feeding a padded convolution is kept as an input.
+never comes back to full width. A convolution with padding sees a constant feature as zero at
+the borders: what the constants add to its output is computed once per output position and
+added as a (H', W', M') shift.
 
 Only the kernels change: every other parameter is stored and used as it is. A map's input axis
 must be the data's last axis and its output units the output's last axis for the map to shrink
@@ -33,6 +37,7 @@ projections (attention's (heads, head_dim)) keep their shape — the heads stay 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -70,7 +75,8 @@ class CompactLayer:
       kernel: the smaller kernel, in the layout the model's contraction consumes it (Dense:
         (N', M'); a channels-last conv: its own window/in/out layout with I' and O' channels).
       shift: (M',) constants of removed input features times their kernel rows, added to the
-        contraction's output; None when nothing was folded.
+        contraction's output — (H', W', M') for a padded convolution, which sees the
+        constants as zeros at the borders; None when nothing was folded.
       input_index: which features of the data's last axis the kernel's rows are (None: all).
       output_index: which of the map's output units are computed (None: all).
       output_fill: (M,) what a removed output unit holds before the bias (0.0; NaN where no one
@@ -199,8 +205,19 @@ class _Interpreter:
     def _elementwise(self, op: Op, values: list):
         narrow = [v for v in values if isinstance(v, _Narrow)]
         first = narrow[0]
-        if any(not np.array_equal(v.keep, first.keep) or v.width != first.width for v in narrow):
+        if any(v.width != first.width for v in narrow):
             return None
+        if any(not np.array_equal(v.keep, first.keep) for v in narrow):
+            # Narrow operands that keep different features (a residual add of two narrow
+            # branches): the features either keeps are computed, each operand's other ones
+            # filled in with their constants; a feature removed in every operand stays removed.
+            # This is how a channel coupled across residual adds (DepGraph's group) goes: only
+            # when it is dead in every branch that writes it.
+            keep = functools.reduce(np.union1d, [v.keep for v in narrow])
+            values = [self._widened_to(v, keep) if isinstance(v, _Narrow) else v
+                      for v in values]
+            narrow = [v for v in values if isinstance(v, _Narrow)]
+            first = narrow[0]
         out_shape = self.program.shapes[op.outputs[0]]
         arrays, fills = [], []
         for atom, value in zip(op.inputs, values):
@@ -223,6 +240,15 @@ class _Interpreter:
         units = first.units if all(v.units is first.units for v in narrow) else None
         return _Narrow(array, first.keep, fill, unknown, sources,
                        units if len(sources) == 1 else None)
+
+    def _widened_to(self, value: _Narrow, keep: np.ndarray) -> _Narrow:
+        """The value computed at features ``keep`` ⊇ its own (constants filled in)."""
+        if np.any(value.unknown[np.setdiff1d(keep, value.keep)]):
+            self.events.widened.update(value.sources)  # an unknown value is used
+        unknown = value.unknown.copy()
+        unknown[keep] = False
+        return _Narrow(_widen(value, keep), keep, value.fill, unknown, value.sources,
+                       value.units)
 
     def _varies_by_feature(self, atom) -> bool:
         """Whether a full-shape operand that does not depend on the data is constant along
@@ -369,6 +395,24 @@ class _Interpreter:
                        jnp.concatenate([jnp.asarray(p.fill, dtype) for p in parts]),
                        np.concatenate([p.unknown for p in parts]), sources, units)
 
+    def _rule_pad(self, op, values):
+        """Zero channels added on the feature axis only (a ResNet's option-A shortcut): they
+        are features removed from the start, with the padding value as their constant."""
+        value, padding_value = values
+        config = [tuple(c) for c in op.params["padding_config"]]
+        low, high, interior = config[-1]
+        if (isinstance(padding_value, _Narrow) or not isinstance(op.inputs[1], Const)
+                or any(c != (0, 0, 0) for c in config[:-1]) or interior != 0
+                or low < 0 or high < 0):
+            return None
+        pad = np.asarray(op.inputs[1].value)
+        width = low + value.width + high
+        fill = jnp.concatenate([jnp.full(low, pad, value.array.dtype),
+                                jnp.asarray(value.fill, value.array.dtype),
+                                jnp.full(high, pad, value.array.dtype)])
+        unknown = np.concatenate([np.zeros(low, bool), value.unknown, np.zeros(high, bool)])
+        return _Narrow(value.array, value.keep + low, fill, unknown, value.sources, None)
+
     def _rule_squeeze(self, op, values):
         (value,) = values
         ndim = len(self.program.shapes[op.inputs[0]])
@@ -470,9 +514,20 @@ class _Interpreter:
             output_fill = np.zeros(width)
             output_fill[unknown] = np.nan
             if shift is not None:
-                shift = shift[output_index]
+                shift = shift[..., output_index]
         return CompactLayer(kernel=kernel, shift=shift, input_index=input_index,
                             output_index=output_index, output_fill=output_fill, width=width)
+
+    def _padded_constants(self, op: Op, data: _Narrow, operand, constant, fill):
+        """(H', W', M) what the constant features ``constant`` add to a padded convolution's
+        output at each position (None: not a channels-last convolution of the data)."""
+        if not _channels_last(op):
+            return None
+        shape = (1,) + tuple(self.program.shapes[op.inputs[0]][1:])
+        image = np.zeros(shape, np.float64)
+        image[..., constant] = fill[constant]
+        (out,) = _bind(op, [jnp.asarray(image, jnp.float32), jnp.asarray(operand, jnp.float32)])
+        return np.asarray(out, np.float64)[0]
 
     def _consume(self, op, data: _Narrow, operand, in_axis, out_axis, rows):
         """(input features, bias shift) of a map reading a narrow value."""
@@ -493,13 +548,24 @@ class _Interpreter:
             return data.keep, None
         padded = op.name == "conv_general_dilated" and not _valid(op)
         if padded:
-            return np.union1d(data.keep, constant), None
+            # The constants' contribution depends on the position (the padding is 0): one
+            # convolution of a constant image gives it, per output position.
+            shift = self._padded_constants(op, data, operand, constant, fill)
+            if shift is None:
+                return np.union1d(data.keep, constant), None
+            return data.keep, shift
         # Each output position multiplies every constant feature by its rows (a VALID window
         # lies inside the input, so a convolution sees the constant through every tap).
         taken = np.moveaxis(np.take(operand, constant, in_axis), [in_axis, out_axis], [0, -1])
         per_feature = taken.reshape(len(constant), -1, taken.shape[-1]).sum(axis=1)
         shift = fill[constant] @ per_feature.astype(np.float64)
         return data.keep, shift
+
+
+def _channels_last(op: Op) -> bool:
+    numbers = op.params["dimension_numbers"]
+    ndim = len(numbers.lhs_spec)
+    return numbers.lhs_spec[1] == ndim - 1 and numbers.out_spec[1] == ndim - 1
 
 
 def _axes(op: Op, position: int, program: Program) -> tuple[int | None, int | None]:

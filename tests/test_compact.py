@@ -67,7 +67,8 @@ def test_cnn_with_valid_convs_and_pooling():
 
 
 @pytest.mark.slow
-def test_batchnorm_between_layers_runs_narrow_and_same_padding_keeps_nonzero_constants(tmp_path):
+def test_batchnorm_between_layers_runs_narrow_and_same_padding_gets_constants_per_position(
+        tmp_path):
     model = um.ConvBatchNormCNN(widths=(6, 8), hidden=16)
     images = jax.random.uniform(jax.random.PRNGKey(1), (16, 8, 8, 1))
     variables = model.init(jax.random.PRNGKey(0), images[:1], train=False)
@@ -75,13 +76,16 @@ def test_batchnorm_between_layers_runs_narrow_and_same_padding_keeps_nonzero_con
     params = variables["params"]
     params["Conv_0"]["kernel"][..., [0, 1, 2]] = 0
     params["BatchNorm_0"]["bias"][[0, 1]] = -1.0   # relu(-1) = 0: removable before a SAME conv
-    params["BatchNorm_0"]["bias"][2] = 0.7         # a nonzero constant before SAME padding: kept
+    params["BatchNorm_0"]["bias"][2] = 0.7         # a nonzero constant before SAME padding
     variables["batch_stats"]["BatchNorm_0"]["mean"] += 0.1
     compacted = _check(model, variables, images, {"train": False})
-    # Conv_0's units 0-2 are not computed; 0 and 1 are 0 after BatchNorm and ReLU and go, but
-    # SAME padding would see unit 2's constant 0.7 as 0 at the borders: Conv_1 keeps reading it.
+    # Conv_0's units 0-2 are not computed; 0 and 1 are 0 after BatchNorm and ReLU and go; SAME
+    # padding sees unit 2's constant as 0 at the borders, so what it adds to Conv_1's output
+    # differs by position: one (H, W, filters) shift, not an input.
     assert list(compacted.layers["Conv_0"].output_index) == [3, 4, 5]
-    assert list(compacted.layers["Conv_1"].input_index) == [2, 3, 4, 5]
+    assert list(compacted.layers["Conv_1"].input_index) == [3, 4, 5]
+    shift = compacted.layers["Conv_1"].shift
+    assert shift.shape == (4, 4, 8) and not np.allclose(shift[0, 0], shift[2, 2])
     loaded = compact_lib.load_compact(compact_lib.save_compact(tmp_path / "c", compacted), model)
     np.testing.assert_allclose(loaded.apply(images), compacted.apply(images), rtol=1e-6,
                                atol=1e-6)
@@ -187,3 +191,66 @@ def test_row_matmul_is_only_used_where_it_is_exact():
     wide = jnp.zeros((1, 8, 8, 9))
     assert not _row_matmul_applies(_conv_op(nn.Conv(4, (3, 3)), wide), np.zeros((3, 3, 9, 4)),
                                    wide)  # many input channels: XLA's conv
+
+
+def _resnet_with_coupled_dead_channels(zero, positive):
+    """ResNet-20 (12×12 inputs) with random BatchNorm statistics, whose stage-1 residual channels
+    ``zero`` and ``positive`` are dead in every member of their group: the stem conv's output
+    and every stage-1 block's second conv write nothing to them. Their BatchNorm shifts make
+    the stream's constant 0 (``zero``, relu of a negative shift) or positive (``positive``)."""
+    from hoyertrim.models import CifarResNet
+    model = CifarResNet(blocks_per_stage=3, input_shape=(12, 12, 1))
+    images = jax.random.uniform(jax.random.PRNGKey(1), (8, 12, 12, 1))
+    variables = jax.tree.map(np.array, model.init(jax.random.PRNGKey(0), images[:1]))
+    rng = np.random.default_rng(0)
+    for collection in ("params", "batch_stats"):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables[collection]):
+            name = jax.tree_util.keystr(path)
+            if "BatchNorm" in name:
+                leaf[...] = {"'scale'": rng.uniform(0.5, 1.5, leaf.shape),
+                             "'bias'": rng.normal(0, 0.3, leaf.shape),
+                             "'mean'": rng.normal(0, 0.3, leaf.shape),
+                             "'var'": rng.uniform(0.5, 1.5, leaf.shape)}[name[name.rindex("["):]
+                                                                        .strip("[]")]
+    params, stats = variables["params"], variables["batch_stats"]
+    members = [("Conv_0", "BatchNorm_0")] + [
+        (f"_ResidualBlock_{b}/Conv_1", f"_ResidualBlock_{b}/BatchNorm_1") for b in range(3)]
+    for conv, norm in members:
+        node_p, node_s = params, stats
+        for part in conv.split("/")[:-1]:
+            node_p, node_s = node_p[part], node_s[part]
+        norm_p, norm_s = node_p[norm.split("/")[-1]], node_s[norm.split("/")[-1]]
+        node_p[conv.split("/")[-1]]["kernel"][..., list(zero) + list(positive)] = 0
+        norm_s["mean"][list(zero) + list(positive)] = 0.0
+        norm_p["bias"][list(zero)] = -0.5
+        norm_p["bias"][list(positive)] = 0.5
+    return model, variables, images
+
+
+@pytest.mark.slow
+def test_resnet_channels_coupled_across_residual_adds_go_when_dead_in_every_member():
+    model, variables, images = _resnet_with_coupled_dead_channels(zero=(3, 7), positive=(5,))
+    compacted = _check(model, variables, images, {"train": False})
+    layers = compacted.layers
+    assert layers["Conv_0"].kernel.shape[-1] == 13       # the stem writes 16 - 3 channels
+    for block in range(3):
+        # the group's members compute 13 channels and the next convs read 13: the positive
+        # constant enters them as a per-position shift (SAME padding sees 0 at the borders)
+        assert layers[f"_ResidualBlock_{block}/Conv_1"].kernel.shape[-1] == 13
+        assert layers[f"_ResidualBlock_{block}/Conv_0"].kernel.shape[-2] == 13
+        assert layers[f"_ResidualBlock_{block}/Conv_0"].shift.shape == (12, 12, 16)
+    # stage 2's first block reads the stream too (its option-A shortcut pads the narrow value)
+    assert layers["_ResidualBlock_3/Conv_0"].kernel.shape[-2] == 13
+
+
+@pytest.mark.slow
+def test_a_channel_alive_in_one_member_of_its_group_stays():
+    model, variables, images = _resnet_with_coupled_dead_channels(zero=(3,), positive=())
+    # Block 1's second conv writes channel 3 again: the group is not dead everywhere.
+    kernel = variables["params"]["_ResidualBlock_1"]["Conv_1"]["kernel"]
+    kernel[..., 3] = np.random.default_rng(1).normal(0, 0.1, kernel.shape[:-1])
+    compacted = _check(model, variables, images, {"train": False})
+    assert compacted.layers["_ResidualBlock_1/Conv_1"].kernel.shape[-1] == 16
+    assert compacted.layers["_ResidualBlock_2/Conv_0"].kernel.shape[-2] == 16
+    assert compacted.layers["_ResidualBlock_0/Conv_0"].kernel.shape[-2] == 15
+    assert compacted.layers["_ResidualBlock_1/Conv_1"].output_index is None
