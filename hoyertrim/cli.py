@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which split")
     _common(p, out=False)
 
+    p = command("verify", "check that the files a stage and the stages before it wrote are "
+                          "unchanged (the checksums in their manifests)")
+    p.add_argument("directory", help="stage directory (its parents are checked too)")
+
     p = command("report", "Markdown + PNG report of stage directories (a chain or a sweep)")
     p.add_argument("directories", nargs="+", help="stage directories, in the order to show")
     p.add_argument("--out", default=None,
@@ -337,6 +341,19 @@ def _headline(result) -> str:
     return f"{verb} {result.directory}\n  " + "; ".join(parts)
 
 
+def _verify_chain(directory) -> int:
+    from hoyertrim import pipeline
+    current = directory
+    while current is not None:
+        manifest = pipeline.read_manifest(current)
+        count = pipeline.verify(current, manifest)
+        print(f"{current}: {manifest['stage']}, "
+              + (f"{count} files unchanged" if count else "no checksums recorded (written "
+                 "before hoyertrim recorded them)"))
+        current = manifest.get("parent")
+    return 0
+
+
 def _run(args, command_line) -> int:
     from hoyertrim import pipeline, report
     progress = not getattr(args, "no_progress", False)
@@ -348,6 +365,8 @@ def _run(args, command_line) -> int:
                                    data_dir=args.data_dir)
         print(_evaluation_text(result))
         return 0
+    if args.command == "verify":
+        return _verify_chain(args.directory)
     if args.command == "report":
         out = args.out or _default_out(argparse.Namespace(directories=[
             str(pathlib.Path(d).absolute()) for d in args.directories]), "report", "stages")

@@ -2,6 +2,7 @@
 (`tiny_data_root`) and a model defined in a user's own file."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -111,6 +112,10 @@ def test_same_command_reuses_the_stage_and_other_settings_are_refused(chain, cap
     (["train", "--model", "no_such_model"], "Unknown model 'no_such_model'"),
     (["train", "--model", "missing.py:Net"], "missing.py does not exist"),
     (["train", "--model", "json:Nothing"], "json has no 'Nothing'"),
+    (["train", "--model", "os:system", "--model-kwargs", '{"command": "touch {work}/pwned"}'],
+     "os:system names a builtin_function_or_method, not a Flax Module class"),
+    (["train", "--model", "subprocess:run", "--model-kwargs",
+      '{"args": ["touch", "{work}/pwned"]}'], "not a Flax Module class"),
     (["train", "--model", "lenet5", "--model-kwargs", '{"bogus": 1}'], "Cannot build lenet5"),
     (["nettrim", "{work}/nowhere"], "does not exist"),
     (["nettrim", "{work}/dense", "--samples", "999999"], "exceeds the 800 training images"),
@@ -547,3 +552,58 @@ def test_a_model_without_linear_maps_trains_and_says_what_it_cannot_prune(tmp_pa
                          *data)
     assert status == 1 and "no linear map to prune" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "trim").exists()
+
+
+def _copy_stage(source, destination):
+    shutil.copytree(source, destination)
+    return destination
+
+
+@pytest.mark.parametrize("stage, folder", [("trimmed", "network"), ("small", "compact")])
+def test_a_flipped_bit_in_a_stage_file_is_refused_by_every_reader(chain, capsys, tmp_path,
+                                                                  tiny_data_root, stage,
+                                                                  folder):
+    copy = _copy_stage(chain / stage, tmp_path / stage)
+    manifest = pipeline.read_manifest(copy)
+    assert manifest["files"] and all(name.startswith(f"{folder}/") for name in manifest["files"])
+    assert pipeline.verify(copy) == len(manifest["files"])
+    # One bit of the largest file: the weights themselves.
+    target = max((copy / name for name in manifest["files"]), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    target.write_bytes(bytes(data))
+    before = sorted(p.name for p in copy.iterdir())
+    data = ["--data-dir", str(tiny_data_root)]
+    commands = [["evaluate", str(copy), *data], ["verify", str(copy)]]
+    if stage == "trimmed":
+        commands += [["compact", str(copy), "--out", str(tmp_path / "out"), *data],
+                     ["finetune", str(copy), "--epochs", "1", "--out", str(tmp_path / "out"),
+                      "--no-progress", *data]]
+    for argv in commands:
+        status, _, err = run(capsys, *argv)
+        assert status == 1 and len(err.strip().splitlines()) == 1, (argv, err)
+        assert str(target) in err and "has changed since the" in err
+    assert sorted(p.name for p in copy.iterdir()) == before and not (tmp_path / "out").exists()
+
+
+def test_verify_checks_the_whole_chain(chain, capsys):
+    status, out, _ = run(capsys, "verify", str(chain / "small"))
+    lines = out.strip().splitlines()
+    assert status == 0 and [line.split(":")[0] for line in lines] == [
+        str(chain / "small"), str(chain / "trimmed"), str(chain / "dense")]
+    assert all("files unchanged" in line for line in lines)
+
+
+def test_a_manifest_naming_a_function_is_refused_without_calling_it(chain, capsys, tmp_path,
+                                                                     tiny_data_root):
+    copy = _copy_stage(chain / "trimmed", tmp_path / "trimmed")
+    marker = tmp_path / "pwned"
+    manifest = json.loads((copy / "hoyertrim.json").read_text())
+    for spec, kwargs in (("os:system", {"command": f"touch {marker}"}),
+                         ("subprocess:run", {"args": ["touch", str(marker)]}),
+                         ("builtins:eval", {})):
+        manifest["model"] = {"spec": spec, "kwargs": kwargs}
+        (copy / "hoyertrim.json").write_text(json.dumps(manifest))
+        status, _, err = run(capsys, "evaluate", str(copy), "--data-dir", str(tiny_data_root))
+        assert status == 1 and "not a Flax Module class" in err and spec in err
+        assert len(err.strip().splitlines()) == 1 and not marker.exists()

@@ -21,6 +21,7 @@ from hoyertrim.trees import path_string
 
 MANIFEST = "hoyertrim.json"
 FORMAT = 1
+_CHECKED = ("network", "compact")  # what a stage writes for later stages to read
 
 
 class StageError(ValueError):
@@ -124,7 +125,8 @@ class _Stage:
         os.replace(tmp, self.out / MANIFEST)
 
     def finish(self, results: Mapping) -> None:
-        self.manifest = {**self.manifest, "status": "complete", "results": dict(results)}
+        self.manifest = {**self.manifest, "status": "complete", "results": dict(results),
+                         "files": checksums(self.out)}
         self._write(self.manifest)
 
     def __exit__(self, kind, error, traceback):
@@ -138,6 +140,49 @@ class _Stage:
             if not any(p.name != MANIFEST for p in self.out.iterdir()):
                 (self.out / MANIFEST).unlink()
         return False
+
+
+def _sha256(file: pathlib.Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(directory) -> dict[str, str]:
+    """``{path relative to the stage: sha256}`` of every file under the stage's ``network/``
+    and ``compact/`` folders (what later stages and `load` read)."""
+    directory = pathlib.Path(directory)
+    return {file.relative_to(directory).as_posix(): _sha256(file)
+            for folder in _CHECKED if (directory / folder).is_dir()
+            for file in sorted((directory / folder).rglob("*")) if file.is_file()}
+
+
+def verify(directory, manifest: Mapping | None = None) -> int:
+    """Checks the files a finished stage wrote against the checksums its manifest records
+    (stages written before checksums were recorded have none to check); returns how many files
+    were checked.
+
+    Raises:
+      StageError: a recorded file is missing or its content changed (named in the message).
+    """
+    path = pathlib.Path(directory).expanduser().absolute()
+    manifest = read_manifest(path) if manifest is None else manifest
+    recorded = manifest.get("files") or {}
+    if not isinstance(recorded, Mapping):
+        raise StageError(f"{path / MANIFEST} is damaged (its 'files' is not a mapping).")
+    for name, digest in recorded.items():
+        file = path / name
+        if not file.is_file():
+            raise StageError(f"{file} is missing from the {manifest.get('stage')} stage; run "
+                             "its command again into a fresh --out.")
+        if _sha256(file) != digest:
+            raise StageError(f"{file} has changed since the {manifest.get('stage')} stage wrote "
+                             "it (its checksum differs): the file is damaged or was edited; run "
+                             "the stage's command again into a fresh --out.")
+    return len(recorded)
 
 
 def _json_default(value):
@@ -216,6 +261,7 @@ def load(directory, step: int | None = None):
     if manifest.get("status") != "complete":
         raise StageError(f"{directory} holds an unfinished {manifest['stage']} stage; run its "
                          "command again to finish it.")
+    verify(path, manifest)
     from hoyertrim.pipeline.modelspec import model_of
     model = model_of(manifest)
     if manifest["stage"] == "compact":
@@ -236,6 +282,7 @@ def _parent(directory):
                          "first (run its command again).")
     if manifest["stage"] == "compact":
         raise StageError(f"{directory} is a compact model; give the stage before compaction.")
+    verify(directory, manifest)
     loaded = checkpoint.load(pathlib.Path(directory).expanduser().absolute() / "network")
     from hoyertrim.pipeline.modelspec import model_of
     return manifest, model_of(manifest), loaded

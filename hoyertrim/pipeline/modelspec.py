@@ -25,9 +25,11 @@ def resolve_model(spec: str, kwargs: Mapping | None = None, *,
 
     Args:
       spec: a zoo name (`models.MODELS`), ``package.module:Name`` (imported; the current
-        directory is searched) or ``path/to/file.py:Name``. ``Name`` is a linen Module class, a
-        function returning one, or an NNX Module class (constructed with
-        ``rngs=nnx.Rngs(...)`` when its ``__init__`` takes ``rngs``; see `nnx_bridge`).
+        directory is searched) or ``path/to/file.py:Name``. ``Name`` is a linen Module class or
+        an NNX Module class (constructed with ``rngs=nnx.Rngs(...)`` when its ``__init__``
+        takes ``rngs``; see `nnx_bridge`); anything else is refused without being called, so a
+        stage directory's manifest can name a module to import (as loading a pickle would run
+        code) but never makes the library call an arbitrary function.
       kwargs: keyword arguments for it (e.g. ``{"dropout_rate": 0.3}``).
       search_path: a directory to put on ``sys.path`` for the import (the manifest records the
         one the model was first resolved from).
@@ -71,6 +73,10 @@ def resolve_model(spec: str, kwargs: Mapping | None = None, *,
     target = getattr(module, name, None)
     if target is None:
         raise StageError(f"{where} has no {name!r} (for --model {spec}).")
+    if not (isinstance(target, type) and (issubclass(target, nn.Module)
+                                          or nnx_class_of(target))):
+        raise StageError(f"{spec} names a {type(target).__name__}, not a Flax Module class; "
+                         "give a linen or NNX Module class (nothing else is called).")
     return _build(target, kwargs, spec)
 
 
