@@ -277,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with --epsilon fewer weights at the same ε, with "
                                 "--kept-fraction the exact count at a lower discrepancy (~50 "
                                 "extra iterations a round)")
+            p.add_argument("--units", action="store_true",
+                           help="prune whole input units of each layer (the rows that read one "
+                                "unit of the layer before) so that compact removes them: "
+                                "--epsilon for the fewest units within ε, --kept-fraction for "
+                                "that fraction of the units")
         p.add_argument("--seed", type=int, default=0,
                        help="seeds the calibration and held-out subsets and the row subsets of "
                             "large layers")
@@ -412,7 +417,7 @@ def _run(args, command_line) -> int:
             kept_fraction=args.kept_fraction, nm=args.nm, like=args.like,
             method=getattr(args, "method", "nettrim"), scheme=args.scheme,
             within_nonzeros=args.within_nonzeros, refit=getattr(args, "refit", False),
-            polish=getattr(args, "polish", 0),
+            polish=getattr(args, "polish", 0), units=getattr(args, "units", False),
             samples=args.samples, heldout=args.heldout, maxiter=getattr(args, "maxiter", 300),
             seed=args.seed, progress=progress, **common)
     else:

@@ -149,10 +149,14 @@ class _Interpreter:
     ``planning`` (then every input is concrete and the full kernels are present)."""
 
     def __init__(self, program: Program, names: list[str], data_inputs: set[int],
-                 plans: dict[str, CompactLayer], planning: dict | None = None):
+                 plans: dict[str, CompactLayer], planning: dict | None = None,
+                 probe: bool = False):
         self.program = program
         self.plans = plans
         self.planning = planning  # {layer: (removed units, unknown units)} while planning
+        # Every map's output tracked as a narrow value keeping all its units, so that what its
+        # consumers never read is seen even of a producer with no dead unit.
+        self.probe = probe
         self.events = _Events()
         located, _ = locate(program, len(names))
         self.maps = {where.op: (names[leaf], where) for leaf, where in located.items()
@@ -449,6 +453,11 @@ class _Interpreter:
         if plan.shift is not None:
             out = out + jnp.asarray(plan.shift, out.dtype)
         if plan.output_index is None:
+            if self.probe and _axes(op, position, self.program)[1] is not None \
+                    and np.shape(out)[-1] == plan.width:
+                return _Narrow(out, np.arange(plan.width), np.zeros(plan.width),
+                               np.zeros(plan.width, bool), frozenset([path]),
+                               np.arange(plan.width))
             return out
         unknown = np.isnan(plan.output_fill)
         return _Narrow(out, plan.output_index, np.nan_to_num(plan.output_fill), unknown,
@@ -813,9 +822,9 @@ def compact(model, variables=None, sample=None, *, apply_kwargs: Mapping | None 
     located, _ = locate(program, len(leaves))
     kernels = {names[leaf]: (leaf, where) for leaf, where in located.items()}
 
-    def plan(removals):
+    def plan(removals, probe=False):
         plans: dict[str, CompactLayer] = {}
-        interpreter = _Interpreter(program, names, data, plans, removals)
+        interpreter = _Interpreter(program, names, data, plans, removals, probe)
         with jax.default_matmul_precision("highest"):
             interpreter.run([*leaves, sample])
         return plans, interpreter.events
@@ -833,9 +842,11 @@ def compact(model, variables=None, sample=None, *, apply_kwargs: Mapping | None 
                          != 0, axis=0)
         dead[path] = np.flatnonzero(~columns)
     removals = {p: (units, np.array([], int)) for p, units in dead.items()}
-    plans, events = plan(removals)
+    plans, events = plan(removals, probe=True)
     candidates = {source: units for source, units in events.unread.items()
                   if source not in events.widened and units}
+    if not candidates:
+        plans, _ = plan(removals)
     while candidates:
         trial = dict(removals)
         for source, units in candidates.items():

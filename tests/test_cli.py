@@ -607,3 +607,24 @@ def test_a_manifest_naming_a_function_is_refused_without_calling_it(chain, capsy
         status, _, err = run(capsys, "evaluate", str(copy), "--data-dir", str(tiny_data_root))
         assert status == 1 and "not a Flax Module class" in err and spec in err
         assert len(err.strip().splitlines()) == 1 and not marker.exists()
+
+
+def test_structured_nettrim_then_compact_gives_a_smaller_dense_model(chain, capsys, tmp_path,
+                                                                     tiny_data_root):
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    assert cli.main(["nettrim", str(chain / "dense"), "--units", "--kept-fraction", "0.5",
+                     "--samples", "300", "--heldout", "100", "--out", str(tmp_path / "units"),
+                     *data]) == 0
+    trimmed = pipeline.read_manifest(tmp_path / "units")
+    assert trimmed["config"]["units"] is True
+    for layer in trimmed["results"]["layers"].values():
+        assert layer["measured"] <= layer["epsilon"]
+    kernel = np.asarray(hoyertrim.load(tmp_path / "units").params["Dense_1"]["kernel"])
+    assert np.any(kernel != 0, axis=1).sum() == 16  # half of Dense_0's 32 units are read
+    assert cli.main(["compact", str(tmp_path / "units"), "--out", str(tmp_path / "small"),
+                     *data[:2]]) == 0
+    small = hoyertrim.load(tmp_path / "small").compact
+    assert small.layers["Dense_0"].kernel.shape[-1] == 16
+    status, _, err = run(capsys, "nettrim", str(chain / "dense"), "--units", "--nm", "2:4",
+                         "--out", str(tmp_path / "no"), *data)
+    assert status == 1 and "--units is Net-Trim's" in err and not (tmp_path / "no").exists()

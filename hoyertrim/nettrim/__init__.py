@@ -11,7 +11,10 @@ so that ‖relu(X U) − Y‖_F ≤ ε‖Y‖_F: the pruned layer provably stays
 Modules, bottom to top:
   problem   one layer's signals, validation, normalization, the measured certificate
   fista     the restarted FISTA kernel (`jaxopt.ProximalGradient` steps, vmapped over neurons)
+  gram      the linear program in Gram form (sums over rows: cost and memory independent of P)
   search    the λ search meeting ε or a kept fraction; `solve_layer`
+  units     structured Net-Trim: whole input units (group norm); `solve_layer_units`
+  calibration  the layers' calibration signals, streamed batch by batch
   admm      the paper's ADMM (reference)
   network   `prune_network` (parallel / cascade) over the linear maps `hoyertrim.inspection`
             finds in any model's computation, the checked certificate, save / load
@@ -25,7 +28,8 @@ from hoyertrim.nettrim.network import CertificateError, PrunedNetwork, load_prun
 from hoyertrim.nettrim import peers
 from hoyertrim.nettrim.problem import LayerSolution
 from hoyertrim.nettrim.search import KEPT_FRACTION_TOLERANCE, solve_layer, solve_layer_nm
+from hoyertrim.nettrim.units import solve_layer_units
 
 __all__ = ["CertificateError", "Follower", "KEPT_FRACTION_TOLERANCE", "LayerSolution",
            "PrunedNetwork", "load_pruned", "peers", "prune_network", "save_pruned", "solve_layer",
-           "solve_layer_admm", "solve_layer_nm"]
+           "solve_layer_admm", "solve_layer_nm", "solve_layer_units"]

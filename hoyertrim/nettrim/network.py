@@ -167,8 +167,9 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
       batch_size: images per forward pass (default: as many as keep one batch's recorded
         signals within 64 MiB, at most 1000).
       key: PRNG key for the row subsets and the held-out split.
-      solver: `solve_layer`, `solve_layer_admm` (for Dense/Conv layers with bias and no
-        folding), or a one-shot peer from `peers` (``magnitude_layer``, ``wanda_layer``,
+      solver: `solve_layer`, `units.solve_layer_units` (whole input units: each map gets its
+        `LinearMap.input_units` as the groups), `solve_layer_admm` (for Dense/Conv layers with
+        bias and no folding), or a one-shot peer from `peers` (``magnitude_layer``, ``wanda_layer``,
         ``sparsegpt_layer``; with ``kept_fraction``, and ``nm=(N, M)`` for N:M patterns).
       devices: parallel scheme only: solve the (independent) layers concurrently, one worker per
         device (e.g. ``jax.devices()``); the result is the same as on one device. Default: one
@@ -368,6 +369,8 @@ def _prune_layer(lmap: LinearMap, params, follower, signals: calibration_lib.Lay
         extra["offset"] = offset
     if support is not None:
         extra["support"] = support
+    if "groups" in inspect.signature(solver).parameters:  # structured (`units`)
+        extra["groups"] = lmap.input_units
     if getattr(solver, "uses_trained_weights", False):  # a one-shot peer (`peers`)
         extra.update(trained_kernel=folded_kernel, trained_bias=folded_bias)
     if kept_fraction is not None:

@@ -72,7 +72,7 @@ ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
 def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float | None = None,
             nm: tuple[int, int] | None = None, like=None, method: str = "nettrim",
             within_nonzeros: bool = False, refit: bool = False, polish: int = 0,
-            scheme: str = "cascade",
+            units: bool = False, scheme: str = "cascade",
             samples: int = 5000, heldout: int = 1000,
             maxiter: int = 300, seed: int = 0, data_dir=None, progress=True,
             command=None) -> StageResult:
@@ -98,6 +98,9 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
       polish: Net-Trim only: rounds of debias-then-threshold after each layer's λ search
         (`solve_layer`'s ``polish``): with ε fewer weights at the same ε; with a kept fraction
         a quicker search, the exact count, and a lower discrepancy.
+      units: Net-Trim only: prune whole input units of each layer (`nettrim.solve_layer_units`:
+        a group norm over the rows reading one unit), so that ``compact`` removes them; with
+        ``epsilon`` the fewest units within ε, with ``kept_fraction`` that fraction of units.
       scheme: ``"parallel"`` or ``"cascade"`` (for the peers: sequential, as their papers run).
     """
     from hoyertrim import nettrim as nettrim_lib
@@ -147,10 +150,16 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             raise StageError("--polish is Net-Trim's, with --epsilon or --kept-fraction (its N:M "
                              "mode always re-fits), and takes a count of rounds >= 1.")
         config["polish"] = polish
+    if units:
+        if method != "nettrim" or nm is not None or like is not None or refit or polish:
+            raise StageError("--units is Net-Trim's, with --epsilon or --kept-fraction (it "
+                             "always re-fits the kept units).")
+        config["units"] = True
     stage_name = "nettrim" if method == "nettrim" else "oneshot"
     manifest = _manifest(stage_name, config, parent=parent_manifest, parent_dir=parent,
                          command=command)
-    solver = {"nettrim": nettrim_lib.solve_layer_nm if nm else nettrim_lib.solve_layer,
+    solver = {"nettrim": nettrim_lib.solve_layer_nm if nm else (
+        nettrim_lib.solve_layer_units if units else nettrim_lib.solve_layer),
               "sparsegpt": peers.sparsegpt_layer, "wanda": peers.wanda_layer,
               "magnitude": peers.magnitude_layer}[method]
     options, layers = {}, None
@@ -163,7 +172,7 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         layers = [m.name for m in found.maps if m.num_inputs % nm[1] == 0]
         if not layers:
             raise StageError(f"No layer has an input count that is a multiple of {nm[1]}.")
-    if method == "nettrim" and nm is None:
+    if method == "nettrim" and nm is None and not units:
         options["maxiter"] = maxiter
         if refit:
             options["refit"] = True
