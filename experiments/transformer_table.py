@@ -6,7 +6,9 @@
 Reads ``results/pipelines/gpt_<method>_<sparsity>.json`` (written by `run.py`; the test split is
 evaluated once per point there) and writes the Markdown table of test perplexity, bits per byte,
 next-byte accuracy, top-1 agreement with the dense model and whole-network pruning time, and
-one plot of test perplexity against sparsity per method.
+one plot of test perplexity against sparsity per method; the ViT's table; the same short
+fine-tune after each method (``*_ft``); the headline points over three calibration samples
+(``*_seed1``, ``*_seed2``).
 """
 
 from __future__ import annotations
@@ -82,6 +84,62 @@ def _vit_table(results: pathlib.Path) -> str:
         f"| 0 (dense) | – | {100 * dense['accuracy']:.2f}% | – | 1.0 | – |", *lines])
 
 
+def _metric(model: str, result: dict) -> str:
+    return (f"{result['perplexity']:.3f}" if model == "gpt"
+            else f"{100 * result['accuracy']:.2f}%")
+
+
+def _finetune_table(results: pathlib.Path, model: str) -> str:
+    """Each method before and after the same short fine-tune (``<model>_<method>_<point>_ft``)."""
+    lines = []
+    for point in ("50", "70", "2to4"):
+        for method in METHODS:
+            after = _point(results, f"{model}_{method}_{point}_ft")
+            if after is None:
+                continue
+            _, pruned, _ = _point(results, f"{model}_{method}_{point}") or after
+            label = "2:4" if point == "2to4" else f"{point}%"
+            lines.append(f"| {label} | {_label(method, point)} | {_metric(model, pruned)} | "
+                         f"{_metric(model, after[1])} |")
+    if not lines:
+        return ""
+    what = "test perplexity" if model == "gpt" else "test accuracy"
+    return "\n".join([f"| sparsity | method | {what}, no fine-tune | {what}, fine-tuned |",
+                      "|---|---|---|---|", *lines])
+
+
+def _seeds_table(results: pathlib.Path, model: str) -> str:
+    """The headline points over calibration samples 0, 1, 2: mean and range."""
+    lines = []
+    for point in ("50", "70", "2to4"):
+        for method in METHODS:
+            found = [_point(results, f"{model}_{method}_{point}" + suffix)
+                     for suffix in ("", "_seed1", "_seed2")]
+            if any(f is None for f in found):
+                continue
+            key = "perplexity" if model == "gpt" else "accuracy"
+            scale = 1 if model == "gpt" else 100
+            values = [scale * f[1][key] for f in found]
+            label = "2:4" if point == "2to4" else f"{point}%"
+            unit = "" if model == "gpt" else "%"
+            lines.append(f"| {label} | {_label(method, point)} | "
+                         f"{sum(values) / 3:.3f}{unit} | {min(values):.3f}–{max(values):.3f}"
+                         f"{unit} |")
+    if not lines:
+        return ""
+    what = "test perplexity" if model == "gpt" else "test accuracy"
+    return "\n".join([f"| sparsity | method | {what}, mean of 3 samples | range |",
+                      "|---|---|---|---|", *lines])
+
+
+def _replace_block(text: str, name: str, table: str) -> str:
+    start, end = f"<!-- {name} start -->", f"<!-- {name} end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        return head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1]
+    return f"{text}\n{start}\n{table}\n{end}\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results/pipelines")
@@ -123,25 +181,21 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(figure, dpi=120)
     table = "\n".join(lines)
-    marker_start, marker_end = "<!-- gpt table start -->", "<!-- gpt table end -->"
-    text = out.read_text() if out.is_file() else ""
-    if marker_start in text and marker_end in text:
-        head, rest = text.split(marker_start, 1)
-        text = head + marker_start + "\n" + table + "\n" + marker_end + rest.split(marker_end, 1)[1]
-    else:
-        text = f"{text}\n{marker_start}\n{table}\n{marker_end}\n"
-    vit = _vit_table(pathlib.Path(args.results))
-    if vit:
-        start, end = "<!-- vit table start -->", "<!-- vit table end -->"
-        if start in text and end in text:
-            head, rest = text.split(start, 1)
-            text = head + start + "\n" + vit + "\n" + end + rest.split(end, 1)[1]
-        else:
-            text = f"{text}\n{start}\n{vit}\n{end}\n"
+    text = _replace_block(out.read_text() if out.is_file() else "", "gpt table", table)
+    results = pathlib.Path(args.results)
+    vit = _vit_table(results)
+    blocks = {"vit table": vit}
+    for model in ("gpt", "vit"):
+        blocks[f"{model} finetune table"] = _finetune_table(results, model)
+        blocks[f"{model} seeds table"] = _seeds_table(results, model)
+    for name, block in blocks.items():
+        if block:
+            text = _replace_block(text, name, block)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(table)
-    print(vit)
+    for block in blocks.values():
+        print(block)
     print(f"wrote {out} and {figure}")
     return 0
 
