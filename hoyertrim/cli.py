@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 import warnings
@@ -52,6 +53,53 @@ def _fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _kept_fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _existing_dir(text: str) -> str:
+    if not pathlib.Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return text
 
 
 def _strength(text: str) -> float | dict:
@@ -99,14 +147,14 @@ def _common(parser, *, out=True, training=False):
         parser.add_argument("--out", default=None,
                             help="stage directory to write (default: runs/<stage>-<model>-<hash "
                                  "of the settings>)")
-    parser.add_argument("--data-dir", default=None,
+    parser.add_argument("--data-dir", type=_existing_dir, default=None,
                         help="folder holding mnist/ etc. (default: $HOYERTRIM_DATA, then the cache "
                              "~/.cache/hoyertrim, then a checksum-verified download)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if training:
         parser.add_argument("--batch-size", type=_positive_int, default=128,
                             help="examples per step")
-        parser.add_argument("--weight-decay", type=float, default=0.0,
+        parser.add_argument("--weight-decay", type=_nonnegative_float, default=0.0,
                             help="L2 coefficient added to the gradient")
         parser.add_argument("--seed", type=int, default=0,
                             help="seeds initialization, data order and dropout")
@@ -114,7 +162,7 @@ def _common(parser, *, out=True, training=False):
 
 def _train_args(parser, epochs, learning_rate):
     parser.add_argument("--epochs", type=_positive_int, default=epochs, help="training epochs")
-    parser.add_argument("--learning-rate", type=float, default=learning_rate,
+    parser.add_argument("--learning-rate", type=_positive_float, default=learning_rate,
                         help="peak learning rate (cosine decay to 0)")
     parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "momentum"],
                         default="adam", help="optimizer")
@@ -201,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--like", default=None,
                         help="stage directory of the same model whose per-layer counts of "
                              "nonzero weights to reach (e.g. a DeepHoyer-pruned stage)")
-    p.add_argument("--end-fraction", type=float, default=0.75,
+    p.add_argument("--end-fraction", type=_kept_fraction, default=0.75,
                    help="fraction of the training steps over which the sparsity rises; the rest "
                         "trains with the final masks")
     _train_args(p, 30, 1e-3)
@@ -214,14 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "magnitude / global_magnitude: to sparsity value per layer / overall; "
                         "group: units with norm < value·max norm; group_std: units with norm < "
                         "value·std of the norms")
-    p.add_argument("--value", type=float, default=0.1, help="the rule's threshold or sparsity")
+    p.add_argument("--value", type=_nonnegative_float, default=0.1,
+                   help="the rule's threshold or sparsity")
     _common(p)
 
     p = command("finetune", "masked fine-tune (pruned weights stay 0); best validation epoch "
                             "kept")
     p.add_argument("parent", help="pruned stage directory")
     p.add_argument("--epochs", type=_positive_int, default=20, help="fine-tune epochs")
-    p.add_argument("--learning-rate", type=float, default=3e-4,
+    p.add_argument("--learning-rate", type=_positive_float, default=3e-4,
                    help="peak learning rate (Adam, cosine decay)")
     p.add_argument("--distill", action="store_true",
                    help="distill from a teacher (T=4, half weight on the labels)")
@@ -246,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="relative discrepancy ε per layer (the cascade's first "
                                      "layer; later ones get √γ × what the pruned layers "
                                      "before leave)")
-        target.add_argument("--kept-fraction", type=_fraction, default=None,
+        target.add_argument("--kept-fraction", type=_kept_fraction, default=None,
                             help="fraction of each layer's weights to keep"
                                  + (", instead of ε" if name == "nettrim" else ""))
         target.add_argument("--nm", type=_nm, default=None,
@@ -263,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--samples", type=_positive_int, default=5000,
                        help="training examples that define the problems (a random subset, "
                             "drawn with --seed)")
-        p.add_argument("--heldout", type=int, default=1000,
+        p.add_argument("--heldout", type=_nonnegative_int, default=1000,
                        help="validation examples the discrepancies are measured on (a random "
                             "subset; 0: none)")
         if name == "nettrim":

@@ -133,6 +133,39 @@ def test_bad_input_is_one_line_and_leaves_no_folder(chain, capsys, tiny_data_roo
     assert not out.exists() and sorted(p.name for p in chain.iterdir()) == before
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--learning-rate", "nan"], "must be a finite number"),
+    (["train", "--learning-rate", "-1"], "must be > 0"),
+    (["train", "--weight-decay", "-5"], "must be >= 0"),
+    (["prune", "x", "--value", "nan"], "must be a finite number"),
+    (["nettrim", "x", "--heldout", "-3"], "must be >= 0"),
+    (["nettrim", "x", "--kept-fraction", "1.5"], "must be in (0, 1]"),
+    (["train", "--data-dir", "/no/such/folder"], "no such folder: /no/such/folder"),
+])
+def test_wrong_numbers_are_refused_where_they_enter(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_library_refuses_nan_settings_too(tmp_path):
+    with pytest.raises(pipeline.StageError, match="finite number > 0"):
+        pipeline.train("lenet300100", tmp_path / "a", learning_rate=float("nan"))
+    with pytest.raises(pipeline.StageError, match="finite number >= 0"):
+        pipeline.train("lenet300100", tmp_path / "b", weight_decay=-1.0)
+    with pytest.raises(pipeline.StageError, match="needs a value"):
+        pipeline.prune_masks({"dense0": {"kernel": np.ones((2, 2))}}, "std", float("nan"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_batch_larger_than_the_training_set_is_one_line(chain, capsys, tiny_data_root):
+    status, _, err = run(capsys, "finetune", str(chain / "trimmed"), "--batch-size", "100000",
+                         "--epochs", "1", "--out", str(chain / "big_batch"), "--data-dir",
+                         str(tiny_data_root), "--no-progress")
+    assert status == 1 and "exceeds the" in err and len(err.strip().splitlines()) == 1
+    assert not (chain / "big_batch").exists()
+
+
 def test_argument_errors_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["nettrim", "x", "--epsilon", "1.5"])

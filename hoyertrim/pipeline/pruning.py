@@ -3,6 +3,7 @@ images — Net-Trim or a one-shot peer (`nettrim`)."""
 
 from __future__ import annotations
 
+import math
 import pathlib
 import time
 from typing import Mapping
@@ -30,7 +31,7 @@ def prune_masks(params, rule: str, value: float):
     from hoyertrim import masks as masks_lib
     if rule not in PRUNE_RULES:
         raise StageError(f"Unknown prune rule {rule!r}; choose one of {', '.join(PRUNE_RULES)}.")
-    if value < 0 or (rule.endswith("magnitude") and not value < 1):
+    if not math.isfinite(value) or value < 0 or (rule.endswith("magnitude") and not value < 1):
         raise StageError(f"The {rule} rule needs a value in "
                          f"{'[0, 1)' if rule.endswith('magnitude') else '[0, ∞)'}, got {value}.")
     if rule == "threshold":

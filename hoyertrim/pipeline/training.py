@@ -4,6 +4,7 @@ masked fine-tune (`finetune`)."""
 
 from __future__ import annotations
 
+import math
 import pathlib
 import time
 from typing import Mapping
@@ -27,8 +28,10 @@ def _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight
                   select):
     if epochs < 1 or batch_size < 1:
         raise StageError(f"epochs and batch size must be >= 1 (got {epochs}, {batch_size}).")
-    if learning_rate <= 0:
-        raise StageError(f"The learning rate must be > 0, got {learning_rate}.")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise StageError(f"The learning rate must be a finite number > 0, got {learning_rate}.")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise StageError(f"The weight decay must be a finite number >= 0, got {weight_decay}.")
     if select not in ("best", "last"):
         raise StageError(f"select must be 'best' or 'last', got {select!r}.")
     return dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer,
@@ -210,6 +213,9 @@ def _nnx_collections(tree: Mapping, module: NnxModel) -> dict:
 
 def _optimizer(config, num_train):
     from hoyertrim.train import make_optimizer
+    if config["batch_size"] > num_train:
+        raise StageError(f"The batch size {config['batch_size']} exceeds the {num_train} "
+                         f"training examples; give --batch-size {num_train} or less.")
     try:
         return make_optimizer(config["optimizer"], config["learning_rate"],
                               total_steps=config["epochs"] * (num_train // config["batch_size"]),
