@@ -661,3 +661,21 @@ def test_structured_nettrim_then_compact_gives_a_smaller_dense_model(chain, caps
     status, _, err = run(capsys, "nettrim", str(chain / "dense"), "--units", "--nm", "2:4",
                          "--out", str(tmp_path / "no"), *data)
     assert status == 1 and "--units is Net-Trim's" in err and not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "a JSON list, not the manifest's object"),
+    ('{"format": 1}', "is damaged (no stage, model, dataset, config, status)"),
+    ("{not json", "is damaged"),
+    (b"\xff\xfe\x00", "is damaged"),
+])
+def test_a_damaged_manifest_is_one_line(chain, capsys, tmp_path, tiny_data_root, content,
+                                        message):
+    copy = _copy_stage(chain / "trimmed", tmp_path / "trimmed")
+    file = copy / "hoyertrim.json"
+    file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for argv in (["evaluate", str(copy), "--data-dir", str(tiny_data_root)],
+                 ["compact", str(copy), "--out", str(tmp_path / "out")], ["verify", str(copy)]):
+        status, _, err = run(capsys, *argv)
+        assert status == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,7 @@ from hoyertrim.trees import path_string
 MANIFEST = "hoyertrim.json"
 FORMAT = 1
 _CHECKED = ("network", "compact")  # what a stage writes for later stages to read
+_REQUIRED = ("format", "stage", "model", "dataset", "config", "status")
 
 
 class StageError(ValueError):
@@ -53,8 +54,18 @@ def read_manifest(directory) -> dict:
                          "give one that a hoyertrim command wrote.")
     try:
         manifest = json.loads(file.read_text())
-    except ValueError as error:
+    except (ValueError, UnicodeDecodeError) as error:
         raise StageError(f"{file} is damaged ({error}).") from error
+    if not isinstance(manifest, dict):
+        raise StageError(f"{file} is damaged (a JSON {type(manifest).__name__}, not the "
+                         "manifest's object).")
+    missing = [key for key in _REQUIRED if key not in manifest]
+    if missing:
+        raise StageError(f"{file} is damaged (no {', '.join(missing)}).")
+    if not isinstance(manifest["model"], dict) or not isinstance(
+            manifest["model"].get("spec"), str) or not isinstance(manifest["config"], dict):
+        raise StageError(f"{file} is damaged (its model or config is not what a hoyertrim "
+                         "command writes).")
     if manifest.get("format") != FORMAT:
         raise StageError(f"{directory} was written in format {manifest.get('format')}; this "
                          f"hoyertrim reads format {FORMAT}.")
