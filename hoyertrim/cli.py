@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import pathlib
+import signal
 import sys
 import warnings
 
@@ -544,17 +545,33 @@ def main(argv=None) -> int:
     from hoyertrim.nettrim import CertificateError
     from hoyertrim.pipeline import StageError
     from hoyertrim.train import TrainingDivergedError
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        # SIGTERM (kill, timeout, a scheduler's pre-emption) ends the run like Ctrl-C: the
+        # stage's clean-up runs (a folder with nothing to resume is removed).
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         return _run(args, command_line)
     except KeyboardInterrupt:
-        print(f"hoyertrim {args.command}: interrupted; run the same command again to resume.",
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"hoyertrim {args.command}: {how}; run the same command again to resume.",
               file=sys.stderr)
-        return 130
+        return 143 if terminated else 130
     except (StageError, DatasetNotFoundError, ChecksumError, TrainingDivergedError,
             CertificateError, FileNotFoundError, OSError) as error:
         message = " ".join(str(error).split())
         print(f"hoyertrim {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -679,3 +681,25 @@ def test_a_damaged_manifest_is_one_line(chain, capsys, tmp_path, tiny_data_root,
         status, _, err = run(capsys, *argv)
         assert status == 1 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_run_cleanly_and_blocks_nothing(tmp_path, tiny_data_root):
+    out = tmp_path / "run"
+    # (the stand-in data is exempt from the md5 check, as in this process)
+    command = [sys.executable, "-c", "import sys; from hoyertrim import cli, data; "
+               "data._verify = lambda *a: None; sys.exit(cli.main(sys.argv[1:]))", "train", "--model", "lenet300100",
+               "--epochs", "200", "--out", str(out), "--data-dir", str(tiny_data_root),
+               "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "hoyertrim.json").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the first epoch's compilation or steps
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines() == [
+        "hoyertrim train: terminated (SIGTERM); run the same command again to resume."]
+    # Either nothing is left or a resumable run (its checkpoints), never a lone manifest.
+    assert not out.exists() or any((out / "checkpoints").glob("[0-9]*"))
