@@ -283,6 +283,20 @@ for _model, _names in (("gpt", ("nettrimpolish_50", "sparsegpt_50", "nettrim_2to
         for _seed in (1, 2):
             CONFIGS[f"{_model}_{_name}_seed{_seed}"] = seeded(CONFIGS[f"{_model}_{_name}"], _seed)
 
+# Whole units: certified structured Net-Trim (`--units`, cascade, unit-count mode) against
+# group-norm pruning of the same number of input units in every layer; without and with the
+# same short fine-tune; both compacted to a smaller dense model.
+for _kept in (0.5, 0.3):
+    _tag = round(100 * (1 - _kept))
+    _units = {"nettrim": ("nettrim", {"units": True, "kept_fraction": _kept, "scheme": "cascade",
+                                      "samples": 2000, "heldout": 500}),
+              "norm": ("prune", {"rule": "units", "value": round(1 - _kept, 2)})}
+    for _name, _stage in _units.items():
+        CONFIGS[f"units_{_name}_lenet300100_{_tag}"] = [DENSE_LENET300100, _stage, ("compact", {})]
+        CONFIGS[f"units_{_name}_ft_lenet300100_{_tag}"] = [
+            DENSE_LENET300100, _stage, ("finetune", {"epochs": 5, "learning_rate": 3e-4}),
+            ("compact", {})]
+
 NETTRIM_FC_REFIT = ("nettrim", {"epsilon": 0.1, "scheme": "cascade", "refit": True})
 for _name in ("plain", "l1", "hs"):
     CONFIGS[f"regnets_{_name}_refit"] = CONFIGS[f"regnets_{_name}"][:-1] + [NETTRIM_FC_REFIT]

@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threshold: |w| < value; std: |w| < value·std(w) per tensor; "
                         "magnitude / global_magnitude: to sparsity value per layer / overall; "
                         "group: units with norm < value·max norm; group_std: units with norm < "
-                        "value·std of the norms")
+                        "value·std of the norms; units: the fraction value of each layer's input "
+                        "units with the smallest norms")
     p.add_argument("--value", type=_nonnegative_float, default=0.1,
                    help="the rule's threshold or sparsity")
     _common(p)

@@ -201,6 +201,28 @@ def group_masks(params, *, threshold: float | None = None,
     return _map_selected(per_layer, params, where)
 
 
+def input_unit_masks(params, kept_fraction: float, *, where: LeafFilter = is_kernel):
+    """Structured pruning to a count: each kernel keeps the ``kept_fraction`` of its input units
+    (rows of a Dense kernel, input channels of a Conv kernel; at least one) with the largest
+    group norms — group-norm (magnitude-of-groups) pruning of the units `nettrim --units`
+    removes, at the same count."""
+    if not 0 < kept_fraction <= 1:
+        raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}.")
+
+    def per_layer(name, w):
+        if w.ndim < 2:
+            return jnp.ones(w.shape, bool)
+        norms = group_norms(w, default_groupings(w.ndim)[1])
+        keep = max(1, int(round(kept_fraction * norms.shape[0])))
+        order = jnp.argsort(-norms, stable=True)
+        alive = jnp.zeros(norms.shape, bool).at[order[:keep]].set(True)
+        shape = [1] * w.ndim
+        shape[-2] = w.shape[-2]
+        return jnp.broadcast_to(alive.reshape(shape), w.shape)
+
+    return _map_selected(per_layer, params, where)
+
+
 def polynomial_sparsity(step, final_sparsity: float, begin_step: int, end_step: int,
                         initial_sparsity: float = 0.0, power: float = 3.0):
     """Zhu & Gupta (2017) gradual pruning schedule.

@@ -131,3 +131,21 @@ def test_top_k_keeps_exact_counts_and_breaks_ties_by_index():
     kept = masks_lib.magnitude_masks(tied, 0.3, scope="global")
     assert sum(int(m.sum()) for m in jax.tree.leaves(kept)) == 7  # 10 weights, 3 removed
     assert int(kept["b"]["kernel"].sum()) == 1  # ties go to the earlier leaf
+
+
+def test_input_unit_masks_keep_the_largest_units_to_the_count():
+    from hoyertrim.pipeline import prune_masks
+    dense = np.arange(1, 7, dtype=np.float32)[:, None] * np.ones((6, 4), np.float32)  # rows 1..6
+    dense[2] *= 10  # the third row is the largest
+    conv = np.ones((3, 3, 4, 5), np.float32) * np.array([0.5, 3.0, 1.0, 2.0])[:, None]
+    params = {"dense0": {"kernel": dense, "bias": np.ones(4)},
+              "conv0": {"kernel": conv, "bias": np.ones(5)}}
+    masks = masks_lib.input_unit_masks(params, 0.5)
+    np.testing.assert_array_equal(np.asarray(masks["dense0"]["kernel"])[:, 0],
+                                  [False, False, True, False, True, True])
+    assert np.asarray(masks["dense0"]["kernel"]).all(axis=1).sum() == 3
+    kept = np.asarray(masks["conv0"]["kernel"])
+    assert kept[:, :, [1, 3]].all() and not kept[:, :, [0, 2]].any()
+    assert np.asarray(masks["dense0"]["bias"]).all()
+    np.testing.assert_array_equal(np.asarray(prune_masks(params, "units", 0.5)["conv0"]["kernel"]),
+                                  kept)

@@ -17,7 +17,8 @@ from hoyertrim.pipeline.directory import StageError, StageResult, _kernels, _loa
     _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary
 
 
-PRUNE_RULES = ("threshold", "std", "magnitude", "global_magnitude", "group", "group_std")
+PRUNE_RULES = ("threshold", "std", "magnitude", "global_magnitude", "group", "group_std",
+               "units")
 
 
 def prune_masks(params, rule: str, value: float):
@@ -26,14 +27,16 @@ def prune_masks(params, rule: str, value: float):
     ``threshold``: |w| < value; ``std``: |w| < value·std(w) per tensor (DeepHoyer's rule);
     ``magnitude`` / ``global_magnitude``: the smallest weights to sparsity ``value`` per layer /
     over all layers; ``group``: whole units with group norm < value·max; ``group_std``: units
-    with group norm < value·std of the group norms.
+    with group norm < value·std of the group norms; ``units``: the fraction ``value`` of each
+    layer's input units with the smallest group norms (`masks.input_unit_masks`).
     """
     from hoyertrim import masks as masks_lib
     if rule not in PRUNE_RULES:
         raise StageError(f"Unknown prune rule {rule!r}; choose one of {', '.join(PRUNE_RULES)}.")
-    if not math.isfinite(value) or value < 0 or (rule.endswith("magnitude") and not value < 1):
+    fraction = rule.endswith("magnitude") or rule == "units"
+    if not math.isfinite(value) or value < 0 or (fraction and not value < 1):
         raise StageError(f"The {rule} rule needs a value in "
-                         f"{'[0, 1)' if rule.endswith('magnitude') else '[0, ∞)'}, got {value}.")
+                         f"{'[0, 1)' if fraction else '[0, ∞)'}, got {value}.")
     if rule == "threshold":
         return masks_lib.threshold_masks(params, value)
     if rule == "std":
@@ -43,6 +46,8 @@ def prune_masks(params, rule: str, value: float):
                                          scope="global" if rule == "global_magnitude" else "layer")
     if rule == "group":
         return masks_lib.group_masks(params, fraction_of_max=value)
+    if rule == "units":
+        return masks_lib.input_unit_masks(params, 1 - value)
     return masks_lib.group_masks(params, std_scale=value)
 
 
