@@ -406,7 +406,7 @@ def _verify_chain(directory) -> int:
         print(f"{current}: {manifest['stage']}, "
               + (f"{count} files unchanged" if count else "no checksums recorded (written "
                  "before hoyertrim recorded them)"))
-        current = manifest.get("parent")
+        current = pipeline.linked(current, manifest, "parent")
     return 0
 
 

@@ -74,16 +74,16 @@ def stage_label(manifest: dict) -> str:
 def _chain_label(directory: pathlib.Path, manifests: dict) -> str:
     """The stage's label prefixed by its parents' (up to the dense model), e.g.
     'Net-Trim cascade ε=0.1 → fine-tuned'."""
-    parts, manifest = [], manifests[directory]
+    from hoyertrim.pipeline import linked, read_manifest
+    parts, current, manifest = [], directory, manifests[directory]
     while manifest is not None:
         if manifest["stage"] not in ("train", "import", "compact"):
             parts.append(stage_label(manifest))
-        parent = manifest.get("parent")
-        manifest = manifests.get(pathlib.Path(parent)) if parent else None
-        if manifest is None and parent:
+        current = linked(current, manifest, "parent")
+        manifest = manifests.get(current) if current else None
+        if manifest is None and current:
             try:
-                from hoyertrim.pipeline import read_manifest
-                manifest = read_manifest(parent)
+                manifest = read_manifest(current)
             except ValueError:
                 manifest = None
     return " → ".join(reversed(parts)) or stage_label(manifests[directory])

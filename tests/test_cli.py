@@ -60,8 +60,10 @@ def test_chain_writes_stages_with_provenance(chain):
     small = pipeline.read_manifest(chain / "small")
     assert dense["model"] == {"spec": f"{chain / 'my_models.py'}:TinyCNN", "kwargs": {"width": 6}}
     assert dense["results"]["val_accuracy"] > 0.9  # the stand-in data is learnable
-    assert trimmed["parent"] == str(chain / "dense") and small["parent"] == str(chain / "trimmed")
-    assert trimmed["root"] == small["root"] == str(chain / "dense")
+    # links are relative to the stage: a chain copied or moved together keeps its own stages
+    assert trimmed["parent"] == trimmed["root"] == "../dense"
+    assert small["parent"] == "../trimmed" and small["root"] == "../dense"
+    assert pipeline.linked(chain / "small", small, "root") == chain / "dense"
     assert trimmed["provenance"]["command"][:3] == ["hoyertrim", "nettrim", str(chain / "dense")]
     assert trimmed["provenance"]["versions"]["jax"] and trimmed["config"]["epsilon"] == 0.1
     for layer in trimmed["results"]["layers"].values():  # certificates measured, not assumed
@@ -703,3 +705,17 @@ def test_sigterm_ends_a_run_cleanly_and_blocks_nothing(tmp_path, tiny_data_root)
         "hoyertrim train: terminated (SIGTERM); run the same command again to resume."]
     # Either nothing is left or a resumable run (its checkpoints), never a lone manifest.
     assert not out.exists() or any((out / "checkpoints").glob("[0-9]*"))
+
+
+def test_a_copied_chain_evaluates_against_its_copied_parent(chain, capsys, tmp_path,
+                                                             tiny_data_root):
+    copy = tmp_path / "copy"
+    for name in ("dense", "trimmed"):
+        shutil.copytree(chain / name, copy / name)
+    status, out, err = run(capsys, "evaluate", str(copy / "trimmed"), "--data-dir",
+                           str(tiny_data_root))
+    assert status == 0, err
+    result = json.loads((copy / "trimmed" / "evaluation-test.json").read_text())
+    assert result["reference"] == str(copy / "dense")
+    status, out, _ = run(capsys, "verify", str(copy / "trimmed"))
+    assert status == 0 and str(copy / "dense") in out

@@ -24,7 +24,7 @@ Modules: `directory` (manifests, keyed reuse, load), `modelspec` (which model), 
 """
 
 from hoyertrim.pipeline.directory import FORMAT, MANIFEST, StageError, StageResult, \
-    checksums, default_directory, directory_bytes, load, read_manifest, verify
+    checksums, default_directory, directory_bytes, linked, load, read_manifest, verify
 from hoyertrim.pipeline.directory import _load_data as load_data
 from hoyertrim.pipeline.export import compact, evaluate
 from hoyertrim.pipeline.modelspec import model_of, model_spec, resolve_model
@@ -35,4 +35,4 @@ __all__ = ["FORMAT", "MANIFEST", "ONESHOT_METHODS", "PRUNE_RULES", "StageError",
            "adopt", "compact", "default_directory", "directory_bytes", "evaluate", "finetune",
            "gradual", "load", "load_data", "model_of", "model_spec", "nettrim", "prune",
            "prune_masks", "read_manifest", "regularize", "resolve_model", "train", "verify",
-           "checksums"]
+           "checksums", "linked"]

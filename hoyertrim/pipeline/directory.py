@@ -109,10 +109,11 @@ class _Stage:
         self.created = False
 
     def __enter__(self) -> "_Stage":
+        self.manifest = _relative_links(self.manifest, self.out)
         file = self.out / MANIFEST
         if file.is_file():
             old = read_manifest(self.out)
-            differences = _differences(_key(old), _key(self.manifest))
+            differences = _differences(self._key(old), self._key(self.manifest))
             if differences:
                 raise StageError(f"{self.out} holds another run ({'; '.join(differences[:3])}); "
                                  "choose another --out or delete it.")
@@ -129,6 +130,12 @@ class _Stage:
         except OSError as error:
             raise StageError(f"Cannot write to {self.out}: {error.strerror or error}.") from error
         return self
+
+    def _key(self, manifest) -> dict:
+        """What identifies a run, its links as absolute paths (so a manifest written with
+        absolute links still matches)."""
+        links = {k: str(linked(self.out, manifest, k) or "") for k in ("parent",)}
+        return {**_key(manifest), **links}
 
     def _write(self, manifest):
         tmp = self.out / f".{MANIFEST}.tmp"
@@ -196,6 +203,26 @@ def verify(directory, manifest: Mapping | None = None) -> int:
     return len(recorded)
 
 
+def linked(directory, manifest: Mapping, key: str) -> pathlib.Path | None:
+    """The stage a manifest links to (``"parent"`` or ``"root"``), as an absolute path: links
+    are recorded relative to the stage directory, so a chain copied or moved together keeps
+    pointing at its own stages (links written as absolute paths are read as they are)."""
+    value = manifest.get(key)
+    if not value:
+        return None
+    path = pathlib.Path(value)
+    if path.is_absolute():
+        return path
+    base = pathlib.Path(directory).expanduser().absolute()
+    return pathlib.Path(os.path.normpath(base / path))
+
+
+def _relative_links(manifest: dict, out: pathlib.Path) -> dict:
+    links = {key: os.path.relpath(manifest[key], out) for key in ("parent", "root")
+             if manifest.get(key)}
+    return {**manifest, **links}
+
+
 def _json_default(value):
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -217,8 +244,8 @@ def _manifest(stage: str, config: Mapping, *, parent: Mapping | None = None,
         "dataset": dataset if dataset is not None else parent["dataset"],
         "input_shape": None if parent is None else parent["input_shape"],
         "parent": None if parent_dir is None else str(pathlib.Path(parent_dir).absolute()),
-        "root": None if parent is None else (parent.get("root") or str(
-            pathlib.Path(parent_dir).absolute())),
+        "root": None if parent is None else str(linked(parent_dir, parent, "root")
+                                                 or pathlib.Path(parent_dir).absolute()),
         "config": dict(config),
         "provenance": {"command": list(command) if command is not None else list(sys.argv),
                        "versions": _versions(),

@@ -9,7 +9,7 @@ import numpy as np
 
 from hoyertrim.checkpoint import predict_in_batches
 from hoyertrim.pipeline.directory import StageError, StageResult, _load_data, \
-    _manifest, _parent, _result, _sparsity, _Stage, directory_bytes, load, read_manifest
+    _manifest, _parent, _result, _sparsity, _Stage, directory_bytes, linked, load, read_manifest
 
 
 def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
@@ -71,7 +71,7 @@ def evaluate(directory, *, reference=None, split: str = "test", data_dir=None) -
     loaded = load(path)
     data = _load_data(manifest, data_dir)
     images, labels = getattr(data, split).images, getattr(data, split).labels
-    reference = reference or manifest.get("root")
+    reference = reference or linked(path, manifest, "root")
     if data.is_text:  # logits per byte: streamed, never all in memory
         result = {"directory": str(path), "stage": manifest["stage"], "split": split,
                   **_text_metrics(loaded, load(reference) if reference else None, images,

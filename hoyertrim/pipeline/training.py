@@ -19,7 +19,7 @@ from flax.nnx import variablelib
 
 from hoyertrim.masks import kernel_nonzero_masks
 from hoyertrim.pipeline.directory import StageError, StageResult, _kernels, _load_data, \
-    _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary
+    _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary, linked
 from hoyertrim.nnx_bridge import NnxModel
 from hoyertrim.pipeline.modelspec import model_spec, resolve_model
 
@@ -379,8 +379,8 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
     parent_manifest, model, loaded = _parent(parent)
     teacher_dir = None
     if distill:
-        teacher_dir = str(pathlib.Path(teacher or parent_manifest.get("root") or parent)
-                          .expanduser().absolute())
+        teacher_dir = str(pathlib.Path(teacher or linked(parent, parent_manifest, "root")
+                                       or parent).expanduser().absolute())
     elif teacher is not None:
         raise StageError("A teacher is only used with distillation (--distill).")
     config = {"distill": distill, "teacher": teacher_dir, **_train_config(
