@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -564,7 +565,15 @@ def main(argv=None) -> int:
         how = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"hoyertrim {args.command}: {how}; run the same command again to resume.",
               file=sys.stderr)
-        return 143 if terminated else 130
+        code = 143 if terminated else 130
+        if argv is None:
+            # The command's own process, its stage already cleaned up: leave without the
+            # interpreter's teardown, in which XLA's threads can crash after an interrupt
+            # (a segfault after the message above).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except (StageError, DatasetNotFoundError, ChecksumError, TrainingDivergedError,
             CertificateError, FileNotFoundError, OSError) as error:
         message = " ".join(str(error).split())

@@ -690,7 +690,7 @@ def test_sigterm_ends_a_run_cleanly_and_blocks_nothing(tmp_path, tiny_data_root)
     out = tmp_path / "run"
     # (the stand-in data is exempt from the md5 check, as in this process)
     command = [sys.executable, "-c", "import sys; from hoyertrim import cli, data; "
-               "data._verify = lambda *a: None; sys.exit(cli.main(sys.argv[1:]))", "train", "--model", "lenet300100",
+               "data._verify = lambda *a: None; sys.exit(cli.main())", "train", "--model", "lenet300100",
                "--epochs", "200", "--out", str(out), "--data-dir", str(tiny_data_root),
                "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
