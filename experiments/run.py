@@ -274,6 +274,11 @@ for _name in ("nettrim_thrice_ft5_lenet300100", "hoyertrim5_lenet300100_eps0.2",
     for _seed in (1, 2):
         CONFIGS[f"{_name}_seed{_seed}"] = seeded(CONFIGS[_name], _seed)
 
+# Whole units over three calibration samples / fine-tune seeds (seed 0 is the plain name).
+for _name in [n for n in CONFIGS if n.startswith("units_")]:
+    for _seed in (1, 2):
+        CONFIGS[f"{_name}_seed{_seed}"] = seeded(CONFIGS[_name], _seed)
+
 # The transformers' headline points over three calibration samples (seed 0 is the plain name).
 for _model, _names in (("gpt", ("nettrimpolish_50", "sparsegpt_50", "nettrim_2to4",
                                 "sparsegpt_2to4")),
