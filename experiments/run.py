@@ -274,11 +274,6 @@ for _name in ("nettrim_thrice_ft5_lenet300100", "hoyertrim5_lenet300100_eps0.2",
     for _seed in (1, 2):
         CONFIGS[f"{_name}_seed{_seed}"] = seeded(CONFIGS[_name], _seed)
 
-# Whole units over three calibration samples / fine-tune seeds (seed 0 is the plain name).
-for _name in [n for n in CONFIGS if n.startswith("units_")]:
-    for _seed in (1, 2):
-        CONFIGS[f"{_name}_seed{_seed}"] = seeded(CONFIGS[_name], _seed)
-
 # The transformers' headline points over three calibration samples (seed 0 is the plain name).
 for _model, _names in (("gpt", ("nettrimpolish_50", "sparsegpt_50", "nettrim_2to4",
                                 "sparsegpt_2to4")),
@@ -301,6 +296,11 @@ for _kept in (0.5, 0.3):
         CONFIGS[f"units_{_name}_ft_lenet300100_{_tag}"] = [
             DENSE_LENET300100, _stage, ("finetune", {"epochs": 5, "learning_rate": 3e-4}),
             ("compact", {})]
+
+# Whole units over three calibration samples / fine-tune seeds (seed 0 is the plain name).
+for _name in [n for n in CONFIGS if n.startswith("units_")]:
+    for _seed in (1, 2):
+        CONFIGS[f"{_name}_seed{_seed}"] = seeded(CONFIGS[_name], _seed)
 
 NETTRIM_FC_REFIT = ("nettrim", {"epsilon": 0.1, "scheme": "cascade", "refit": True})
 for _name in ("plain", "l1", "hs"):
