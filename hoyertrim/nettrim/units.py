@@ -89,7 +89,9 @@ def solve_layer_units(x=None, y=None, *, groups=None, epsilon: float | None = No
 
     Returns:
       A `LayerSolution` whose kernel has whole rows of exact zeros for the removed units and
-      whose ``discrepancy`` is measured on the returned weights.
+      whose ``discrepancy`` is measured on the returned weights; ``converged``: the λ solve
+      that chose the units met ``tol`` within ``maxiter`` (the kept units' weights are re-fit
+      after it, so the certificate does not depend on it).
     """
     started = time.perf_counter()
     if (epsilon is None) == (kept_fraction is None):
@@ -156,6 +158,7 @@ def solve_layer_units(x=None, y=None, *, groups=None, epsilon: float | None = No
     best = None  # (real weights, discrepancy, λ, kept units)
     start = problem.start
     path, iterations, solves = [], 0, 0
+    chosen_iterations = maxiter  # of the λ solve whose units are kept (none yet)
     for _ in range(max_solves):
         lam = math.exp(0.5 * (low + high))
         u, used = at(lam, start)
@@ -164,17 +167,20 @@ def solve_layer_units(x=None, y=None, *, groups=None, epsilon: float | None = No
         keep = kept_units(u)
         if target is None:
             real, discrepancy = refit(keep)
-            path.append({"lam": lam, "discrepancy": discrepancy, "kept_units": len(keep)})
+            path.append({"lam": lam, "discrepancy": discrepancy, "kept_units": len(keep),
+                         "iterations": used})
             if discrepancy <= epsilon:
                 best, low, start = (real, discrepancy, lam, keep), math.log(lam), u
+                chosen_iterations = used
             else:
                 high = math.log(lam)
             if best is not None and high - low < 0.05:
                 break
         else:
-            path.append({"lam": lam, "kept_units": len(keep)})
+            path.append({"lam": lam, "kept_units": len(keep), "iterations": used})
             if len(keep) >= target:
                 low, start = math.log(lam), u
+                chosen_iterations = used
                 norms = np.sqrt(np.bincount(np.maximum(row_groups, 0), minlength=num_groups,
                                             weights=np.where(row_groups >= 0, np.sum(
                                                 np.asarray(u) ** 2, axis=1), 0.0)))
@@ -202,6 +208,6 @@ def solve_layer_units(x=None, y=None, *, groups=None, epsilon: float | None = No
     return LayerSolution(
         kernel=kernel, bias=np.asarray(bias, np.float32), discrepancy=discrepancy,
         epsilon=certified, feasible=discrepancy <= certified, lam=lam, iterations=iterations,
-        converged=True, inactive_violation=violation / y_norm,
+        converged=chosen_iterations < maxiter, inactive_violation=violation / y_norm,
         kept_fraction=float(np.count_nonzero(kernel) / max(int(data.support.sum()), 1)),
         solves=solves, seconds=time.perf_counter() - started, lam_path=tuple(path))
