@@ -11,12 +11,13 @@ reproduces an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from hoyertrim.data import Dataset
@@ -189,10 +191,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
 def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_size: int,
                      loss_fn: Callable[..., jax.Array] | None = None,
-                     teacher: Callable[[jax.Array], jax.Array] | None = None):
+                     teacher: Callable[[jax.Array], jax.Array] | None = None,
+                     mesh: Mesh | None = None):
     """Returns jitted ``train_epoch(state, images, labels) -> (state, metrics)``.
 
-    ``loss_fn`` and ``teacher`` are as in `make_train_step`.
+    ``loss_fn`` and ``teacher`` are as in `make_train_step`. With a ``mesh`` (one axis,
+    ``"data"``; see `data_mesh`) every batch is split along its examples over the mesh's devices
+    and the state is replicated: data-parallel training, written as one program that XLA
+    partitions (the gradients' sum over the batch becomes an all-reduce). It computes what one
+    device computes, up to the order of the reductions.
 
     One epoch is one `lax.scan` over ``len(images) // batch_size`` batches of a fresh permutation
     drawn from ``fold_in(state.key, state.epoch)``; the last partial batch is dropped (a different
@@ -213,7 +220,12 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
         order = order[: num_batches * batch_size].reshape(num_batches, batch_size)
 
         def body(state, batch_indices):
-            return train_step(state, images[batch_indices], labels[batch_indices])
+            batch_images, batch_labels = images[batch_indices], labels[batch_indices]
+            if mesh is not None:
+                batch_images, batch_labels = (jax.lax.with_sharding_constraint(
+                    a, NamedSharding(mesh, PartitionSpec("data"))) for a in (batch_images,
+                                                                            batch_labels))
+            return train_step(state, batch_images, batch_labels)
 
         state, metrics = jax.lax.scan(body, state, order)
         state = state.replace(epoch=state.epoch + 1)
@@ -224,6 +236,16 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
                        "first_nonfinite_step": jnp.where(jnp.any(bad), jnp.argmax(bad), -1)}
 
     return train_epoch
+
+
+def data_mesh(batch_size: int, devices=None) -> Mesh | None:
+    """A one-axis ``("data",)`` mesh over ``devices`` (default: every local device) for
+    data-parallel training, or None when there is one device or the batch does not split evenly
+    over them (then training runs on one device)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    if len(devices) < 2 or batch_size % len(devices):
+        return None
+    return Mesh(np.array(devices), ("data",))
 
 
 def make_evaluate(model: nn.Module, batch_size: int = 1000):
@@ -279,7 +301,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
         metrics_log: str | os.PathLike | None = None, progress: bool = True,
         on_epoch_end: Callable[[int, dict], None] | None = None,
         loss_fn: Callable[..., jax.Array] | None = None,
-        teacher: Callable[[jax.Array], jax.Array] | None = None) -> tuple[TrainState, list[dict]]:
+        teacher: Callable[[jax.Array], jax.Array] | None = None,
+        devices: Sequence[jax.Device] | None = None) -> tuple[TrainState, list[dict]]:
     """Trains for ``epochs`` epochs, evaluating on the validation split after each.
 
     Args:
@@ -297,6 +320,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
       on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` after each epoch is saved.
       loss_fn, teacher: the training loss and an optional distillation teacher, as in
         `make_train_step` (``train_loss`` in the metrics is this loss).
+      devices: the devices to train on, data-parallel (`data_mesh`; default: every local
+        device when the batch splits evenly over them; ``[jax.devices()[0]]`` for one).
 
     Returns:
       The final state and the list of per-epoch metric dicts of this call.
@@ -315,11 +340,16 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
                                          for leaf in jax.tree.leaves(state_to_tree(state))))
         if checkpointer.latest_step() is not None:
             state, _ = checkpointer.restore_latest(state)
-    train_epoch = make_train_epoch(model, tx, batch_size, loss_fn, teacher)
+    mesh = data_mesh(batch_size, devices)
+    train_epoch = make_train_epoch(model, tx, batch_size, loss_fn, teacher, mesh=mesh)
     evaluate = make_evaluate(model)
-    train_x, train_y = jax.device_put(dataset.train.images), jax.device_put(dataset.train.labels)
-    val_x = jax.device_put(dataset.validation.images)
-    val_y = jax.device_put(dataset.validation.labels)
+    # With a mesh the data and the state are replicated on its devices; each step's batch is
+    # split over them inside the epoch's program.
+    place = (jax.device_put if mesh is None else functools.partial(
+        jax.device_put, device=NamedSharding(mesh, PartitionSpec())))
+    state = place(state)
+    train_x, train_y = place(dataset.train.images), place(dataset.train.labels)
+    val_x, val_y = place(dataset.validation.images), place(dataset.validation.labels)
 
     history = []
     start_epoch = int(state.epoch)
