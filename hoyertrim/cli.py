@@ -176,6 +176,14 @@ def _train_examples_arg(parser):
                              "default: all)")
 
 
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("hoyertrim")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hoyertrim.data import DATASETS
     from hoyertrim.models import MODELS
@@ -184,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="hoyertrim", description=__doc__,
                                      formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"hoyertrim {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name, help_text):

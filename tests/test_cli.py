@@ -719,3 +719,11 @@ def test_a_copied_chain_evaluates_against_its_copied_parent(chain, capsys, tmp_p
     assert result["reference"] == str(copy / "dense")
     status, out, _ = run(capsys, "verify", str(copy / "trimmed"))
     assert status == 0 and str(copy / "dense") in out
+
+
+def test_version(capsys):
+    from importlib import metadata
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hoyertrim {metadata.version('hoyertrim')}"
