@@ -121,10 +121,10 @@ def _seeds_table(results: pathlib.Path, model: str) -> str:
             scale = 1 if model == "gpt" else 100
             values = [scale * f[1][key] for f in found]
             label = "2:4" if point == "2to4" else f"{point}%"
-            unit = "" if model == "gpt" else "%"
+            unit, digits = ("", 3) if model == "gpt" else ("%", 2)
             lines.append(f"| {label} | {_label(method, point)} | "
-                         f"{sum(values) / 3:.3f}{unit} | {min(values):.3f}–{max(values):.3f}"
-                         f"{unit} |")
+                         f"{sum(values) / 3:.{digits}f}{unit} | {min(values):.{digits}f}–"
+                         f"{max(values):.{digits}f}{unit} |")
     if not lines:
         return ""
     what = "test perplexity" if model == "gpt" else "test accuracy"
