@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import shutil
 from typing import Sequence
 
 import numpy as np
@@ -97,12 +99,20 @@ def _accuracy(directory: pathlib.Path, manifest: dict) -> tuple[float | None, st
     return (None if value is None else 100 * value), "validation"
 
 
+_RECORD = ".hoyertrim-report.json"  # which stages a report folder shows and which files it wrote
+
+
 def write_report(directories: Sequence, out, *, force: bool = False) -> pathlib.Path:
     """Writes ``out/report.md`` and its PNGs for the stage directories; returns the report path.
 
+    ``out`` is a new folder, or one that holds only a report hoyertrim wrote (its record lists
+    the files); it is replaced as a whole — written beside it, then swapped in — so a failed
+    call leaves the old report as it was and no stale figure survives a new one.
+
     Raises:
-      StageError: a directory is not a finished stage, or ``out`` holds a report of more stages
-        (pass ``force=True`` to replace it).
+      StageError: a directory is not a finished stage; ``out`` holds files hoyertrim did not
+        write there; or ``out`` holds a report of other stages (pass ``force=True`` to replace
+        it).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -117,23 +127,53 @@ def write_report(directories: Sequence, out, *, force: bool = False) -> pathlib.
             raise StageError(f"{path} holds an unfinished {manifest['stage']} stage.")
         manifests[path] = manifest
     out = pathlib.Path(out).expanduser().absolute()
-    report = out / "report.md"
-    if report.is_file() and not force:
-        listed = report.read_text().count("\n| `")
-        if listed > len(paths):
-            raise StageError(f"{report} reports {listed} stages, this call {len(paths)}; pass "
-                             "--force to replace it.")
-    created = not out.exists()
+    if out.exists():
+        _check_replaceable(out, [str(p) for p in paths], force)
+    staging = out.parent / f".{out.name}.writing-{os.getpid()}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        figures = _figures(paths, manifests, out, plt)
-        report.write_text(_markdown(paths, manifests, figures))
-    except Exception:
-        if created:
-            import shutil
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    return report
+        staging.mkdir(parents=True)
+        figures = _figures(paths, manifests, staging, plt)
+        (staging / "report.md").write_text(_markdown(paths, manifests, figures))
+        files = sorted(f.name for f in staging.iterdir())
+        (staging / _RECORD).write_text(json.dumps({"stages": [str(p) for p in paths],
+                                                   "files": files}, indent=1) + "\n")
+        if out.exists():
+            retired = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, retired)
+            os.replace(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except OSError as error:
+        raise StageError(f"Cannot write the report to {out}: {error.strerror or error}.") \
+            from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "report.md"
+
+
+def _check_replaceable(out: pathlib.Path, stages: list[str], force: bool) -> None:
+    from hoyertrim.pipeline import StageError
+    if not out.is_dir():
+        raise StageError(f"{out} exists and is not a folder; choose another --out.")
+    present = sorted(f.name for f in out.iterdir())
+    if not present:
+        return
+    try:
+        record = json.loads((out / _RECORD).read_text())
+        ours = set(record["files"]) | {_RECORD}
+        shown = list(record["stages"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise StageError(f"{out} holds files hoyertrim did not write there; choose another "
+                         "--out (a report folder is replaced as a whole).") from None
+    foreign = [name for name in present if name not in ours]
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
+        raise StageError(f"{out} holds files hoyertrim did not write there ({listed}); choose "
+                         "another --out (a report folder is replaced as a whole).")
+    if shown != stages and not force:
+        raise StageError(f"{out} holds a report of other stages ({len(shown)} listed); pass "
+                         "--force to replace it, or choose another --out.")
 
 
 def _sparse_stages(paths, manifests):

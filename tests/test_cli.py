@@ -261,6 +261,28 @@ def test_report_writes_figures_and_refuses_to_shrink(chain, capsys):
     assert "Net-Trim cascade ε=0.1" in text and "`trimmed`" in text
     status, _, err = run(capsys, "report", stages[0], "--out", str(out))
     assert status == 1 and "--force" in err and (out / "report.md").read_text() == text
+    # The same stages again: the folder is replaced as a whole (a figure an earlier report
+    # wrote and this one does not is gone).
+    record = json.loads((out / ".hoyertrim-report.json").read_text())
+    (out / "old_figure.png").write_bytes(b"stale")
+    record["files"].append("old_figure.png")
+    (out / ".hoyertrim-report.json").write_text(json.dumps(record))
+    status, _, _ = run(capsys, "report", *stages, "--out", str(out))
+    assert status == 0 and not (out / "old_figure.png").exists()
+    assert (out / "lambda_path.png").stat().st_size > 1000
+    # A file the user put there: refused, even with --force, and nothing touched.
+    (out / "notes.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in ([], ["--force"]):
+        status, _, err = run(capsys, "report", stages[0], "--out", str(out), *extra)
+        assert status == 1 and "did not write there (notes.md)" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    foreign = chain / "someone_elses"
+    foreign.mkdir()
+    (foreign / "report.md").write_text("a user's own report")
+    status, _, err = run(capsys, "report", *stages, "--out", str(foreign), "--force")
+    assert status == 1 and (foreign / "report.md").read_text() == "a user's own report"
+    assert not any(p.name.startswith(".") for p in chain.iterdir())  # no staging folder left
 
 
 def test_load_of_a_training_stage_predicts_like_the_model(chain, tiny_data_root):
