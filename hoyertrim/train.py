@@ -239,13 +239,26 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
 
 
 def data_mesh(batch_size: int, devices=None) -> Mesh | None:
-    """A one-axis ``("data",)`` mesh over ``devices`` (default: every local device) for
-    data-parallel training, or None when there is one device or the batch does not split evenly
-    over them (then training runs on one device)."""
-    devices = list(jax.local_devices() if devices is None else devices)
+    """A one-axis ``("data",)`` mesh over ``devices`` (default: every device of every process —
+    after `jax.distributed.initialize`, the whole cluster) for data-parallel training, or None
+    when there is one device or the batch does not split evenly over them (then training runs
+    on one device)."""
+    devices = list(jax.devices() if devices is None else devices)
     if len(devices) < 2 or batch_size % len(devices):
         return None
     return Mesh(np.array(devices), ("data",))
+
+
+def _replicated(tree, mesh: Mesh):
+    """``tree`` on every device of ``mesh`` (also those of other processes, which hold the same
+    values)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(leaf):
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree)
 
 
 def make_evaluate(model: nn.Module, batch_size: int = 1000):
@@ -320,8 +333,9 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
       on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` after each epoch is saved.
       loss_fn, teacher: the training loss and an optional distillation teacher, as in
         `make_train_step` (``train_loss`` in the metrics is this loss).
-      devices: the devices to train on, data-parallel (`data_mesh`; default: every local
-        device when the batch splits evenly over them; ``[jax.devices()[0]]`` for one).
+      devices: the devices to train on, data-parallel (`data_mesh`; default: every device —
+        of every process after `jax.distributed.initialize` — when the batch splits evenly over
+        them; ``jax.local_devices()[:1]`` for one).
 
     Returns:
       The final state and the list of per-epoch metric dicts of this call.
@@ -343,10 +357,9 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
     mesh = data_mesh(batch_size, devices)
     train_epoch = make_train_epoch(model, tx, batch_size, loss_fn, teacher, mesh=mesh)
     evaluate = make_evaluate(model)
-    # With a mesh the data and the state are replicated on its devices; each step's batch is
-    # split over them inside the epoch's program.
-    place = (jax.device_put if mesh is None else functools.partial(
-        jax.device_put, device=NamedSharding(mesh, PartitionSpec())))
+    # With a mesh the data and the state are replicated on its devices (every process holds
+    # the same values); each step's batch is split over them inside the epoch's program.
+    place = jax.device_put if mesh is None else functools.partial(_replicated, mesh=mesh)
     state = place(state)
     train_x, train_y = place(dataset.train.images), place(dataset.train.labels)
     val_x, val_y = place(dataset.validation.images), place(dataset.validation.labels)

@@ -12,17 +12,10 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 warnings.filterwarnings("ignore")
 import jax, numpy as np, optax
 sys.path.insert(0, {repo!r})
-from examples import user_models as um
-from hoyertrim.data import Dataset, Split
+sys.path.insert(0, {tests!r})
+from test_distributed import synthetic_data, small_cnn
 from hoyertrim.train import data_mesh, fit
-rng = np.random.default_rng(0)
-
-def split(n):
-    x = rng.random((n, 8, 8, 1), dtype=np.float32)
-    return Split(x, (x.reshape(n, -1)[:, :32].sum(1) > 16).astype(np.int32))
-
-data = Dataset("synthetic", split(1024), split(128), split(128), 2)
-model = um.ConvBatchNormCNN(widths=(8, 16), hidden=32)  # BatchNorm and dropout
+data, model = synthetic_data(), small_cnn()  # BatchNorm and dropout
 assert len(jax.devices()) == 4 and data_mesh(64).shape == {{"data": 4}}
 assert data_mesh(66) is None and data_mesh(64, jax.devices()[:1]) is None
 one, _ = fit(model, optax.adam(1e-3), data, epochs=2, batch_size=64, progress=False,
@@ -38,7 +31,8 @@ print("DIFFERENCE", difference, history[-1]["val_accuracy"])
 @pytest.mark.slow
 def test_a_data_parallel_epoch_equals_one_devices():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _SCRIPT.format(repo=repo)],
+    result = subprocess.run([sys.executable, "-c", _SCRIPT.format(
+        repo=repo, tests=os.path.join(repo, "tests"))],
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -46,3 +40,78 @@ def test_a_data_parallel_epoch_equals_one_devices():
     # Params and optimizer state after two epochs (32 steps) differ only by the order of the
     # batch reductions: float32 rounding, well below 1e-5.
     assert float(line.split()[1]) < 1e-5
+
+
+_PROCESS = """
+import os, sys, warnings
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+warnings.filterwarnings("ignore")
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{{port}}", num_processes=2,
+                           process_id=process_id)
+import numpy as np, optax
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+from test_distributed import synthetic_data, small_cnn
+from hoyertrim.train import fit
+assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+state, _ = fit(small_cnn(), optax.adam(1e-3), synthetic_data(), epochs=2, batch_size=64,
+               progress=False)
+np.savez(out, *[np.asarray(leaf) for leaf in jax.tree.leaves(state.params)])
+"""
+
+
+def synthetic_data():
+    from hoyertrim.data import Dataset, Split
+    import numpy as np
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        x = rng.random((n, 8, 8, 1), dtype=np.float32)
+        return Split(x, (x.reshape(n, -1)[:, :32].sum(1) > 16).astype(np.int32))
+
+    return Dataset("synthetic", split(1024), split(128), split(128), 2)
+
+
+def small_cnn():
+    from examples import user_models as um
+    return um.ConvBatchNormCNN(widths=(8, 16), hidden=32)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    """Two processes joined by jax.distributed (loopback coordinator, CPU collectives), two
+    devices each: one data-parallel run over the four; every process ends with the params a
+    single device computes."""
+    import jax
+    import numpy as np
+    import optax
+    from hoyertrim.train import fit
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = _PROCESS.format(repo=repo, tests=os.path.join(repo, "tests"))
+    port = str(_free_port())
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(i), port,
+                                   str(tmp_path / f"params{i}.npz")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                 for i in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+    state, _ = fit(small_cnn(), optax.adam(1e-3), synthetic_data(), epochs=2, batch_size=64,
+                   progress=False, devices=jax.local_devices()[:1])
+    expected = [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
+    for i in range(2):
+        with np.load(tmp_path / f"params{i}.npz") as saved:
+            got = [saved[f"arr_{k}"] for k in range(len(saved.files))]
+        assert len(got) == len(expected)
+        assert max(float(np.max(np.abs(a - b))) for a, b in zip(got, expected)) < 1e-5
