@@ -576,6 +576,7 @@ PLAIN_MODEL = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow  # seconds: keeps the quick tier under 90 s
 def test_weights_not_named_kernel_are_trained_reported_and_pruned(tmp_path, tiny_data_root):
     (tmp_path / "plain.py").write_text(PLAIN_MODEL)
     data = ["--data-dir", str(tiny_data_root), "--no-progress"]

@@ -97,6 +97,7 @@ def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient_without_ties():
         max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
 
 
+@pytest.mark.slow  # seconds: keeps the quick tier under 90 s
 def test_gpt_is_causal_and_predicts_every_next_byte():
     model = create_model("gpt", dim=32, heads=2, mlp=64, depth=1, context=16)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 256).astype(jnp.uint8)
@@ -114,6 +115,7 @@ def test_gpt_is_causal_and_predicts_every_next_byte():
         model.apply(variables, jnp.zeros((2, 17), jnp.uint8))
 
 
+@pytest.mark.slow  # seconds: keeps the quick tier under 90 s
 def test_transformers_have_the_documented_sizes():
     vit, gpt = create_model("vit"), create_model("gpt")
     v = vit.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))

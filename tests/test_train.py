@@ -271,6 +271,7 @@ def test_load_needs_no_template(tmp_path):
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
 
 
+@pytest.mark.slow  # seconds: keeps the quick tier under 90 s
 def test_evaluate_counts_every_position_of_per_position_labels_once():
     import optax as _optax
     from hoyertrim.models import create_model

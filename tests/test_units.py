@@ -75,6 +75,7 @@ class _ConvNet(nn.Module):
         return nn.Dense(4, name="dense0")(x.mean(axis=(1, 2)))
 
 
+@pytest.mark.slow  # seconds: keeps the quick tier under 90 s
 def test_a_convolution_loses_whole_input_channels():
     model = _ConvNet()
     images = jax.random.uniform(jax.random.PRNGKey(0), (60, 8, 8, 2))
