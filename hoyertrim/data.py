@@ -168,11 +168,8 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def _md5(path: pathlib.Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _verify(path: pathlib.Path, expected_md5: str) -> None:

@@ -162,11 +162,8 @@ class _Stage:
 
 def _sha256(file: pathlib.Path) -> str:
     import hashlib
-    digest = hashlib.sha256()
     with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def checksums(directory) -> dict[str, str]:
