@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hoyertrim", description=__doc__,
                                      formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"hoyertrim {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show its full traceback; show the warnings and logs "
+                             "of the libraries underneath (hidden by default)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name, help_text):
@@ -351,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = command("evaluate", "accuracy, agreement with a reference, per-layer sparsity and FLOPs, "
-                            "bytes on disk (written to <dir>/evaluation-<split>.json)")
+                            "bytes on disk (written to <dir>/evaluation-<split>.json; against another "
+                            "--reference: evaluation-<split>-vs-<hash>.json)")
     p.add_argument("directory", help="stage directory")
     p.add_argument("--reference", default=None,
                    help="stage directory to compare with (default: the chain's first stage)")
@@ -414,7 +418,7 @@ def _verify_chain(directory) -> int:
         print(f"{current}: {manifest['stage']}, "
               + (f"{count} files unchanged" if count else "no checksums recorded (written "
                  "before hoyertrim recorded them)"))
-        current = pipeline.linked(current, manifest, "parent")
+        current = pipeline.checked_link(current, manifest, "parent")
     return 0
 
 
@@ -510,8 +514,9 @@ def _evaluation_text(result: dict) -> str:
                          f"{layer['outputs_alive']}/{layer['outputs']}")
     else:
         lines.append(f"  compact: {result['weights_stored']:,} kernel entries stored")
-    lines.append(f"  {result['bytes_on_disk']:,} bytes on disk; written to "
-                 f"{result['directory']}/evaluation-{result['split']}.json")
+    lines.append(f"  {result['bytes_on_disk']:,} bytes on disk; "
+                 + (f"written to {result['file']}" if result.get("file") else
+                    f"not saved ({result['not_saved']})"))
     return "\n".join(lines)
 
 
@@ -544,16 +549,39 @@ def _quickstart(args, command_line) -> int:
     return 0
 
 
+def _quiet_dependencies() -> None:
+    """Hides the warnings and logs of the libraries underneath (JAXopt's deprecation, orbax's
+    checkpoint logs, and the tracebacks orbax logs when an interrupt stops a save): a user sees
+    hoyertrim's own lines, which carry every error; ``--debug`` shows them."""
+    import logging
+    warnings.simplefilter("ignore")
+    for name in ("absl", "jax", "orbax", "jaxopt"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.FATAL)
+    except ImportError:
+        pass
+
+
+def _interrupted(args, interrupt: KeyboardInterrupt, terminated: bool) -> str:
+    how = "terminated (SIGTERM)" if terminated else "interrupted"
+    command = getattr(args, "command", None)
+    resumable = getattr(interrupt, "resumable", None)  # a `pipeline.StageInterrupted`
+    if command == "quickstart":
+        what = "run the same command again to resume (finished stages are reused)"
+    elif resumable is None:
+        what = "nothing was written"
+    elif resumable:
+        what = (f"what was finished is kept in {interrupt.directory}; run the same command again "
+                "to resume")
+    else:
+        what = "nothing was kept; run the same command again to start over"
+    return f"hoyertrim{' ' + command if command else ''}: {how}; {what}."
+
+
 def main(argv=None) -> int:
     """Entry point of the ``hoyertrim`` console script; returns the exit status."""
-    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    command_line = ["hoyertrim", *(sys.argv[1:] if argv is None else argv)]
-    from hoyertrim.data import ChecksumError, DatasetNotFoundError
-    from hoyertrim.nettrim import CertificateError
-    from hoyertrim.pipeline import StageError
-    from hoyertrim.train import TrainingDivergedError
     terminated = []
 
     def on_sigterm(signum, frame):
@@ -566,12 +594,14 @@ def main(argv=None) -> int:
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
+    args = None
     try:
-        return _run(args, command_line)
-    except KeyboardInterrupt:
-        how = "terminated (SIGTERM)" if terminated else "interrupted"
-        print(f"hoyertrim {args.command}: {how}; run the same command again to resume.",
-              file=sys.stderr)
+        args = build_parser().parse_args(argv)  # (its imports take seconds: interruptible)
+        if not args.debug:
+            _quiet_dependencies()
+        return _checked_run(args, ["hoyertrim", *(sys.argv[1:] if argv is None else argv)])
+    except KeyboardInterrupt as interrupt:
+        print(_interrupted(args, interrupt, bool(terminated)), file=sys.stderr)
         code = 143 if terminated else 130
         if argv is None:
             # The command's own process, its stage already cleaned up: leave without the
@@ -581,14 +611,27 @@ def main(argv=None) -> int:
             sys.stderr.flush()
             os._exit(code)
         return code
-    except (StageError, DatasetNotFoundError, ChecksumError, TrainingDivergedError,
-            CertificateError, FileNotFoundError, OSError) as error:
-        message = " ".join(str(error).split())
-        print(f"hoyertrim {args.command}: error: {message}", file=sys.stderr)
-        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _checked_run(args, command_line) -> int:
+    """`_run`, the library's errors for a user to act on printed as one line (``--debug``:
+    raised, with their traceback)."""
+    from hoyertrim.data import ChecksumError, DatasetNotFoundError
+    from hoyertrim.nettrim import CertificateError
+    from hoyertrim.pipeline import StageError
+    from hoyertrim.train import TrainingDivergedError
+    try:
+        return _run(args, command_line)
+    except (StageError, DatasetNotFoundError, ChecksumError, TrainingDivergedError,
+            CertificateError, FileNotFoundError, OSError) as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())
+        print(f"hoyertrim {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import pathlib
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -328,7 +329,9 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
       checkpointer: a `hoyertrim.checkpoint.Checkpointer`; if it holds a checkpoint the run
         resumes from its latest one, and a checkpoint is written after every epoch.
       config: JSON-serializable run configuration stored with each checkpoint.
-      metrics_log: path of a JSONL file; one line of metrics is appended per epoch.
+      metrics_log: path of a JSONL file; one line of metrics is appended per epoch (lines of
+        epochs after the one the run starts from — an interrupted run's — are dropped first,
+        so a resumed run logs each epoch once).
       progress: show a progress bar with loss and accuracy.
       on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` after each epoch is saved.
       loss_fn, teacher: the training loss and an optional distillation teacher, as in
@@ -366,6 +369,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
 
     history = []
     start_epoch = int(state.epoch)
+    if metrics_log is not None:
+        _trim_log(metrics_log, start_epoch)
     bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, unit="epoch",
                disable=not progress, desc=getattr(model, "name", None) or type(model).__name__)
     for epoch in bar:
@@ -403,6 +408,24 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
     if checkpointer is not None:
         checkpointer.wait_until_finished()
     return state, history
+
+
+def _trim_log(path, last_epoch: int) -> None:
+    """Keeps the lines of a metrics log up to epoch ``last_epoch`` (replaced atomically)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            epoch = json.loads(line).get("epoch")
+        except (ValueError, AttributeError):
+            continue  # a line cut short by a kill
+        if isinstance(epoch, int) and epoch <= last_epoch:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def predict_accuracy(model: nn.Module, params, model_state, images: np.ndarray,

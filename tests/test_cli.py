@@ -544,6 +544,7 @@ def test_nnx_model_from_the_users_file_through_the_whole_chain(tmp_path, capsys,
                                loaded.predict(test.images[:64]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_nnx_state_saved_with_orbax_is_imported(tmp_path, tiny_data_root):
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -708,28 +709,6 @@ def test_a_damaged_manifest_is_one_line(chain, capsys, tmp_path, tiny_data_root,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_sigterm_ends_a_run_cleanly_and_blocks_nothing(tmp_path, tiny_data_root):
-    out = tmp_path / "run"
-    # (the stand-in data is exempt from the md5 check, as in this process)
-    command = [sys.executable, "-c", "import sys; from hoyertrim import cli, data; "
-               "data._verify = lambda *a: None; sys.exit(cli.main())", "train", "--model", "lenet300100",
-               "--epochs", "200", "--out", str(out), "--data-dir", str(tiny_data_root),
-               "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "hoyertrim.json").is_file() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # inside the first epoch's compilation or steps
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err
-    assert err.strip().splitlines() == [
-        "hoyertrim train: terminated (SIGTERM); run the same command again to resume."]
-    # Either nothing is left or a resumable run (its checkpoints), never a lone manifest.
-    assert not out.exists() or any((out / "checkpoints").glob("[0-9]*"))
-
-
 def test_a_copied_chain_evaluates_against_its_copied_parent(chain, capsys, tmp_path,
                                                              tiny_data_root):
     copy = tmp_path / "copy"
@@ -750,3 +729,133 @@ def test_version(capsys):
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"hoyertrim {metadata.version('hoyertrim')}"
+
+
+def test_a_second_writer_to_the_same_folder_is_refused(chain, capsys, tmp_path):
+    import fcntl
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / pipeline.LOCK, "w") as handle:  # another command holds the stage
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        status, _, err = run(capsys, "prune", str(chain / "dense"), "--out", str(out))
+        assert status == 1 and len(err.strip().splitlines()) == 1
+        assert "is being written by another hoyertrim command" in err
+        assert [p.name for p in out.iterdir()] == [pipeline.LOCK]
+    # Once it is done (the lock released, even if its file stayed), the folder is usable.
+    status, _, err = run(capsys, "prune", str(chain / "dense"), "--out", str(out))
+    assert status == 0, err
+    assert not (out / pipeline.LOCK).exists()
+
+
+def test_an_interrupted_nettrim_resumes_from_its_solved_layers(chain, tmp_path, monkeypatch,
+                                                               tiny_data_root):
+    import hoyertrim.nettrim
+    from hoyertrim.pipeline import pruning
+    out = tmp_path / "trimmed"
+    arguments = dict(epsilon=0.1, samples=600, heldout=200, data_dir=tiny_data_root,
+                     progress=False)
+    save = pruning._save_layer
+    calls = []
+
+    def save_then_interrupt(*args):
+        save(*args)
+        calls.append(args[1])
+        raise KeyboardInterrupt  # Ctrl-C right after the first layer was kept
+
+    monkeypatch.setattr(pruning, "_save_layer", save_then_interrupt)
+    with pytest.raises(pipeline.StageInterrupted) as interrupted:
+        pipeline.nettrim(chain / "dense", out, **arguments)
+    assert interrupted.value.resumable and interrupted.value.directory == out
+    assert pipeline.read_manifest(out)["status"] == "interrupted"
+    assert len(list((out / "layers").glob("*.npz"))) == 1
+    monkeypatch.setattr(pruning, "_save_layer", save)
+    prune_network = hoyertrim.nettrim.prune_network
+    given = []
+
+    def spy(*args, solved=None, **kwargs):
+        given.append(sorted(solved))
+        return prune_network(*args, solved=solved, **kwargs)
+
+    monkeypatch.setattr(hoyertrim.nettrim, "prune_network", spy)
+    result = pipeline.nettrim(chain / "dense", out, **arguments)
+    assert given == [calls] and not (out / "layers").exists()
+    # The resumed stage equals the uninterrupted one made with the same settings.
+    ours, theirs = hoyertrim.load(out), hoyertrim.load(chain / "trimmed")
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours.params),
+                                                     jax.tree.leaves(theirs.params)))
+    assert result.results["layers"].keys() == \
+        pipeline.read_manifest(chain / "trimmed")["results"]["layers"].keys()
+
+
+def test_import_of_a_stage_takes_its_selected_epoch(chain, capsys, tmp_path, tiny_data_root):
+    copy = _copy_stage(chain / "dense", tmp_path / "dense")
+    selected = pipeline.read_manifest(copy)["results"]["epoch"]
+    steps = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
+    other = next(step for step in steps if step != selected)
+    # Make the newest checkpoint hold another epoch: reading "the newest step" would take it.
+    (copy / "checkpoints" / str(other)).rename(copy / "checkpoints" / "999")
+    status, _, err = run(capsys, "import", str(copy), "--model", f"{chain / 'my_models.py'}:TinyCNN",
+                         "--model-kwargs", '{"width": 6}', "--out", str(tmp_path / "imported"),
+                         "--data-dir", str(tiny_data_root))
+    assert status == 0, err
+    imported, original = hoyertrim.load(tmp_path / "imported"), hoyertrim.load(chain / "dense")
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(imported.params),
+                                                     jax.tree.leaves(original.params)))
+
+
+def test_evaluate_keeps_results_of_other_references_and_survives_a_read_only_stage(
+        chain, capsys, tmp_path, tiny_data_root, monkeypatch):
+    copy = tmp_path / "copy"
+    for name in ("dense", "trimmed"):
+        _copy_stage(chain / name, copy / name)
+    data = ["--data-dir", str(tiny_data_root)]
+    assert run(capsys, "evaluate", str(copy / "trimmed"), *data)[0] == 0
+    default = (copy / "trimmed" / "evaluation-test.json").read_text()
+    status, out, _ = run(capsys, "evaluate", str(copy / "trimmed"), "--reference",
+                         str(copy / "trimmed"), *data)
+    assert status == 0
+    other = list((copy / "trimmed").glob("evaluation-test-vs-*.json"))
+    assert len(other) == 1 and str(other[0]) in out
+    assert json.loads(other[0].read_text())["agreement"] == 1.0
+    assert (copy / "trimmed" / "evaluation-test.json").read_text() == default
+    # A stage that cannot be written to: the result is printed, and said not to be saved.
+    write_text = type(copy).write_text
+
+    def read_only(path, *args, **kwargs):
+        if path.parent == copy / "trimmed":
+            raise PermissionError(13, "Read-only file system")
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(copy), "write_text", read_only)
+    status, out, err = run(capsys, "evaluate", str(copy / "trimmed"), "--split", "validation",
+                           *data)
+    assert status == 0, err
+    assert "accuracy" in out and "not saved (cannot write to" in out
+    assert not list((copy / "trimmed").glob("*evaluation-validation*"))
+
+
+def test_a_chain_mixed_with_another_run_is_found_out(chain, capsys, tmp_path, tiny_data_root):
+    copy = tmp_path / "copy"
+    _copy_stage(chain / "trimmed", copy / "trimmed")
+    _copy_stage(chain / "small", copy / "small")
+    # In the place of the parent stands another stage (here: the pruned one).
+    _copy_stage(chain / "trimmed", copy / "dense")
+    for argv in (["verify", str(copy / "small")],
+                 ["evaluate", str(copy / "trimmed"), "--data-dir", str(tiny_data_root)]):
+        status, _, err = run(capsys, *argv)
+        assert status == 1 and len(err.strip().splitlines()) == 1, err
+        assert "is not the stage" in err and "mixed with another run" in err
+    # Reusing a stage made from a parent that has since been replaced is refused too.
+    other = tmp_path / "other"
+    _copy_stage(chain / "small", other / "small")
+    _copy_stage(chain / "dense", other / "trimmed")  # same path, another stage
+    status, _, err = run(capsys, "compact", str(other / "trimmed"), "--out", str(other / "small"))
+    assert status == 1 and "holds another run (parent_digest" in err
+
+
+def test_debug_shows_the_traceback_and_warnings_are_hidden(capsys, tmp_path):
+    with pytest.raises(pipeline.StageError):
+        cli.main(["--debug", "evaluate", str(tmp_path / "missing")])
+    status, _, err = run(capsys, "evaluate", str(tmp_path / "missing"))
+    assert status == 1 and err.strip() == f"hoyertrim evaluate: error: {tmp_path / 'missing'} " \
+                                          "does not exist."

@@ -62,6 +62,7 @@ def test_gram_and_row_forms_reach_the_same_solution(mode):
     assert gram.feasible and gram.discrepancy <= gram.epsilon
 
 
+@pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_two_four_and_no_bias_in_gram_form():
     x, y = _layer(4000)
     rows = solve_layer_nm(x, y, nm=(2, 4), relu=False, fit_bias=False, form="rows")

@@ -276,7 +276,7 @@ def _pruned_model(model, network):
     return network.module if isinstance(model, nnx.Module) else model
 
 
-_QUICK = {("nnx_vit", "parallel"), ("function", "cascade")}
+_QUICK = {("nnx_mlp", "parallel"), ("function", "cascade")}
 
 
 @pytest.mark.parametrize("name, scheme", [
@@ -406,7 +406,7 @@ def _outputs(model, variables, inputs):
     return model(variables, inputs)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in ("nnx_vit", "function")
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in ("function",)
                                                else pytest.mark.slow) for n in MODELS])
 def test_compaction_removes_dead_and_unread_units_with_equal_outputs(name, tmp_path, request):
     from hoyertrim import compact as compact_lib

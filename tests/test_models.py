@@ -18,7 +18,7 @@ def test_parameter_counts_match_literature(name, expected):
     assert count_params(variables["params"]) == expected
 
 
-@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if "resnet" in m else m
+@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if "resnet" in m or m == "vit" else m
                                   for m in MODELS if m != "gpt"])
 def test_logits_shape(name):
     model = create_model(name)

@@ -274,6 +274,7 @@ def test_sharded_over_four_devices_equals_single_device():
     assert runs[0]["lam"] == pytest.approx(runs[1]["lam"])
 
 
+@pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_parallel_scheme_obeys_the_error_propagation_bound():
     """Theorem 1 (Net-Trim) without normalization: with e_ℓ the network's error after layer ℓ,
     e_ℓ ≤ ‖Ŵ_ℓ‖₂·e_{ℓ−1} + ε_ℓ‖y_ℓ‖_F (ReLU is 1-Lipschitz; the layer's certificate bounds the

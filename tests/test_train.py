@@ -52,9 +52,13 @@ def test_killed_and_resumed_run_is_bit_identical(small_mnist, tmp_path):
         if epoch == 2:
             raise _Killed
 
+    log = tmp_path / "metrics.jsonl"
     with pytest.raises(_Killed):
         fit(model, tx, small_mnist, epochs=4, batch_size=100, seed=7, progress=False,
-            checkpointer=Checkpointer(tmp_path / "run"), on_epoch_end=crash_after_second_epoch)
+            checkpointer=Checkpointer(tmp_path / "run"), on_epoch_end=crash_after_second_epoch,
+            metrics_log=log)
+    with open(log, "a") as handle:  # a kill in the middle of writing a line
+        handle.write('{"epoch": 3, "train_lo')
     # A new process would only have the directory: start from a fresh Checkpointer and seed.
     # Saves are asynchronous, so the kill may lose the second epoch's checkpoint (as a real one
     # can); resuming from either must reproduce the uninterrupted run.
@@ -62,8 +66,10 @@ def test_killed_and_resumed_run_is_bit_identical(small_mnist, tmp_path):
     last_saved = resumed_checkpointer.latest_step()
     assert last_saved in (1, 2)
     resumed, history = fit(model, tx, small_mnist, epochs=4, batch_size=100, seed=7,
-                           progress=False, checkpointer=resumed_checkpointer)
+                           progress=False, checkpointer=resumed_checkpointer, metrics_log=log)
     assert [h["epoch"] for h in history] == list(range(last_saved + 1, 5))
+    # Each epoch logged once: the lost epoch's line and the torn line are gone.
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
     assert _leaves_equal(reference.params, resumed.params)
     assert _leaves_equal(reference.opt_state, resumed.opt_state)
     assert int(resumed.step) == int(reference.step)
@@ -246,6 +252,7 @@ def test_masked_fine_tune_resumes_bit_identically_with_its_masks(tmp_path):
         assert not np.any(np.asarray(p)[~np.asarray(m)])
 
 
+@pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_load_needs_no_template(tmp_path):
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))

@@ -131,7 +131,10 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
                   apply_kwargs: Mapping | None = None, heldout=0.1, max_rows: int = 20000,
                   batch_size: int | None = None, key=None, solver: Callable = solve_layer,
                   devices: Sequence[jax.Device] | None = None, progress: bool = True,
-                  within_nonzeros: bool = False, **solver_kwargs) -> PrunedNetwork:
+                  within_nonzeros: bool = False,
+                  solved: Mapping[str, tuple[dict, Any]] | None = None,
+                  on_layer: Callable[[str, dict, Any], None] | None = None,
+                  **solver_kwargs) -> PrunedNetwork:
     """Net-Trim over every linear map of a model (Dense, Conv, DenseGeneral, Einsum, attention
     projections — any contraction of the input with a parameter; see `hoyertrim.inspection`).
 
@@ -178,6 +181,13 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
       within_nonzeros: keep every pruned weight at zero: each layer is re-fit on the support of
         its current nonzeros (e.g. a network already pruned by DeepHoyer), so it only gets
         sparser.
+      solved: layers already solved with these same arguments, ``{layer: (report, layer)}`` as
+        ``on_layer`` received them (e.g. read back after an interruption): not solved again;
+        the cascade's later layers see them as pruned. Their certificates are measured with
+        the rest.
+      on_layer: called as ``on_layer(name, report, layer)`` after each layer is solved, where
+        ``layer`` is ``(kernel matrix (n_in, n_out), bias or None)`` or None (the trained
+        weights kept), e.g. to save it so that an interrupted run can resume.
       **solver_kwargs: passed to the solver.
 
     Returns:
@@ -220,28 +230,42 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
     plans = {name: calibration_lib.row_plan(
         maps[name], len(calibration), gram=takes_gram and followers[name].program == "linear",
         max_rows=max_rows, key=key, index=index) for index, name in enumerate(names)}
-    original = calibration_lib.gather(record, maps, plans, calibration, params)
+    solved = dict(solved or {})
+    unknown = sorted(set(solved) - set(names))
+    if unknown:
+        raise ValueError(f"solved= names layers that are not pruned here: {', '.join(unknown)}.")
+    original = calibration_lib.gather(record, {n: m for n, m in maps.items() if n not in solved},
+                                      plans, calibration, params)
     inner_progress = progress and (devices is None or len(devices) == 1)
 
     def prune(name, signals, cascade=False, concurrent=False):
         # Concurrent layers each own a device: no spreading of one layer over all of them.
         extra = {"shard": False} if concurrent and solver is solve_layer else {}
-        return _prune_layer(
+        result = _prune_layer(
             maps[name], params, followers[name], signals, cascade=cascade,
             epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma,
             solver=solver, within_nonzeros=within_nonzeros,
             solver_kwargs={**solver_kwargs, **extra, **(
                 {"progress": inner_progress} if solver is solve_layer else {})})
+        if on_layer is not None:
+            on_layer(name, *result)
+        return result
 
     pruned, reports = params, {}
-    bar = tqdm(total=len(names), desc=f"Net-Trim ({scheme})", unit="layer",
+    bar = tqdm(total=len(names), initial=len(solved), desc=f"Net-Trim ({scheme})", unit="layer",
                disable=not progress)
     if devices is not None and len(devices) > 1:
-        results = _solve_on_devices(names, devices, lambda name, concurrent: prune(
-            name, original[name], concurrent=concurrent), bar)
+        results = _solve_on_devices([n for n in names if n not in solved], devices,
+                                    lambda name, concurrent: prune(
+                                        name, original[name], concurrent=concurrent), bar)
+        results.update(solved)
     else:
         results = {}
         for index, name in enumerate(names):
+            if name in solved:
+                results[name] = solved[name]
+                pruned = _with_layer(pruned, maps[name], results[name][1])
+                continue
             cascade = scheme == "cascade" and index > 0
             # The cascade's layer sees the pruned layers' outputs, its target stays trained.
             signals = calibration_lib.gather(

@@ -23,15 +23,16 @@ Modules: `directory` (manifests, keyed reuse, load), `modelspec` (which model), 
 (compact, evaluate).
 """
 
-from hoyertrim.pipeline.directory import FORMAT, MANIFEST, StageError, StageResult, \
-    checksums, default_directory, directory_bytes, linked, load, read_manifest, verify
-from hoyertrim.pipeline.directory import _load_data as load_data
+from hoyertrim.pipeline.directory import FORMAT, LOCK, MANIFEST, StageError, StageInterrupted, \
+    StageResult, checked_link, checksums, default_directory, digest, directory_bytes, linked, \
+    load, load_data, read_manifest, verify
 from hoyertrim.pipeline.export import compact, evaluate
 from hoyertrim.pipeline.modelspec import model_of, model_spec, resolve_model
 from hoyertrim.pipeline.pruning import ONESHOT_METHODS, PRUNE_RULES, nettrim, prune, prune_masks
 from hoyertrim.pipeline.training import adopt, finetune, gradual, regularize, train
 
-__all__ = ["FORMAT", "MANIFEST", "ONESHOT_METHODS", "PRUNE_RULES", "StageError", "StageResult",
+__all__ = ["FORMAT", "LOCK", "MANIFEST", "ONESHOT_METHODS", "PRUNE_RULES", "StageError",
+           "StageInterrupted", "StageResult", "checked_link", "digest",
            "adopt", "compact", "default_directory", "directory_bytes", "evaluate", "finetune",
            "gradual", "load", "load_data", "model_of", "model_spec", "nettrim", "prune",
            "prune_masks", "read_manifest", "regularize", "resolve_model", "train", "verify",

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -20,8 +23,12 @@ from hoyertrim.trees import path_string
 
 
 MANIFEST = "hoyertrim.json"
+LOCK = ".hoyertrim.lock"  # held (flock) by the one command writing the stage
 FORMAT = 1
 _CHECKED = ("network", "compact")  # what a stage writes for later stages to read
+# What an unfinished stage leaves that a re-run continues from: training checkpoints, and the
+# layers a layer-wise stage has already solved.
+_RESUMABLE = ("checkpoints/[0-9]*", "layers/*.npz")
 _REQUIRED = ("format", "stage", "model", "dataset", "config", "status")
 
 
@@ -30,10 +37,19 @@ class StageError(ValueError):
     says what to do. The command line prints it as one line."""
 
 
+class StageInterrupted(KeyboardInterrupt):
+    """A stage ended by Ctrl-C or SIGTERM after cleaning up: ``resumable`` says whether it left
+    work that running the same command again continues from (its manifest then says
+    ``interrupted``); otherwise nothing of it was left in ``directory``."""
+
+    def __init__(self, directory: pathlib.Path, resumable: bool):
+        super().__init__(str(directory))
+        self.directory, self.resumable = directory, resumable
+
+
 def default_directory(stage: str, model: str, settings: Mapping, root="runs") -> pathlib.Path:
     """``root/<stage>-<model>-<hash of settings>``: where a stage goes when not told, so the same
     settings (which include the parent directory) find the same directory and others another."""
-    import hashlib
     digest = hashlib.sha256(json.dumps(dict(settings), sort_keys=True, default=str).encode())
     short = model.rpartition(":")[2].split("/")[-1].lower() or "model"
     return pathlib.Path(root) / f"{stage}-{short}-{digest.hexdigest()[:8]}"
@@ -84,7 +100,8 @@ def _versions() -> dict:
 
 
 def _key(manifest: Mapping) -> dict:
-    return {k: manifest.get(k) for k in ("stage", "model", "dataset", "parent", "config")}
+    return {k: manifest.get(k) for k in ("stage", "model", "dataset", "parent", "parent_digest",
+                                         "config")}
 
 
 def _differences(old: Mapping, new: Mapping, prefix="") -> list[str]:
@@ -100,32 +117,83 @@ def _differences(old: Mapping, new: Mapping, prefix="") -> list[str]:
 
 class _Stage:
     """Opens a stage directory for a manifest: reuses a finished one with the same key, refuses
-    one with another, removes what it created if the stage fails before leaving checkpoints."""
+    one with another, holds a lock against a second writer, and on failure removes what it
+    created unless the stage left work to resume (then the manifest says ``interrupted``)."""
 
     def __init__(self, out, manifest: dict):
         self.out = pathlib.Path(out).expanduser().absolute()
         self.manifest = manifest
         self.done = False
         self.created = False
+        self._lock = None
 
     def __enter__(self) -> "_Stage":
         self.manifest = _relative_links(self.manifest, self.out)
+        if not (self.out / MANIFEST).is_file() and self.out.exists() and (
+                not self.out.is_dir() or any(p.name != LOCK for p in self.out.iterdir())):
+            raise StageError(f"{self.out} exists and is not a hoyertrim stage directory; choose "
+                             "another --out.")
+        self.created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StageError(f"Cannot write to {self.out}: {error.strerror or error}.") from error
+        self._acquire()
+        try:
+            return self._open()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _acquire(self) -> None:
+        """An exclusive ``flock`` on the stage's lock file: the kernel releases it when the
+        process ends however it ends, so a killed run never leaves a stale lock."""
+        path = self.out / LOCK
+        while True:
+            try:
+                handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise StageError(f"Cannot write to {self.out}: {error.strerror or error}."
+                                 ) from error
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                os.close(handle)
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise StageError(f"{self.out} is being written by another hoyertrim command; "
+                                 "wait for it to finish or choose another --out.") from None
+            try:  # the file we locked is still the one at the path (not one removed meanwhile)
+                if os.stat(path).st_ino == os.fstat(handle).st_ino:
+                    self._lock = handle
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(handle)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            try:
+                (self.out / LOCK).unlink(missing_ok=True)
+            finally:
+                os.close(self._lock)
+                self._lock = None
+
+    def _open(self) -> "_Stage":
         file = self.out / MANIFEST
         if file.is_file():
             old = read_manifest(self.out)
-            differences = _differences(self._key(old), self._key(self.manifest))
+            old_key, new_key = self._key(old), self._key(self.manifest)
+            if "parent_digest" not in old:  # written before parents were hashed
+                new_key.pop("parent_digest", None)
+            differences = _differences(old_key, new_key)
             if differences:
                 raise StageError(f"{self.out} holds another run ({'; '.join(differences[:3])}); "
                                  "choose another --out or delete it.")
             if old.get("status") == "complete":
                 self.manifest, self.done = old, True
                 return self
-        elif self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise StageError(f"{self.out} exists and is not a hoyertrim stage directory; choose "
-                             "another --out.")
-        self.created = not self.out.exists()
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
             self._write({**self.manifest, "status": "running"})
         except OSError as error:
             raise StageError(f"Cannot write to {self.out}: {error.strerror or error}.") from error
@@ -147,21 +215,38 @@ class _Stage:
                          "files": checksums(self.out)}
         self._write(self.manifest)
 
+    def resumable(self) -> bool:
+        """Whether the unfinished stage left work a re-run continues from."""
+        return any(any(self.out.glob(pattern)) for pattern in _RESUMABLE)
+
+    def _abandon(self) -> bool:
+        """After a failure: removes what this stage created unless it can be resumed (then
+        marks it ``interrupted``); releases the lock. Returns whether it can be resumed."""
+        resumable = self.resumable()
+        try:
+            if resumable:
+                self._write({**self.manifest, "status": "interrupted"})
+            elif self.created:
+                shutil.rmtree(self.out, ignore_errors=True)
+            elif (self.out / MANIFEST).is_file() and not any(
+                    p.name not in (MANIFEST, LOCK) for p in self.out.iterdir()):
+                # An existing directory we only added a running manifest to: leave it empty.
+                (self.out / MANIFEST).unlink()
+        finally:
+            self._release()
+        return resumable
+
     def __exit__(self, kind, error, traceback):
         if kind is None or self.done:
+            self._release()
             return False
-        resumable = any((self.out / "checkpoints").glob("[0-9]*"))
-        if self.created and not resumable:
-            shutil.rmtree(self.out, ignore_errors=True)
-        elif not resumable and self.created is False and (self.out / MANIFEST).is_file():
-            # An existing directory we only added a running manifest to: put it back as empty.
-            if not any(p.name != MANIFEST for p in self.out.iterdir()):
-                (self.out / MANIFEST).unlink()
+        resumable = self._abandon()
+        if issubclass(kind, KeyboardInterrupt) and not isinstance(error, StageInterrupted):
+            raise StageInterrupted(self.out, resumable) from error
         return False
 
 
 def _sha256(file: pathlib.Path) -> str:
-    import hashlib
     with open(file, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -214,6 +299,35 @@ def linked(directory, manifest: Mapping, key: str) -> pathlib.Path | None:
     return pathlib.Path(os.path.normpath(base / path))
 
 
+def digest(manifest: Mapping) -> str | None:
+    """A stage's identity: the sha256 of the checksums of the files it wrote (None for a
+    stage written before checksums were recorded). A child records its parent's and its
+    root's, so a chain whose stages were mixed with another run's is found out."""
+    files = manifest.get("files")
+    if not files:
+        return None
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def checked_link(directory, manifest: Mapping, key: str) -> pathlib.Path | None:
+    """`linked`, after checking that the stage found there is the one this stage was made from
+    (its digest equals the one recorded in ``manifest``, where one was).
+
+    Raises:
+      StageError: the linked stage is missing, unfinished or another run.
+    """
+    path = linked(directory, manifest, key)
+    recorded = manifest.get(f"{key}_digest")
+    if path is None or not recorded:
+        return path
+    other = read_manifest(path)
+    if digest(other) != recorded:
+        raise StageError(f"{path} is not the stage {directory} was made from (its files differ "
+                         f"from the ones {directory} recorded for its {key}): the chain was "
+                         "mixed with another run; run the stages again into fresh folders.")
+    return path
+
+
 def _relative_links(manifest: dict, out: pathlib.Path) -> dict:
     links = {key: os.path.relpath(manifest[key], out) for key in ("parent", "root")
              if manifest.get(key)}
@@ -243,6 +357,9 @@ def _manifest(stage: str, config: Mapping, *, parent: Mapping | None = None,
         "parent": None if parent_dir is None else str(pathlib.Path(parent_dir).absolute()),
         "root": None if parent is None else str(linked(parent_dir, parent, "root")
                                                  or pathlib.Path(parent_dir).absolute()),
+        "parent_digest": None if parent is None else digest(parent),
+        "root_digest": None if parent is None else (
+            parent.get("root_digest") if parent.get("root") else digest(parent)),
         "config": dict(config),
         "provenance": {"command": list(command) if command is not None else list(sys.argv),
                        "versions": _versions(),
@@ -275,7 +392,8 @@ def _save_network(directory: pathlib.Path, params, masks, model_state: Mapping) 
         checkpointer.save(directory / "network", ocp.args.Composite(**items), force=True)
 
 
-def _load_data(manifest: Mapping, data_dir):
+def load_data(manifest: Mapping, data_dir):
+    """The data set a stage's manifest names (`hoyertrim.data.load_dataset`)."""
     from hoyertrim.data import load_dataset
     return load_dataset(manifest["dataset"], data_dir)
 

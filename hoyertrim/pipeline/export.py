@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import pathlib
 
 import numpy as np
 
 from hoyertrim.checkpoint import predict_in_batches
-from hoyertrim.pipeline.directory import StageError, StageResult, _load_data, \
-    _manifest, _parent, _result, _sparsity, _Stage, directory_bytes, linked, load, read_manifest
+from hoyertrim.pipeline.directory import StageError, StageResult, checked_link, load_data, \
+    _manifest, _parent, _result, _sparsity, _Stage, directory_bytes, load, read_manifest
 
 
 def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
@@ -23,7 +26,7 @@ def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
-        data = _load_data(manifest, data_dir)
+        data = load_data(manifest, data_dir)
         variables = {"params": loaded.params, **loaded.model_state}
         kwargs = mode_kwargs(model, False)
         compacted = compact_lib.compact(model, variables, data.validation.images[:256],
@@ -62,16 +65,27 @@ def evaluate(directory, *, reference=None, split: str = "test", data_dir=None) -
     stage) the top-1 agreement and the logits' relative error ‖f − f_ref‖_F / ‖f_ref‖_F; the
     sparsity report (per-layer kept fraction and FLOPs) and bytes on disk.
 
-    Writes ``evaluation-<split>.json`` into the stage directory and returns it.
+    Writes ``evaluation-<split>.json`` into the stage directory (against another reference than
+    the chain's first stage: ``evaluation-<split>-vs-<hash of the reference>.json``, so no
+    result made with other settings is overwritten) and returns it, with ``file`` the path
+    written — or None and ``not_saved`` the reason when the stage cannot be written to (a
+    read-only copy): the result is still returned.
     """
     if split not in ("train", "validation", "test"):
         raise StageError(f"split must be train, validation or test, got {split!r}.")
     path = pathlib.Path(directory).expanduser().absolute()
     manifest = read_manifest(path)
     loaded = load(path)
-    data = _load_data(manifest, data_dir)
+    data = load_data(manifest, data_dir)
     images, labels = getattr(data, split).images, getattr(data, split).labels
-    reference = reference or linked(path, manifest, "root")
+    root = checked_link(path, manifest, "root")
+    if reference is not None:
+        reference = pathlib.Path(reference).expanduser().absolute()
+    name = f"evaluation-{split}.json"
+    if reference is not None and reference != root:
+        digest = hashlib.sha256(str(reference).encode()).hexdigest()[:8]
+        name = f"evaluation-{split}-vs-{digest}.json"
+    reference = reference or root
     if data.is_text:  # logits per byte: streamed, never all in memory
         result = {"directory": str(path), "stage": manifest["stage"], "split": split,
                   **_text_metrics(loaded, load(reference) if reference else None, images,
@@ -101,7 +115,16 @@ def evaluate(directory, *, reference=None, split: str = "test", data_dir=None) -
     else:
         result["weights_stored"] = loaded.compact.weights()
         result["bytes_on_disk"] = directory_bytes(path / "compact")
-    (path / f"evaluation-{split}.json").write_text(json.dumps(result, indent=1) + "\n")
+    file = path / name
+    try:
+        tmp = path / f".{name}.tmp"
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, file)
+        result["file"] = str(file)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        result.update(file=None, not_saved=f"cannot write to {path}: {error.strerror or error}")
     return result
 
 

@@ -3,8 +3,11 @@ images — Net-Trim or a one-shot peer (`nettrim`)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import pathlib
+import shutil
 import time
 from typing import Mapping
 
@@ -13,8 +16,8 @@ import numpy as np
 
 from hoyertrim.inspection import inspect_model
 from hoyertrim.masks import kernel_nonzero_masks
-from hoyertrim.pipeline.directory import StageError, StageResult, _kernels, _load_data, \
-    _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary
+from hoyertrim.pipeline.directory import StageError, StageResult, _json_default, _kernels, \
+    load_data, _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary
 
 
 PRUNE_RULES = ("threshold", "std", "magnitude", "global_magnitude", "group", "group_std",
@@ -62,7 +65,7 @@ def prune(parent, out, *, rule: str = "std", value: float = 0.1, data_dir=None,
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
-        data = _load_data(manifest, data_dir)
+        data = load_data(manifest, data_dir)
         # Kernel masks from the rule, and whatever the parent had pruned stays pruned.
         masks = jax.tree.map(lambda m, old: np.asarray(m) & np.asarray(old), masks,
                              kernel_nonzero_masks(loaded.params))
@@ -73,6 +76,39 @@ def prune(parent, out, *, rule: str = "std", value: float = 0.1, data_dir=None,
 
 
 ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
+_LAYERS = "layers"  # an unfinished nettrim stage's solved layers, one .npz each
+
+
+def _save_layer(folder: pathlib.Path, name: str, report: dict, layer) -> None:
+    """One solved layer (its report and ``(kernel matrix, bias)`` or None), written atomically
+    so that a run killed at any point leaves whole files only."""
+    folder.mkdir(exist_ok=True)
+    arrays = {"name": np.array(name),
+              "report": np.array(json.dumps(report, default=_json_default))}
+    if layer is not None:
+        arrays["kernel"] = np.asarray(layer[0])
+        if layer[1] is not None:
+            arrays["bias"] = np.asarray(layer[1])
+    file = folder / f"{name.replace('/', '--')}.npz"
+    tmp = folder / f".{file.name}.tmp"
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, file)
+
+
+def _solved_layers(folder: pathlib.Path) -> dict:
+    """``{layer: (report, layer)}`` of the layers an interrupted run of this stage solved."""
+    solved = {}
+    for file in sorted(folder.glob("*.npz")):
+        try:
+            with np.load(file, allow_pickle=False) as arrays:
+                layer = None
+                if "kernel" in arrays.files:
+                    layer = (arrays["kernel"], arrays["bias"] if "bias" in arrays.files else None)
+                solved[str(arrays["name"])] = (json.loads(str(arrays["report"])), layer)
+        except (OSError, ValueError, KeyError):
+            file.unlink()  # damaged: that layer is solved again
+    return solved
 
 
 def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float | None = None,
@@ -173,7 +209,7 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         options = {"nm": tuple(nm)}
         kept_fraction = nm[0] / nm[1]
         found = inspect_model(model, {"params": loaded.params, **loaded.model_state},
-                              _load_data(parent_manifest, data_dir).validation.images[:1],
+                              load_data(parent_manifest, data_dir).validation.images[:1],
                               apply_kwargs=mode_kwargs(model, False))
         layers = [m.name for m in found.maps if m.num_inputs % nm[1] == 0]
         if not layers:
@@ -187,7 +223,7 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
-        data = _load_data(manifest, data_dir)
+        data = load_data(manifest, data_dir)
         if samples > len(data.train):
             raise StageError(f"--samples {samples} exceeds the {len(data.train)} training images.")
         variables = {"params": loaded.params, **loaded.model_state}
@@ -197,19 +233,25 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         held = data.validation.images[np.sort(rng.choice(
             len(data.validation), min(heldout, len(data.validation)), replace=False))]
         started = time.perf_counter()
+        # Each solved layer is kept as it finishes: an interrupted run resumes from them.
+        folder = stage.out / _LAYERS
+        solved = _solved_layers(folder) if folder.is_dir() else {}
         try:
             pruned = nettrim_lib.prune_network(
                 model, variables, calibration, epsilon=epsilon,
                 kept_fraction=kept_fraction, scheme=scheme, solver=solver, layers=layers,
                 heldout=held if heldout else 0,
                 apply_kwargs=mode_kwargs(model, False), key=jax.random.PRNGKey(seed),
-                progress=progress, within_nonzeros=within_nonzeros, **options)
+                progress=progress, within_nonzeros=within_nonzeros, solved=solved,
+                on_layer=lambda name, report, layer: _save_layer(folder, name, report, layer),
+                **options)
         except (ValueError, NotImplementedError) as error:
             # What the model cannot give (no linear map, a layer refused by name, a bad
             # N:M shape): the user's to fix, said in one line; nothing is written.
             raise StageError(f"Cannot prune {parent}: {error}") from error
         seconds = time.perf_counter() - started
         _save_network(stage.out, pruned.params, pruned.masks, loaded.model_state)
+        shutil.rmtree(folder, ignore_errors=True)
         layers = {name: {k: v for k, v in layer.items()} for name, layer in pruned.layers.items()}
         stage.finish(_summary(model, pruned.params, loaded.model_state, data, {
             "layers": layers, "heldout": pruned.heldout, "solve_seconds": seconds}))

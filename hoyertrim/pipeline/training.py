@@ -18,8 +18,9 @@ from flax import nnx
 from flax.nnx import variablelib
 
 from hoyertrim.masks import kernel_nonzero_masks
-from hoyertrim.pipeline.directory import StageError, StageResult, _kernels, _load_data, \
-    _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary, linked
+from hoyertrim.pipeline.directory import MANIFEST, StageError, StageResult, _kernels, load_data, \
+    _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary, \
+    checked_link
 from hoyertrim.nnx_bridge import NnxModel
 from hoyertrim.pipeline.modelspec import model_spec, resolve_model
 
@@ -87,7 +88,7 @@ def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str 
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
-        data = _load_data(manifest, data_dir).with_train_examples(train_examples)
+        data = load_data(manifest, data_dir).with_train_examples(train_examples)
         stage.manifest["input_shape"] = list(data.image_shape)
         tx = _optimizer(config, len(data.train))
         _fit_stage(stage, module, tx, data, None, None, config, progress=progress)
@@ -130,6 +131,10 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
     ``.npz`` with '/'-separated leaf names) are checked against the model's own init and
     written as a stage directory.
 
+    A hoyertrim stage directory gives the network it selected (a training stage's best or last
+    epoch, as its manifest says), its files checked against their checksums; a training run's
+    checkpoint directory gives its newest step.
+
     The checkpoint may hold the variables dict (``params`` and e.g. ``batch_stats``), a train
     state with a ``params`` entry (and ``batch_stats`` or ``model_state``), or the params alone.
 
@@ -145,7 +150,13 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
     record = model_spec(model, model_kwargs)
     module = resolve_model(record["spec"], record["kwargs"], search_path=record.get("search_path"))
     try:
-        tree = flax.core.unfreeze(_read_tree(path))
+        if (path / MANIFEST).is_file():  # a stage directory: the network it selected
+            _, _, loaded = _parent(path)
+            tree = {"params": loaded.params, **dict(loaded.model_state or {})}
+        else:
+            tree = flax.core.unfreeze(_read_tree(path))
+    except StageError:
+        raise
     except Exception as error:  # orbax and msgpack raise many types for what they cannot read
         raise StageError(f"Cannot read weights from {checkpoint} ({type(error).__name__}: "
                          f"{error}); give an orbax checkpoint directory, a .msgpack or an .npz."
@@ -166,7 +177,7 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
-        data = _load_data(manifest, data_dir)
+        data = load_data(manifest, data_dir)
         stage.manifest["input_shape"] = list(data.image_shape)
         expected = flax.core.unfreeze(module.init(
             jax.random.PRNGKey(0), jnp.zeros((1, *data.image_shape), data.input_dtype),
@@ -285,7 +296,7 @@ def regularize(parent, out, *, penalty: str = "hoyer_square",
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
-        data = _load_data(manifest, data_dir)
+        data = load_data(manifest, data_dir)
         tx = optax.chain(penalty_gradient(penalty, strength),
                          _optimizer(config, len(data.train)))
         _fit_stage(stage, model, tx, data, loaded.params, loaded.model_state, config,
@@ -343,7 +354,7 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
-        data = _load_data(manifest, data_dir)
+        data = load_data(manifest, data_dir)
         steps_per_epoch = len(data.train) // batch_size
         frequency = max(steps_per_epoch // updates_per_epoch, 1)
         # Masks change only on multiples of the frequency: the window ends on one that a step
@@ -379,7 +390,7 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
     parent_manifest, model, loaded = _parent(parent)
     teacher_dir = None
     if distill:
-        teacher_dir = str(pathlib.Path(teacher or linked(parent, parent_manifest, "root")
+        teacher_dir = str(pathlib.Path(teacher or checked_link(parent, parent_manifest, "root")
                                        or parent).expanduser().absolute())
     elif teacher is not None:
         raise StageError("A teacher is only used with distillation (--distill).")
@@ -397,7 +408,7 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
     with _Stage(out, manifest) as stage:
         if stage.done:
             return _result(stage)
-        data = _load_data(manifest, data_dir).with_train_examples(train_examples)
+        data = load_data(manifest, data_dir).with_train_examples(train_examples)
         masks = kernel_nonzero_masks(loaded.params)
         tx = masked_fine_tuning(_optimizer(config, len(data.train)), masks)
         _fit_stage(stage, model, tx, data, apply_masks(loaded.params, masks),
