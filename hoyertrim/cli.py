@@ -23,6 +23,20 @@ import signal
 import sys
 import warnings
 
+_DESCRIPTION = """\
+Prune a trained JAX/Flax network: DeepHoyer sparsity training, Net-Trim certified pruning,
+one-shot peers, compaction into a smaller dense model. Each command writes one stage folder.
+
+  hoyertrim quickstart                     train, Net-Trim, compact, evaluate, report
+  hoyertrim train --model my_pkg.nets:MyNet
+  hoyertrim nettrim runs/train-… --epsilon 0.1
+  hoyertrim compact runs/nettrim-…
+  hoyertrim evaluate runs/compact-…
+
+The same command with the same settings reuses its finished folder; an interrupted one resumes.
+'hoyertrim COMMAND --help' lists a command's options."""
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Shows each option's default, except where the help already says what it is (None) or it
     is an off switch."""
@@ -188,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hoyertrim.pipeline import PRUNE_RULES
     from hoyertrim.transforms import REGULARIZERS
 
-    parser = argparse.ArgumentParser(prog="hoyertrim", description=__doc__,
+    parser = argparse.ArgumentParser(prog="hoyertrim", description=_DESCRIPTION,
                                      formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"hoyertrim {_version()}")
     parser.add_argument("--debug", action="store_true",

@@ -7,11 +7,14 @@
   each pixel (which pixels the pruned net still looks at);
 - ``accuracy_vs_kept.png``: accuracy against kept % (log), the chain's dense model as a line,
   published points for zoo models, fine-tuned points where the stages include them;
-- ``nettrim_certificates.png``: Net-Trim's certified ε against the discrepancy measured by
-  running the pruned model, on the calibration and on held-out images, per layer;
+- ``nettrim_certificates.png``: per layer, Net-Trim's certified ε and the discrepancy measured
+  by running the pruned model, on the calibration and on held-out images (a one-shot peer's
+  panel has only the measured bars: it certifies nothing); one panel per stage;
 - ``lambda_path.png``: each Net-Trim layer's λ search (discrepancy and kept % per solve).
 
-Panels show at most six series; labels are the methods' names, not folder names.
+Accuracies drawn together are on one split (test only if every stage was evaluated on it).
+The first three figures show at most six stages (the report says which were left out; every
+stage is in its table); labels are the methods' names, not folder names.
 """
 
 from __future__ import annotations
@@ -91,12 +94,24 @@ def _chain_label(directory: pathlib.Path, manifests: dict) -> str:
     return " → ".join(reversed(parts)) or stage_label(manifests[directory])
 
 
-def _accuracy(directory: pathlib.Path, manifest: dict) -> tuple[float | None, str]:
+def _accuracy(directory: pathlib.Path, manifest: dict, split: str | None = None
+              ) -> tuple[float | None, str]:
+    """Accuracy % and its split: the test set where `hoyertrim evaluate` was run on the stage,
+    else the validation split (``split`` asks for one)."""
     file = directory / "evaluation-test.json"
-    if file.is_file():
+    if split != "validation" and file.is_file():
         return 100 * json.loads(file.read_text())["accuracy"], "test"
+    if split == "test":
+        return None, "test"
     value = manifest.get("results", {}).get("val_accuracy")
     return (None if value is None else 100 * value), "validation"
+
+
+def _common_split(paths) -> str:
+    """The split one plot shows for all its stages: test only if every one was evaluated on
+    it (accuracies on two splits are never drawn together)."""
+    return "test" if paths and all((p / "evaluation-test.json").is_file() for p in paths) \
+        else "validation"
 
 
 _RECORD = ".hoyertrim-report.json"  # which stages a report folder shows and which files it wrote
@@ -114,10 +129,6 @@ def write_report(directories: Sequence, out, *, force: bool = False) -> pathlib.
         write there; or ``out`` holds a report of other stages (pass ``force=True`` to replace
         it).
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from hoyertrim.pipeline import StageError, read_manifest
     paths = [pathlib.Path(d).expanduser().absolute() for d in directories]
     manifests = {}
@@ -132,7 +143,7 @@ def write_report(directories: Sequence, out, *, force: bool = False) -> pathlib.
     staging = out.parent / f".{out.name}.writing-{os.getpid()}"
     try:
         staging.mkdir(parents=True)
-        figures = _figures(paths, manifests, staging, plt)
+        figures = _figures(paths, manifests, staging)
         (staging / "report.md").write_text(_markdown(paths, manifests, figures))
         files = sorted(f.name for f in staging.iterdir())
         (staging / _RECORD).write_text(json.dumps({"stages": [str(p) for p in paths],
@@ -180,13 +191,32 @@ def _sparse_stages(paths, manifests):
     return [p for p in paths if "sparsity" in manifests[p].get("results", {})]
 
 
-def _figures(paths, manifests, out, plt) -> dict[str, str]:
+def _subplots(*args, figsize, **kwargs):
+    """A figure and its axes, with no pyplot: no global backend or figure registry touched."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def _grid(count: int):
+    """Axes for ``count`` panels, three to a row (unused ones hidden)."""
+    rows = math.ceil(count / 3)
+    columns = min(count, 3)
+    fig, axes = _subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    axes = list(axes.flat)
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def _figures(paths, manifests, out) -> dict[str, str]:
     figures = {}
     sparse = _sparse_stages(paths, manifests)
     shown = sparse[:MAX_SERIES]
+    split = _common_split(shown)
     if shown:
         layers = [l["name"] for l in manifests[shown[0]]["results"]["sparsity"]["layers"]]
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, ax = _subplots(figsize=(7, 3.6))
         width = 0.8 / len(shown)
         for i, path in enumerate(shown):
             kept = {l["name"]: 100 * l["kept_fraction"]
@@ -199,11 +229,11 @@ def _figures(paths, manifests, out, plt) -> dict[str, str]:
         ax.set_title("Kept weights per layer")
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
-        figures["kept_per_layer"] = _save(fig, out, "kept_per_layer.png", plt)
+        figures["kept_per_layer"] = _save(fig, out, "kept_per_layer.png")
 
         pixel_panels = _first_layer_pixels(shown, manifests)
         if pixel_panels:
-            fig, axes = plt.subplots(1, len(pixel_panels), figsize=(2.3 * len(pixel_panels), 2.6),
+            fig, axes = _subplots(1, len(pixel_panels), figsize=(2.3 * len(pixel_panels), 2.6),
                                      squeeze=False)
             for ax, (label, image) in zip(axes[0], pixel_panels):
                 shown_image = ax.imshow(image, cmap="magma", vmin=0)
@@ -211,23 +241,25 @@ def _figures(paths, manifests, out, plt) -> dict[str, str]:
                 ax.axis("off")
                 fig.colorbar(shown_image, ax=ax, fraction=0.046, pad=0.04)
             fig.suptitle("Weights still reading each input pixel (first layer)", fontsize=9)
-            figures["first_layer_pixels"] = _save(fig, out, "first_layer_pixels.png", plt)
+            figures["first_layer_pixels"] = _save(fig, out, "first_layer_pixels.png")
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = _subplots(figsize=(6, 4))
         points = []
         for i, path in enumerate(shown):
-            accuracy, split = _accuracy(path, manifests[path])
+            accuracy, _ = _accuracy(path, manifests[path], split)
             kept = 100 * manifests[path]["results"]["kept_fraction"]
             if accuracy is None:
                 continue
             marker = "o" if manifests[path]["stage"] != "finetune" else "s"
             ax.scatter([kept], [accuracy], color=_COLORS[i], marker=marker, s=50, zorder=4,
-                       label=f"{_chain_label(path, manifests)} ({split})")
+                       label=_chain_label(path, manifests))
             points.append((kept, accuracy))
-        dense = _dense_accuracy(paths, manifests)
-        if dense is not None:
-            ax.axhline(dense[0], color="gray", lw=1, ls="--", label=f"dense ({dense[1]})")
-            points.append((100.0, dense[0]))
+        dense = _dense_accuracies(paths, manifests, split)
+        for j, (name, accuracy) in enumerate(dense.items()):
+            # Stages of several chains: each chain's own first stage, by its folder's name.
+            label = "dense" if len(dense) == 1 else f"dense `{name}`"
+            ax.axhline(accuracy, color="gray", lw=1, ls=("--", ":", "-.")[j % 3], label=label)
+            points.append((100.0, accuracy))
         spec = manifests[shown[0]]["model"]["spec"]
         for label, (error, compression) in PUBLISHED.get(spec, {}).items():
             ax.scatter([100 / compression], [100 - error], marker="*", color="black", s=60,
@@ -244,39 +276,40 @@ def _figures(paths, manifests, out, plt) -> dict[str, str]:
             ax.set_ylim(low - pad, high + pad)
         ax.set_xlabel("weights kept (%)")
         ax.set_ylabel("accuracy (%)")
-        ax.set_title("Accuracy vs kept weights (published points: test error)")
+        ax.set_title(f"Accuracy ({split}) vs kept weights (published points: test error)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
-        figures["accuracy_vs_kept"] = _save(fig, out, "accuracy_vs_kept.png", plt)
+        figures["accuracy_vs_kept"] = _save(fig, out, "accuracy_vs_kept.png")
 
-    trimmed = [p for p in paths if manifests[p]["stage"] in ("nettrim", "oneshot")][:3]
-    if trimmed:
-        fig, axes = plt.subplots(1, len(trimmed), figsize=(4.2 * len(trimmed), 3.4),
-                                 squeeze=False)
-        for ax, path in zip(axes[0], trimmed):
+    trimmed = [p for p in paths if manifests[p]["stage"] in ("nettrim", "oneshot")]
+    if trimmed:  # one panel per stage, three to a row: every stage given is shown
+        fig, axes = _grid(len(trimmed))
+        for ax, path in zip(axes, trimmed):
             layers = manifests[path]["results"]["layers"]
             names = list(layers)
-            series = [("certified ε", [layers[n]["epsilon"] for n in names]),
-                      ("measured, calibration", [layers[n].get("measured", np.nan)
-                                                 for n in names]),
-                      ("measured, held-out", [layers[n].get("heldout_measured", np.nan)
-                                              for n in names])]
+            # A one-shot peer certifies nothing: its bars are only what was measured.
+            series = ([("certified ε", [layers[n]["epsilon"] for n in names])]
+                      if manifests[path]["stage"] == "nettrim" else []) + [
+                ("measured, calibration", [layers[n].get("measured", np.nan) for n in names]),
+                ("measured, held-out", [layers[n].get("heldout_measured", np.nan)
+                                        for n in names])]
             width = 0.8 / len(series)
             for i, (label, values) in enumerate(series):
-                ax.bar(np.arange(len(names)) + (i - 1) * width,
+                ax.bar(np.arange(len(names)) + (i - (len(series) - 1) / 2) * width,
                        [np.nan if v is None else v for v in values], width, label=label,
                        color=_COLORS[i])
             ax.set_xticks(range(len(names)), names, fontsize=7)
             ax.set_ylabel("relative discrepancy")
             ax.set_title(stage_label(manifests[path]), fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.suptitle("Net-Trim: certified vs measured, per layer", fontsize=10)
-        figures["nettrim_certificates"] = _save(fig, out, "nettrim_certificates.png", plt)
+            ax.legend(fontsize=7)
+        fig.suptitle("Per layer: certified ε (Net-Trim) and measured discrepancy", fontsize=10)
+        figures["nettrim_certificates"] = _save(fig, out, "nettrim_certificates.png")
 
-        fig, axes = plt.subplots(1, len(trimmed), figsize=(4.2 * len(trimmed), 3.4),
-                                 squeeze=False)
-        for ax, path in zip(axes[0], trimmed):
+    searched = [p for p in trimmed if manifests[p]["stage"] == "nettrim"]
+    if searched:
+        fig, axes = _grid(len(searched))
+        for ax, path in zip(axes, searched):
             layers = manifests[path]["results"]["layers"]
             for i, name in enumerate(list(layers)[:MAX_SERIES]):
                 steps = layers[name].get("lam_path") or []
@@ -294,24 +327,25 @@ def _figures(paths, manifests, out, plt) -> dict[str, str]:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
         fig.suptitle("Net-Trim λ search per layer (x: first solve; dotted: ε)", fontsize=10)
-        figures["lambda_path"] = _save(fig, out, "lambda_path.png", plt)
+        figures["lambda_path"] = _save(fig, out, "lambda_path.png")
     return figures
 
 
-def _save(fig, out, name, plt) -> str:
+def _save(fig, out, name) -> str:
     fig.tight_layout()
     fig.savefig(out / name, dpi=100)
-    plt.close(fig)
     return name
 
 
-def _dense_accuracy(paths, manifests):
+def _dense_accuracies(paths, manifests, split) -> dict[str, float]:
+    """{folder name: accuracy %} of the first stages (dense models) among ``paths``."""
+    found = {}
     for path in paths:
         if manifests[path]["stage"] in ("train", "import"):
-            accuracy, split = _accuracy(path, manifests[path])
+            accuracy, _ = _accuracy(path, manifests[path], split)
             if accuracy is not None:
-                return accuracy, split
-    return None
+                found[path.name] = accuracy
+    return found
 
 
 def _first_layer_pixels(paths, manifests):
@@ -338,7 +372,11 @@ def _find_kernel(params, name):
     return node["kernel"]
 
 
+_SERIES_FIGURES = ("kept_per_layer", "first_layer_pixels", "accuracy_vs_kept")
+
+
 def _markdown(paths, manifests, figures) -> str:
+    sparse = _sparse_stages(paths, manifests)
     lines = ["# hoyertrim report", "",
              "| directory | stage | method | accuracy % | kept % | compression | alive units | "
              "bytes on disk |", "|---|---|---|---|---|---|---|---|"]
@@ -391,6 +429,10 @@ def _markdown(paths, manifests, figures) -> str:
                        ("lambda_path", "Net-Trim λ search")):
         if key in figures:
             lines += ["", f"## {title}", "", f"![{title}]({figures[key]})"]
+            if key in _SERIES_FIGURES and len(sparse) > MAX_SERIES:
+                rest = ", ".join(f"`{p.name}`" for p in sparse[MAX_SERIES:])
+                lines += ["", f"(The first {MAX_SERIES} of {len(sparse)} stages; {rest} are in "
+                          "the table above.)"]
     return "\n".join(lines) + "\n"
 
 

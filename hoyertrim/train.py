@@ -59,12 +59,16 @@ class TrainState:
 
 def mode_kwargs(model: nn.Module, train: bool) -> dict:
     """``{"train": train}`` when the model's ``__call__`` takes a ``train`` argument, else ``{}``:
-    a user's model without one (no dropout, no BatchNorm) is trained and evaluated as it is."""
+    a user's model without one (no dropout, no BatchNorm) is trained and evaluated as it is.
+    ``**kwargs`` counts as taking it, except on an ``nn.Sequential``, which hands its keywords
+    to its first layer (a Dense would refuse ``train``)."""
     try:
         parameters = inspect.signature(type(model).__call__).parameters
     except (TypeError, ValueError):
         return {"train": train}
-    takes = "train" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    forwards = any(p.kind is p.VAR_KEYWORD for p in parameters.values()) and \
+        not isinstance(model, nn.Sequential)
+    takes = "train" in parameters or forwards
     return {"train": train} if takes else {}
 
 

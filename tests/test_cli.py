@@ -121,6 +121,11 @@ def test_same_command_reuses_the_stage_and_other_settings_are_refused(chain, cap
     (["train", "--model", "subprocess:run", "--model-kwargs",
       '{"args": ["touch", "{work}/pwned"]}'], "not a Flax Module class"),
     (["train", "--model", "lenet5", "--model-kwargs", '{"bogus": 1}'], "Cannot build lenet5"),
+    (["train", "--model", ":Net"], "names no module or no class"),
+    (["train", "--model", "{work}/my_models.py:TinyCNN", "--model-kwargs", '{"width": -1}'],
+     "TinyCNN fails on mnist's inputs (shape (2, 28, 28, 1), float32)"),
+    (["train", "--model", "lenet300100", "--model-kwargs", '{"num_classes": 5}'],
+     "gives outputs of shape (2, 5) per batch of 2; mnist has 10 classes"),
     (["nettrim", "{work}/nowhere"], "does not exist"),
     (["nettrim", "{work}/dense", "--samples", "999999"], "exceeds the 800 training images"),
     (["compact", "{work}/small"], "is a compact model"),
@@ -283,6 +288,41 @@ def test_report_writes_figures_and_refuses_to_shrink(chain, capsys):
     status, _, err = run(capsys, "report", *stages, "--out", str(foreign), "--force")
     assert status == 1 and (foreign / "report.md").read_text() == "a user's own report"
     assert not any(p.name.startswith(".") for p in chain.iterdir())  # no staging folder left
+
+
+def test_report_shows_every_stage_and_leaves_matplotlib_alone(chain, capsys, tmp_path):
+    import struct
+
+    import matplotlib
+    copies = []
+    for k in range(7):  # beside the original, so their parent links hold
+        copies.append(_copy_stage(chain / "trimmed", chain / f"trimmed-copy{k}"))
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a user's own choice, which a report must not switch
+    try:
+        status, _, err = run(capsys, "report", str(chain / "dense"), *map(str, copies),
+                             "--out", str(tmp_path / "report"))
+        assert status == 0, err
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+        for copy in copies:
+            shutil.rmtree(copy)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "(The first 6 of 8 stages; `trimmed-copy5`, `trimmed-copy6` are in the table" in text
+    assert all(f"`{copy.name}`" in text for copy in copies)
+    # Seven Net-Trim stages: three rows of three panels.
+    png = (tmp_path / "report" / "nettrim_certificates.png").read_bytes()
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (1260, 1020)
+    # Accuracies drawn together share one split: test only where every stage has it.
+    stages = [_copy_stage(chain / name, tmp_path / "split" / name) for name in ("dense", "trimmed")]
+    for stage in stages:
+        (stage / "evaluation-test.json").unlink(missing_ok=True)
+    (stages[1] / "evaluation-test.json").write_text('{"accuracy": 0.5}')
+    assert report._common_split(stages) == "validation"
+    (stages[0] / "evaluation-test.json").write_text('{"accuracy": 0.5}')
+    assert report._common_split(stages) == "test"
 
 
 def test_load_of_a_training_stage_predicts_like_the_model(chain, tiny_data_root):

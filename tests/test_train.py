@@ -293,3 +293,17 @@ def test_evaluate_counts_every_position_of_per_position_labels_once():
     got = make_evaluate(model, batch_size=2)(variables["params"], {}, tokens, labels)  # padded
     assert float(got["loss"]) == pytest.approx(float(expected_loss), rel=1e-5)
     assert float(got["accuracy"]) == pytest.approx(float(expected_accuracy), abs=1e-7)
+
+
+def test_a_sequential_model_trains_and_predicts_without_a_train_argument():
+    import flax.linen as nn
+
+    from hoyertrim.train import mode_kwargs, predict_accuracy
+    model = nn.Sequential([lambda x: x.reshape((x.shape[0], -1)), nn.Dense(8), nn.relu,
+                           nn.Dense(10)])
+    assert mode_kwargs(model, True) == {}  # its **kwargs go to the first layer, a Dense
+    state = create_train_state(model, optax.sgd(0.1), jax.random.PRNGKey(0), (4, 4, 1))
+    images, labels = np.ones((6, 4, 4, 1), np.float32), np.arange(6) % 10
+    accuracy = predict_accuracy(model, state.params, state.model_state, images, labels)
+    logits = model.apply({"params": state.params}, images)
+    assert accuracy == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)))

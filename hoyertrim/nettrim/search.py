@@ -303,7 +303,9 @@ def solve_layer(x=None, y=None, *, epsilon: float | None = None,
         return _solve(problem, lam, start, maxiter, tol)
 
     search = dict(solve=solve, max_solves=max_solves, lam_range=lam_range)
-    with tqdm(total=max_solves, desc="Net-Trim λ search", unit="solve", leave=False,
+    # No total: the search stops when it brackets its goal, usually long before max_solves, so
+    # a bar out of max_solves would show a false ETA. It counts solves and their rate.
+    with tqdm(desc="Net-Trim λ search", unit="solve", leave=False,
               disable=not progress) as bar:
         found, problem, presolve_iterations = _multilevel_search(
             data, make_goal, presolve_samples, (init_kernel, init_bias), dict(shard=shard),

@@ -45,6 +45,9 @@ def resolve_model(spec: str, kwargs: Mapping | None = None, *,
                              " or your own as package.module:ClassName or file.py:ClassName.")
         return _build(lambda **kw: models.create_model(spec, **kw), kwargs, spec)
     where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise StageError(f"--model {spec} names no module or no class; give "
+                         "package.module:ClassName or file.py:ClassName.")
     if where.endswith(".py"):
         path = pathlib.Path(where).expanduser()
         if not path.is_file():
@@ -97,6 +100,37 @@ def _nnx_model(nnx_class, **kwargs) -> NnxModel:
     model = NnxModel(nnx_class, FrozenDict(kwargs))
     model.build()  # the user's own errors (a wrong keyword) now, not inside a trace
     return model
+
+
+def check_model(model: nn.Module, dataset, spec: str) -> None:
+    """Runs the model abstractly (`jax.eval_shape`: no compute) on the data set's input shape
+    and checks it gives one logit per class.
+
+    Raises:
+      StageError: the model fails on the inputs (its own error, first line, named), gives no
+        array, or gives another number of outputs than the data set's classes.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from hoyertrim.train import mode_kwargs
+    sample = jax.ShapeDtypeStruct((2, *dataset.image_shape), jnp.dtype(dataset.input_dtype))
+    kwargs = mode_kwargs(model, False)
+    try:
+        out = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x,
+                                                              **kwargs)[0], sample)
+    except Exception as error:  # the user's model: any error of theirs, said in one line
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise StageError(f"{spec} fails on {dataset.name}'s inputs (shape "
+                         f"{tuple(sample.shape)}, {sample.dtype}): {type(error).__name__}: "
+                         f"{first}") from error
+    if not hasattr(out, "shape"):
+        raise StageError(f"{spec} returns a {type(out).__name__}; hoyertrim needs one array of "
+                         "logits (examples, classes).")
+    if not out.shape or out.shape[-1] != dataset.num_classes:
+        raise StageError(f"{spec} gives outputs of shape {tuple(out.shape)} per batch of 2; "
+                         f"{dataset.name} has {dataset.num_classes} classes: make its last "
+                         f"layer {dataset.num_classes} wide.")
 
 
 def model_spec(spec: str, kwargs: Mapping | None = None) -> dict:

@@ -22,7 +22,7 @@ from hoyertrim.pipeline.directory import MANIFEST, StageError, StageResult, _ker
     _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary, \
     checked_link
 from hoyertrim.nnx_bridge import NnxModel
-from hoyertrim.pipeline.modelspec import model_spec, resolve_model
+from hoyertrim.pipeline.modelspec import check_model, model_spec, resolve_model
 
 
 def _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed,
@@ -89,6 +89,7 @@ def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str 
         if stage.done:
             return _result(stage)
         data = load_data(manifest, data_dir).with_train_examples(train_examples)
+        check_model(module, data, model)
         stage.manifest["input_shape"] = list(data.image_shape)
         tx = _optimizer(config, len(data.train))
         _fit_stage(stage, module, tx, data, None, None, config, progress=progress)
@@ -178,6 +179,7 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
         if stage.done:
             return _result(stage)
         data = load_data(manifest, data_dir)
+        check_model(module, data, model)
         stage.manifest["input_shape"] = list(data.image_shape)
         expected = flax.core.unfreeze(module.init(
             jax.random.PRNGKey(0), jnp.zeros((1, *data.image_shape), data.input_dtype),
