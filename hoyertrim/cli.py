@@ -535,6 +535,17 @@ def _evaluation_text(result: dict) -> str:
 
 
 def _quickstart(args, command_line) -> int:
+    from hoyertrim import pipeline
+    try:
+        return _quickstart_stages(args, command_line)
+    except pipeline.StageConflict as conflict:
+        raise pipeline.StageError(
+            f"{args.workdir} holds a quick start made with other settings (its "
+            f"{conflict.directory.name}: {'; '.join(conflict.differences[:2])}); choose another "
+            "--workdir or delete it.") from conflict
+
+
+def _quickstart_stages(args, command_line) -> int:
     from hoyertrim import pipeline, report
     workdir = pathlib.Path(args.workdir)
     progress = not args.no_progress

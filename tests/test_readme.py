@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -42,13 +43,27 @@ def test_quick_start_is_the_quickstart_command():
 def test_quickstart_runs_the_whole_chain(data_root, tmp_path):
     """The console script, as installed, with a shorter training and fewer Net-Trim samples."""
     script = pathlib.Path(sys.executable).with_name("hoyertrim")
-    result = subprocess.run([str(script), "quickstart", "--epochs", "1", "--samples", "1000",
-                             "--workdir", str(tmp_path / "qs"), "--no-progress"],
-                            capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                            env={**os.environ, "HOYERTRIM_DATA": str(data_root)})
+    command = [str(script), "quickstart", "--epochs", "1", "--samples", "1000", "--workdir",
+               str(tmp_path / "qs")]
+    env = {**os.environ, "HOYERTRIM_DATA": str(data_root)}
+    result = subprocess.run([*command, "--no-progress"], capture_output=True, text=True,
+                            timeout=900, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("test accuracy") == 3  # dense, Net-Trim, compact
     report = (tmp_path / "qs" / "report" / "report.md").read_text()
     assert "Net-Trim cascade ε=0.1" in report and "(test)" in report
     assert sorted(p.name for p in (tmp_path / "qs").iterdir()) == [
         "compact-cascade-0.1", "dense", "nettrim-cascade-0.1", "report"]
+    assert not result.stderr  # the libraries' warnings and logs are not shown
+    # A copied work folder is reused where it is, stage by stage; other settings are refused
+    # with a message about the quick start's own option.
+    shutil.copytree(tmp_path / "qs", tmp_path / "copy")
+    again = subprocess.run([*command[:-2], str(tmp_path / "copy"), "--no-progress"],
+                           capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert again.returncode == 0 and again.stdout.count("reused") == 3, again.stderr
+    other = subprocess.run([*command[:-2], str(tmp_path / "copy"), "--epochs", "2",
+                            "--no-progress"], capture_output=True, text=True, timeout=900,
+                           cwd=tmp_path, env=env)
+    assert other.returncode == 1 and len(other.stderr.strip().splitlines()) == 1
+    assert "holds a quick start made with other settings" in other.stderr
+    assert "--workdir" in other.stderr and "--out" not in other.stderr

@@ -23,8 +23,8 @@ Modules: `directory` (manifests, keyed reuse, load), `modelspec` (which model), 
 (compact, evaluate).
 """
 
-from hoyertrim.pipeline.directory import FORMAT, LOCK, MANIFEST, StageError, StageInterrupted, \
-    StageResult, checked_link, checksums, default_directory, digest, directory_bytes, linked, \
+from hoyertrim.pipeline.directory import FORMAT, LOCK, MANIFEST, StageConflict, StageError, \
+    StageInterrupted, StageResult, checked_link, checksums, default_directory, digest, directory_bytes, linked, \
     load, load_data, read_manifest, verify
 from hoyertrim.pipeline.export import compact, evaluate
 from hoyertrim.pipeline.modelspec import model_of, model_spec, resolve_model
@@ -32,7 +32,7 @@ from hoyertrim.pipeline.pruning import ONESHOT_METHODS, PRUNE_RULES, nettrim, pr
 from hoyertrim.pipeline.training import adopt, finetune, gradual, regularize, train
 
 __all__ = ["FORMAT", "LOCK", "MANIFEST", "ONESHOT_METHODS", "PRUNE_RULES", "StageError",
-           "StageInterrupted", "StageResult", "checked_link", "digest",
+           "StageConflict", "StageInterrupted", "StageResult", "checked_link", "digest",
            "adopt", "compact", "default_directory", "directory_bytes", "evaluate", "finetune",
            "gradual", "load", "load_data", "model_of", "model_spec", "nettrim", "prune",
            "prune_masks", "read_manifest", "regularize", "resolve_model", "train", "verify",

@@ -37,6 +37,15 @@ class StageError(ValueError):
     says what to do. The command line prints it as one line."""
 
 
+class StageConflict(StageError):
+    """The stage's folder holds a run with other settings (``differences``: what differs)."""
+
+    def __init__(self, directory: pathlib.Path, differences: Sequence[str]):
+        super().__init__(f"{directory} holds another run ({'; '.join(differences[:3])}); "
+                         "choose another --out or delete it.")
+        self.directory, self.differences = directory, list(differences)
+
+
 class StageInterrupted(KeyboardInterrupt):
     """A stage ended by Ctrl-C or SIGTERM after cleaning up: ``resumable`` says whether it left
     work that running the same command again continues from (its manifest then says
@@ -188,8 +197,7 @@ class _Stage:
                 new_key.pop("parent_digest", None)
             differences = _differences(old_key, new_key)
             if differences:
-                raise StageError(f"{self.out} holds another run ({'; '.join(differences[:3])}); "
-                                 "choose another --out or delete it.")
+                raise StageConflict(self.out, differences)
             if old.get("status") == "complete":
                 self.manifest, self.done = old, True
                 return self
