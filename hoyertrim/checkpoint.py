@@ -307,6 +307,21 @@ def predict_in_batches(forward, images, batch_size: int = 1000) -> np.ndarray:
                            for i in range(0, len(images), batch_size)])
 
 
+def _restore_on_host(path: pathlib.Path):
+    """One saved tree as numpy arrays, read by this process alone: with several processes
+    (`jax.distributed`) each reads the file itself — no barrier with the others, and no
+    device layout taken from the one process that wrote it."""
+    index = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={index},
+                                                 barrier_sync_key_prefix=f"process{index}")
+    with ocp.StandardCheckpointer(multiprocessing_options=options) as checkpointer:
+        metadata = checkpointer.metadata(path)
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+        target = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), tree)
+        return checkpointer.restore(path, target)
+
+
 def load(directory: str | os.PathLike, step: int | None = None) -> Loaded:
     """Loads params (and model state, masks, config) from a checkpoint directory, with no
     optimizer or model template.
@@ -320,6 +335,11 @@ def load(directory: str | os.PathLike, step: int | None = None) -> Loaded:
       FileNotFoundError: nothing loadable there.
     """
     path = pathlib.Path(directory).expanduser().absolute()
+    if (path / "params").is_dir() and (path / "masks").is_dir() and jax.process_count() > 1:
+        restored = {name: _restore_on_host(path / name) for name in ("params", "masks", "state")
+                    if (path / name).is_dir()}
+        return Loaded(restored["params"], dict(restored.get("state") or {}),
+                      restored["masks"], {}, None, path)
     if (path / "params").is_dir() and (path / "masks").is_dir():  # nettrim.save_pruned
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             items = dict(params=ocp.args.StandardRestore(), masks=ocp.args.StandardRestore())

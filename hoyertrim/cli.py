@@ -15,6 +15,8 @@ settings reuses the finished stage and other settings get another directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -205,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hoyertrim", description=_DESCRIPTION,
                                      formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"hoyertrim {_version()}")
+    cluster = parser.add_argument_group(
+        "several processes", "run one command as several processes (hosts) joined by "
+        "jax.distributed: each computes on its share of the data, process 0 writes")
+    cluster.add_argument("--distributed", action="store_true",
+                         help="join the cluster JAX detects (SLURM, a TPU pod, ...)")
+    cluster.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                         help="process 0's address (with --num-processes and --process-id)")
+    cluster.add_argument("--num-processes", type=_positive_int, default=None,
+                         help="how many processes join")
+    cluster.add_argument("--process-id", type=_nonnegative_int, default=None,
+                         help="this process's index, 0 … N−1")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show its full traceback; show the warnings and logs "
                              "of the libraries underneath (hidden by default)")
@@ -589,6 +602,21 @@ def _quiet_dependencies() -> None:
         pass
 
 
+def _join_processes(parser, args) -> None:
+    """`jax.distributed.initialize` as the cluster options ask (nothing without them)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if all(value is None for value in explicit) and not args.distributed:
+        return
+    if args.distributed and any(value is not None for value in explicit):
+        parser.error("give --distributed or --coordinator/--num-processes/--process-id, not both")
+    if not args.distributed and any(value is None for value in explicit):
+        parser.error("--coordinator, --num-processes and --process-id go together")
+    if not args.distributed and args.process_id >= args.num_processes:
+        parser.error(f"--process-id must be < --num-processes ({args.num_processes})")
+    from hoyertrim.distributed import initialize
+    initialize(*explicit)
+
+
 def _interrupted(args, interrupt: KeyboardInterrupt, terminated: bool) -> str:
     how = "terminated (SIGTERM)" if terminated else "interrupted"
     command = getattr(args, "command", None)
@@ -607,7 +635,7 @@ def _interrupted(args, interrupt: KeyboardInterrupt, terminated: bool) -> str:
 
 def main(argv=None) -> int:
     """Entry point of the ``hoyertrim`` console script; returns the exit status."""
-    terminated = []
+    terminated, pending = [], []
 
     def on_sigterm(signum, frame):
         # SIGTERM (kill, timeout, a scheduler's pre-emption) ends the run like Ctrl-C: the
@@ -615,16 +643,37 @@ def main(argv=None) -> int:
         terminated.append(signum)
         raise KeyboardInterrupt
 
+    def later(signum, frame):
+        pending.append(signum)
+
     try:
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        # While the libraries load, a signal is only noted: raised inside the import of a
+        # compiled extension (jaxlib builds enums from C++) it would abort the process.
+        signal.signal(signal.SIGINT, later)
+        signal.signal(signal.SIGTERM, later)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     args = None
     try:
-        args = build_parser().parse_args(argv)  # (its imports take seconds: interruptible)
-        if not args.debug:
-            _quiet_dependencies()
-        return _checked_run(args, ["hoyertrim", *(sys.argv[1:] if argv is None else argv)])
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not args.debug:
+                _quiet_dependencies()
+            import hoyertrim.pipeline  # noqa: F401  (the rest of what a command loads)
+            import hoyertrim.nettrim  # noqa: F401
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, on_sigterm)
+        if pending:
+            terminated += [s for s in pending if s == signal.SIGTERM]
+            raise KeyboardInterrupt
+        _join_processes(parser, args)
+        from hoyertrim.distributed import is_writer
+        with contextlib.redirect_stdout(sys.stdout if is_writer() else io.StringIO()):
+            return _checked_run(args, ["hoyertrim", *(sys.argv[1:] if argv is None else argv)])
     except KeyboardInterrupt as interrupt:
         print(_interrupted(args, interrupt, bool(terminated)), file=sys.stderr)
         code = 143 if terminated else 130
@@ -638,7 +687,8 @@ def main(argv=None) -> int:
         return code
     finally:
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def _checked_run(args, command_line) -> int:

@@ -899,3 +899,36 @@ def test_debug_shows_the_traceback_and_warnings_are_hidden(capsys, tmp_path):
     status, _, err = run(capsys, "evaluate", str(tmp_path / "missing"))
     assert status == 1 and err.strip() == f"hoyertrim evaluate: error: {tmp_path / 'missing'} " \
                                           "does not exist."
+
+
+@pytest.mark.slow
+def test_two_processes_run_one_nettrim_stage_and_one_writes_it(chain, tmp_path, tiny_data_root):
+    """`hoyertrim --coordinator … nettrim` as two processes on this machine (loopback, gloo):
+    each runs the forward passes of half the calibration images, process 0 alone writes and
+    prints; the stage equals the one-process stage with the same settings."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", "import sys; from hoyertrim import cli, data; "
+         "data._verify = lambda *a: None; sys.exit(cli.main())",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+         "nettrim", str(chain / "dense"), "--epsilon", "0.1", "--samples", "600", "--heldout",
+         "200", "--out", str(out), "--data-dir", str(tiny_data_root), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}) for i in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    # (gloo's own C++ prints a line per process; hoyertrim's lines come from process 0 only)
+    assert f"wrote {out}" in outputs[0][0] and "wrote" not in outputs[1][0]
+    two, one = pipeline.read_manifest(out), pipeline.read_manifest(chain / "trimmed")
+    assert pipeline.verify(out) == len(two["files"]) > 0
+    for name, layer in one["results"]["layers"].items():
+        assert two["results"]["layers"][name]["kept_weights"] == layer["kept_weights"]
+        assert two["results"]["layers"][name]["measured"] == pytest.approx(layer["measured"],
+                                                                           rel=2e-3)
+    masks = [jax.tree.leaves(hoyertrim.load(d).masks) for d in (out, chain / "trimmed")]
+    assert all(np.array_equal(a, b) for a, b in zip(*masks))

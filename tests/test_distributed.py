@@ -115,3 +115,132 @@ def test_two_processes_train_like_one(tmp_path):
             got = [saved[f"arr_{k}"] for k in range(len(saved.files))]
         assert len(got) == len(expected)
         assert max(float(np.max(np.abs(a - b))) for a, b in zip(got, expected)) < 1e-5
+
+
+_PRUNE = """
+import os, sys, warnings
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+warnings.filterwarnings("ignore")
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{{port}}", num_processes=2,
+                           process_id=process_id)
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+from test_distributed import pruned_by_nettrim
+pruned_by_nettrim(out)
+"""
+
+
+def pruned_by_nettrim(out):
+    """Net-Trim (cascade, ε = 0.1) of a BatchNorm CNN on the synthetic images, with a row
+    subset for the convolutions' ReLU programs and the Gram form for the last layer; its
+    params, masks and per-layer certificates saved to ``out``."""
+    import jax
+    import numpy as np
+    from hoyertrim.distributed import process_share
+    from hoyertrim.nettrim import prune_network
+    data, model = synthetic_data(), small_cnn()
+    variables = model.init(jax.random.PRNGKey(0), data.train.images[:2], train=False)
+    images = data.train.images[:600]
+    assert process_share(600) == ((0, 300) if jax.process_index() == 0 else (300, 600)) \
+        if jax.process_count() == 2 else (0, 600)
+    network = prune_network(model, variables, images, epsilon=0.1, scheme="cascade",
+                            apply_kwargs={"train": False}, heldout=0.2, max_rows=4000,
+                            batch_size=100, progress=False)
+    np.savez(out, *[np.asarray(leaf) for leaf in jax.tree.leaves(network.params)],
+             *[np.asarray(leaf) for leaf in jax.tree.leaves(network.masks)],
+             certified=[layer["epsilon"] for layer in network.layers.values()],
+             measured=[layer["measured"] for layer in network.layers.values()],
+             kept=[layer["kept_weights"] for layer in network.layers.values()],
+             heldout=[network.heldout["logits_relative_error"]])
+
+
+@pytest.mark.slow
+def test_two_processes_prune_like_one(tmp_path):
+    """Two processes prune one network, each forward pass over its half of the calibration
+    images, the Gram sums, row subsets and certificates combined over processes: the same
+    masks, weights and certificates as one process."""
+    import numpy as np
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = _PRUNE.format(repo=repo, tests=os.path.join(repo, "tests"))
+    port = str(_free_port())
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(i), port,
+                                   str(tmp_path / f"pruned{i}.npz")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                 for i in range(2)]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+    pruned_by_nettrim(tmp_path / "one.npz")
+    with np.load(tmp_path / "one.npz") as one:
+        expected = {name: one[name] for name in one.files}
+    assert 0 < expected["kept"].sum() and np.all(expected["measured"] <= expected["certified"])
+    for i in range(2):
+        with np.load(tmp_path / f"pruned{i}.npz") as saved:
+            for name, value in expected.items():
+                if value.dtype == bool or name == "kept":  # masks, counts: exactly
+                    assert np.array_equal(saved[name], value), name
+                elif name.startswith("arr_"):
+                    # Weights: the calibration sums differ in the order of their float
+                    # additions (the forward passes in batch composition), so each solve starts
+                    # from data equal to ~1e-7 and stops at its tolerance (measured: at most
+                    # 1.6e-4 apart here); which weights are kept does not change.
+                    scale = max(float(np.max(np.abs(value))), 1e-12)
+                    assert float(np.max(np.abs(saved[name] - value))) <= 2e-3 * scale, name
+                else:  # certified and measured ε, held-out error
+                    np.testing.assert_allclose(saved[name], value, rtol=2e-3, err_msg=name)
+
+
+_SHARDED_CAPTURE = """
+import os, sys, warnings
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+warnings.filterwarnings("ignore")
+import jax, numpy as np
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+from test_distributed import synthetic_data, small_cnn
+from hoyertrim.inspection import Recorder, inspect_model
+from hoyertrim.nettrim import calibration, peers, prune_network
+data, model = synthetic_data(), small_cnn()
+variables = model.init(jax.random.PRNGKey(0), data.train.images[:2], train=False)
+images = data.train.images[:512]
+found = inspect_model(model, variables, images[:2], apply_kwargs={{"train": False}})
+maps = {{m.name: m for m in found.maps}}
+plans = {{n: calibration.GRAM for n in maps}}
+signals = {{}}
+for label, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
+    record = Recorder(found.computation, found.maps, 128, devices=devices)
+    signals[label] = calibration.gather(record, maps, plans, images, found.computation.params)
+# The batches really ran split over the four devices.
+record = Recorder(found.computation, found.maps, 128)
+x = jax.device_put(images[:128], record._split)
+assert len(record._run(found.computation.params, x)[0].sharding.device_set) == 4
+worst = 0.0
+for name in maps:
+    a, b = signals["one"][name].gram, signals["four"][name].gram
+    assert a.rows == b.rows == len(images) * maps[name].rows_per_example
+    for u, v in ((a.gram, b.gram), (a.cross, b.cross), (a.y_squares, b.y_squares)):
+        worst = max(worst, float(np.max(np.abs(u - v)) / np.max(np.abs(u))))
+# SparseGPT's Hessian is read off these sums; the whole one-shot prune runs with its batches
+# split over the four devices.
+pruned = prune_network(model, variables, images, kept_fraction=0.5, solver=peers.sparsegpt_layer,
+                    apply_kwargs={{"train": False}}, heldout=0, progress=False)
+assert 0.45 < pruned.report().kept_fraction < 0.55
+print("WORST", worst, len(jax.devices()))
+"""
+
+
+@pytest.mark.slow
+def test_sharded_capture_and_gram_sums_equal_one_devices():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _SHARDED_CAPTURE.format(
+        repo=repo, tests=os.path.join(repo, "tests"))], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [l for l in result.stdout.splitlines() if l.startswith("WORST")][0]
+    # Each row's forward pass is the same computation on one device or four: the sums agree
+    # to float32 rounding of the rows.
+    assert float(line.split()[1]) < 1e-6 and line.split()[2] == "4"

@@ -114,8 +114,8 @@ def _same_params(a, b) -> bool:
 
 @pytest.mark.parametrize("name, argv", [
     ("train", ["train", "--model", "lenet300100", "--epochs", "8"]),
-    ("nettrim", ["nettrim", "{work}/dense", "--epsilon", "0.1", "--samples", "600",
-                 "--heldout", "200", "--scheme", "cascade"]),
+    ("nettrim", ["nettrim", "{work}/dense", "--epsilon", "0.1", "--samples", "300",
+                 "--heldout", "100", "--scheme", "cascade"]),
     ("finetune", ["finetune", "{work}/pruned", "--epochs", "8"]),
 ])
 def test_random_interruptions_leave_a_finished_or_resumable_stage(stages, tiny_data_root,

@@ -58,10 +58,10 @@ def test_quickstart_runs_the_whole_chain(data_root, tmp_path):
     # A copied work folder is reused where it is, stage by stage; other settings are refused
     # with a message about the quick start's own option.
     shutil.copytree(tmp_path / "qs", tmp_path / "copy")
-    again = subprocess.run([*command[:-2], str(tmp_path / "copy"), "--no-progress"],
+    again = subprocess.run([*command[:-1], str(tmp_path / "copy"), "--no-progress"],
                            capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert again.returncode == 0 and again.stdout.count("reused") == 3, again.stderr
-    other = subprocess.run([*command[:-2], str(tmp_path / "copy"), "--epochs", "2",
+    other = subprocess.run([*command[:-1], str(tmp_path / "copy"), "--epochs", "2",
                             "--no-progress"], capture_output=True, text=True, timeout=900,
                            cwd=tmp_path, env=env)
     assert other.returncode == 1 and len(other.stderr.strip().splitlines()) == 1

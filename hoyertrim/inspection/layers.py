@@ -14,7 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hoyertrim.distributed import process_share
 from hoyertrim.inspection import graph
 from hoyertrim.inspection.computation import Computation, as_computation
 from hoyertrim.inspection.linear_maps import LinearMap, Refusal, find_linear_maps, locate
@@ -81,12 +83,18 @@ class Recorder:
 
     The model is traced inside one jitted function per batch shape, and the maps are located
     again in that trace by their kernel leaves, so the original, the pruned and any partly
-    pruned params share one compiled function.
+    pruned params share one compiled function. With several ``devices`` (default: this
+    process's) each batch is split over them along its examples (a batch that does not split
+    evenly runs on one): the forward passes run data-parallel and the recorded rows come back
+    to the host in order.
     """
 
     def __init__(self, computation: Computation, maps: Sequence[LinearMap],
-                 batch_size: int = 1000):
+                 batch_size: int = 1000, devices: Sequence[jax.Device] | None = None):
         self.batch_size = batch_size
+        devices = list(jax.local_devices() if devices is None else devices)
+        self._split = None if len(devices) < 2 else NamedSharding(
+            Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
         self._names = {m.kernel_leaf: m.name for m in maps}
         self._maps = {m.name: m for m in maps}
         apply = computation.apply
@@ -110,14 +118,20 @@ class Recorder:
 
         self._run = run
 
-    def batches(self, params, images, names: Sequence[str] = ()):
+    def batches(self, params, images, names: Sequence[str] = (), *, share: bool = False):
         """Yields, batch by batch, ``(start, output, {name: (inputs, z)})``: the index of the
         batch's first image, the model's (first) output and each named map's recorded inputs
         (`LinearMap.recorded_input`) and output rows (`LinearMap.output_rows`) — for streaming
-        over calibration sets too large to hold."""
+        over calibration sets too large to hold. With ``share``, only this process's share of
+        the images (`distributed.process_share`; all of them with one process), ``start``
+        still counting from the first of all."""
+        first, stop = process_share(len(images)) if share else (0, len(images))
         with jax.default_matmul_precision("highest"):
-            for start in range(0, len(images), self.batch_size):
-                output, layers = self._run(params, images[start:start + self.batch_size])
+            for start in range(first, stop, self.batch_size):
+                batch = images[start:min(start + self.batch_size, stop)]
+                if self._split is not None and len(batch) % self._split.mesh.size == 0:
+                    batch = jax.device_put(batch, self._split)
+                output, layers = self._run(params, batch)
                 yield start, np.asarray(output), {
                     name: (self._maps[name].recorded_input(layers[name][0]),
                            self._maps[name].output_rows(layers[name][1])) for name in names}

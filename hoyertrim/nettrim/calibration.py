@@ -14,6 +14,12 @@ an example of a Dense layer, a token, a convolution's output pixel):
 full (P × N) signals are ever held for the Gram form: the calibration set is bounded by time,
 not memory. `relative_discrepancy` measures a certificate the same way, from the real forward
 passes of two parameter sets, summed over the streamed batches.
+
+With several processes (`jax.distributed`) each one runs the forward passes of its share of
+the calibration inputs, and the sums over rows — the Gram sums (so SparseGPT's H and Wanda's
+norms too), a certificate's squared errors and norms — are added over processes, the planned
+rows concatenated in order (`hoyertrim.distributed`): every process then holds what one process
+would have gathered from all the inputs, up to the order of the float64 additions.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from hoyertrim.distributed import concatenate_over_processes, sum_over_processes
 from hoyertrim.inspection import LinearMap, Recorder
 from hoyertrim.nettrim.gram import GramStats
 
@@ -103,9 +110,9 @@ def gather(record: Recorder, maps: Mapping[str, LinearMap], plans: Mapping, imag
     names = list(maps)
     signals = {n: LayerSignals(rows=len(images) * maps[n].rows_per_example) for n in names}
     parts: dict[str, tuple[list, list]] = {n: ([], []) for n in names}
-    targets = record.batches(params, images, names)
+    targets = record.batches(params, images, names, share=True)
     pairs = ((t, t) for t in targets) if input_params is None else zip(
-        targets, record.batches(input_params, images, names))
+        targets, record.batches(input_params, images, names, share=True))
     for (start, _, target), (_, _, source) in pairs:
         for name in names:
             lmap, plan = maps[name], plans[name]
@@ -121,10 +128,26 @@ def gather(record: Recorder, maps: Mapping[str, LinearMap], plans: Mapping, imag
             parts[name][0].append(lmap.input_rows(source[name][0], rows))
             parts[name][1].append(z if rows is None else z[rows])
     for name in names:
-        if not _is_gram(plans[name]):
-            signals[name].inputs = np.concatenate(parts[name][0]).astype(np.float32)
-            signals[name].outputs = np.concatenate(parts[name][1])
+        if _is_gram(plans[name]):
+            signals[name].gram = _summed(signals[name].gram, maps[name])
+        else:
+            signals[name].inputs = _rows(parts[name][0], np.float32)
+            signals[name].outputs = _rows(parts[name][1])
     return signals
+
+
+def _rows(parts: list, dtype=None) -> np.ndarray:
+    """This process's planned rows, then every process's in order."""
+    rows = np.concatenate(parts)
+    return concatenate_over_processes(rows if dtype is None else rows.astype(dtype))
+
+
+def _summed(gram: GramStats | None, lmap: LinearMap) -> GramStats:
+    """The Gram sums over every process's rows (a process may have had none)."""
+    gram = gram or GramStats.zeros(lmap.num_inputs, lmap.num_outputs)
+    return GramStats(sum_over_processes(gram.gram), sum_over_processes(gram.cross),
+                     sum_over_processes(gram.y_squares),
+                     int(sum_over_processes(np.int64(gram.rows))))
 
 
 def relative_discrepancy(record: Recorder, maps: Mapping[str, LinearMap], plans: Mapping,
@@ -137,8 +160,8 @@ def relative_discrepancy(record: Recorder, maps: Mapping[str, LinearMap], plans:
     names = list(maps)
     errors = dict.fromkeys(names, 0.0)
     norms = dict.fromkeys(names, 0.0)
-    for (start, _, old), (_, _, new) in zip(record.batches(reference, images, names),
-                                            record.batches(candidate, images, names)):
+    for (start, _, old), (_, _, new) in zip(record.batches(reference, images, names, share=True),
+                                            record.batches(candidate, images, names, share=True)):
         for name in names:
             per_example = maps[name].rows_per_example
             z_old, z_new = old[name][1], new[name][1]
@@ -148,6 +171,8 @@ def relative_discrepancy(record: Recorder, maps: Mapping[str, LinearMap], plans:
             q_old = quantity(name, z_old)
             errors[name] += float(np.square(quantity(name, z_new) - q_old).sum())
             norms[name] += float(np.square(q_old).sum())
+    errors = dict(zip(names, sum_over_processes(np.array([errors[n] for n in names]))))
+    norms = dict(zip(names, sum_over_processes(np.array([norms[n] for n in names]))))
     return {n: float(np.sqrt(errors[n] / norms[n])) if norms[n] > 0 else float(np.sqrt(errors[n]))
             for n in names}
 
@@ -157,8 +182,8 @@ def compare_outputs(record: Recorder, images, reference, candidate) -> dict[str,
     axis, the fraction of argmax predictions that agree, streamed over ``images``."""
     error = norm = agree = count = 0.0
     classes = False
-    for (_, ref, _), (_, out, _) in zip(record.batches(reference, images),
-                                        record.batches(candidate, images)):
+    for (_, ref, _), (_, out, _) in zip(record.batches(reference, images, share=True),
+                                        record.batches(candidate, images, share=True)):
         ref, out = ref.astype(np.float64), out.astype(np.float64)
         error += float(np.square(out - ref).sum())
         norm += float(np.square(ref).sum())
@@ -166,6 +191,9 @@ def compare_outputs(record: Recorder, images, reference, candidate) -> dict[str,
             classes = True
             agree += float(np.sum(np.argmax(out, -1) == np.argmax(ref, -1)))
             count += float(np.prod(out.shape[:-1]))
+    error, norm, agree, count = (float(v) for v in sum_over_processes(
+        np.array([error, norm, agree, count])))
+    classes = bool(sum_over_processes(np.int64(classes)))
     result = {"logits_relative_error": float(np.sqrt(error / norm)) if norm > 0
               else float(np.sqrt(error))}
     if classes:

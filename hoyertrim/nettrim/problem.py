@@ -236,8 +236,10 @@ def measure(data: LayerData, u_real, device_data=None) -> tuple[float, float]:
 
 
 def _neuron_sharding(num_neurons: int):
-    """A 1-D mesh over all devices for the neuron axis, or None on one device."""
-    devices = jax.devices()
+    """A 1-D mesh over this process's devices for the neuron axis, or None on one device.
+    (With several processes each solves the same layer on its own devices: the solves need
+    no communication, and every process ends with the same weights.)"""
+    devices = jax.local_devices()
     if len(devices) == 1:
         return None, num_neurons
     mesh = Mesh(np.array(devices), ("neurons",))

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
+from hoyertrim.distributed import is_writer
 from hoyertrim.trees import path_string
 
 
@@ -127,17 +128,23 @@ def _differences(old: Mapping, new: Mapping, prefix="") -> list[str]:
 class _Stage:
     """Opens a stage directory for a manifest: reuses a finished one with the same key, refuses
     one with another, holds a lock against a second writer, and on failure removes what it
-    created unless the stage left work to resume (then the manifest says ``interrupted``)."""
+    created unless the stage left work to resume (then the manifest says ``interrupted``).
+
+    With several processes (`jax.distributed`) every process makes the same checks and runs
+    the stage; only process 0 (``writer``) writes anything into the folder."""
 
     def __init__(self, out, manifest: dict):
         self.out = pathlib.Path(out).expanduser().absolute()
         self.manifest = manifest
         self.done = False
         self.created = False
+        self.writer = is_writer()
         self._lock = None
 
     def __enter__(self) -> "_Stage":
         self.manifest = _relative_links(self.manifest, self.out)
+        if not self.writer:
+            return self._open()
         if not (self.out / MANIFEST).is_file() and self.out.exists() and (
                 not self.out.is_dir() or any(p.name != LOCK for p in self.out.iterdir())):
             raise StageError(f"{self.out} exists and is not a hoyertrim stage directory; choose "
@@ -214,13 +221,15 @@ class _Stage:
         return {**_key(manifest), **links}
 
     def _write(self, manifest):
+        if not self.writer:
+            return
         tmp = self.out / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
         os.replace(tmp, self.out / MANIFEST)
 
     def finish(self, results: Mapping) -> None:
         self.manifest = {**self.manifest, "status": "complete", "results": dict(results),
-                         "files": checksums(self.out)}
+                         "files": checksums(self.out) if self.writer else {}}
         self._write(self.manifest)
 
     def resumable(self) -> bool:
@@ -231,6 +240,8 @@ class _Stage:
         """After a failure: removes what this stage created unless it can be resumed (then
         marks it ``interrupted``); releases the lock. Returns whether it can be resumed."""
         resumable = self.resumable()
+        if not self.writer:
+            return resumable
         try:
             if resumable:
                 self._write({**self.manifest, "status": "interrupted"})
@@ -392,7 +403,12 @@ def _result(stage: _Stage) -> StageResult:
 
 
 def _save_network(directory: pathlib.Path, params, masks, model_state: Mapping) -> None:
+    """The stage's network (host values, the same on every process). With several processes
+    every one calls this, as orbax is designed to be called: process 0 writes the files, the
+    others wait at its barriers."""
     import orbax.checkpoint as ocp
+    if jax.process_count() > 1:  # host values: orbax saves them once, not per device
+        params, masks, model_state = jax.tree.map(np.asarray, (params, masks, dict(model_state)))
     items = dict(params=ocp.args.StandardSave(params), masks=ocp.args.StandardSave(masks))
     if model_state:
         items["state"] = ocp.args.StandardSave(dict(model_state))

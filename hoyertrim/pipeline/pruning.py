@@ -14,6 +14,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from hoyertrim.distributed import is_writer
 from hoyertrim.inspection import inspect_model
 from hoyertrim.masks import kernel_nonzero_masks
 from hoyertrim.pipeline.directory import StageError, StageResult, _json_default, _kernels, \
@@ -81,7 +82,9 @@ _LAYERS = "layers"  # an unfinished nettrim stage's solved layers, one .npz each
 
 def _save_layer(folder: pathlib.Path, name: str, report: dict, layer) -> None:
     """One solved layer (its report and ``(kernel matrix, bias)`` or None), written atomically
-    so that a run killed at any point leaves whole files only."""
+    so that a run killed at any point leaves whole files only (by process 0 alone)."""
+    if not is_writer():
+        return
     folder.mkdir(exist_ok=True)
     arrays = {"name": np.array(name),
               "report": np.array(json.dumps(report, default=_json_default))}
@@ -233,9 +236,11 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         held = data.validation.images[np.sort(rng.choice(
             len(data.validation), min(heldout, len(data.validation)), replace=False))]
         started = time.perf_counter()
-        # Each solved layer is kept as it finishes: an interrupted run resumes from them.
+        # Each solved layer is kept as it finishes: an interrupted run resumes from them (one
+        # process only: processes reading the folder while process 0 writes it could disagree
+        # on which layers are left, and each layer's calibration pass is a collective).
         folder = stage.out / _LAYERS
-        solved = _solved_layers(folder) if folder.is_dir() else {}
+        solved = _solved_layers(folder) if folder.is_dir() and jax.process_count() == 1 else {}
         try:
             pruned = nettrim_lib.prune_network(
                 model, variables, calibration, epsilon=epsilon,
@@ -251,7 +256,8 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             raise StageError(f"Cannot prune {parent}: {error}") from error
         seconds = time.perf_counter() - started
         _save_network(stage.out, pruned.params, pruned.masks, loaded.model_state)
-        shutil.rmtree(folder, ignore_errors=True)
+        if stage.writer:
+            shutil.rmtree(folder, ignore_errors=True)
         layers = {name: {k: v for k, v in layer.items()} for name, layer in pruned.layers.items()}
         stage.finish(_summary(model, pruned.params, loaded.model_state, data, {
             "layers": layers, "heldout": pruned.heldout, "solve_seconds": seconds}))
