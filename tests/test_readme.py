@@ -60,7 +60,7 @@ def test_quickstart_runs_the_whole_chain(data_root, tmp_path):
     shutil.copytree(tmp_path / "qs", tmp_path / "copy")
     again = subprocess.run([*command[:-1], str(tmp_path / "copy"), "--no-progress"],
                            capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-    assert again.returncode == 0 and again.stdout.count("reused") == 3, again.stderr
+    assert again.returncode == 0 and again.stdout.count("\nreused ") == 3, again.stderr
     other = subprocess.run([*command[:-1], str(tmp_path / "copy"), "--epochs", "2",
                             "--no-progress"], capture_output=True, text=True, timeout=900,
                            cwd=tmp_path, env=env)
