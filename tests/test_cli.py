@@ -932,3 +932,14 @@ def test_two_processes_run_one_nettrim_stage_and_one_writes_it(chain, tmp_path, 
                                                                            rel=2e-3)
     masks = [jax.tree.leaves(hoyertrim.load(d).masks) for d in (out, chain / "trimmed")]
     assert all(np.array_equal(a, b) for a, b in zip(*masks))
+
+
+def test_a_refused_run_leaves_the_other_runs_folder_as_it_was(chain, capsys, tmp_path,
+                                                              tiny_data_root):
+    copy = _copy_stage(chain / "dense", tmp_path / "dense")  # with resumable checkpoints
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    status, _, err = run(capsys, "train", "--model", f"{chain / 'my_models.py'}:TinyCNN",
+                         "--model-kwargs", '{"width": 6}', "--epochs", "5", "--out", str(copy),
+                         "--data-dir", str(tiny_data_root))
+    assert status == 1 and "holds another run (config.epochs: 4 there, 5 asked" in err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before

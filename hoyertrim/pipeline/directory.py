@@ -157,8 +157,12 @@ class _Stage:
         self._acquire()
         try:
             return self._open()
-        except BaseException:
-            self._abandon()
+        except BaseException:  # refused (another run's folder) or stopped: nothing of ours
+            try:
+                if self.created:
+                    shutil.rmtree(self.out, ignore_errors=True)
+            finally:
+                self._release()
             raise
 
     def _acquire(self) -> None:
