@@ -72,20 +72,21 @@ def _state(out) -> str:
 
 def _interrupt_at_random_points(command, folder, seconds, opened, seed) -> list[str]:
     """Interrupts the command at random points (alternately Ctrl-C and SIGTERM; every other
-    try at a time drawn over the whole run, the others within its stage's work, after the
-    ``opened`` seconds of start-up), each time where the last try left off, into a new folder
-    once one is finished; then finishes the last one. Returns each try's exit status and what
-    it left."""
+    try at a time drawn over the whole run, the others within its stage's work once it has kept
+    something — a checkpoint, a solved layer), each time where the last try left off, into a
+    new folder once one is finished; then finishes the last one. Returns each try's exit status
+    and what it left."""
     rng = random.Random(seed)
     seen, out = [], folder / "0"
     for attempt in range(TRIES):
         how = (signal.SIGINT, signal.SIGTERM)[attempt % 2]
         process = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
-        if attempt % 2:
-            while not (out / pipeline.MANIFEST).is_file() and process.poll() is None:
+        if attempt % 2:  # within the stage's work, once it has something to resume from
+            while process.poll() is None and not (any(out.glob("checkpoints/[0-9]*"))
+                                                  or any(out.glob("layers/*.npz"))):
                 time.sleep(0.02)
-            time.sleep(rng.uniform(0, seconds - opened))
+            time.sleep(rng.uniform(0, (seconds - opened) / 2))
         else:
             time.sleep(rng.uniform(0.3, seconds))
         process.send_signal(how)
@@ -113,10 +114,10 @@ def _same_params(a, b) -> bool:
 
 
 @pytest.mark.parametrize("name, argv", [
-    ("train", ["train", "--model", "lenet300100", "--epochs", "8"]),
-    ("nettrim", ["nettrim", "{work}/dense", "--epsilon", "0.1", "--samples", "600",
-                 "--heldout", "200", "--scheme", "cascade"]),
-    ("finetune", ["finetune", "{work}/pruned", "--epochs", "8"]),
+    ("train", ["train", "--model", "lenet300100", "--epochs", "6"]),
+    ("nettrim", ["nettrim", "{work}/dense", "--epsilon", "0.1", "--samples", "300",
+                 "--heldout", "100", "--scheme", "cascade"]),
+    ("finetune", ["finetune", "{work}/pruned", "--epochs", "6"]),
 ])
 def test_random_interruptions_leave_a_finished_or_resumable_stage(stages, tiny_data_root,
                                                                   name, argv):
