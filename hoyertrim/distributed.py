@@ -42,15 +42,14 @@ def process_share(count: int) -> tuple[int, int]:
 
 
 def _gathered(value: np.ndarray) -> np.ndarray:
-    """(processes, *value.shape): every process's ``value`` (same shape and dtype on all)."""
+    """(processes, *value.shape): every process's ``value`` (same shape and dtype on all),
+    exchanged as uint32 words (a dtype narrower than a word travels as float64, exactly)."""
     from jax.experimental import multihost_utils
     value = np.ascontiguousarray(value)
-    flat = value.reshape(-1)
-    bits = flat.view(np.uint32) if flat.dtype.itemsize % 4 == 0 else flat.astype(np.float64) \
-        .view(np.uint32)
-    stacked = np.asarray(multihost_utils.process_allgather(bits, tiled=False))
-    dtype = value.dtype if flat.dtype.itemsize % 4 == 0 else np.dtype(np.float64)
-    return stacked.view(dtype).reshape((stacked.shape[0], *value.shape)).astype(value.dtype)
+    sent = value if value.dtype.itemsize % 4 == 0 else value.astype(np.float64)
+    stacked = np.asarray(multihost_utils.process_allgather(sent.reshape(-1).view(np.uint32),
+                                                           tiled=False))
+    return stacked.view(sent.dtype).reshape((-1, *value.shape)).astype(value.dtype, copy=False)
 
 
 def sum_over_processes(value):
