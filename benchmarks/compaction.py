@@ -3,9 +3,8 @@
     python benchmarks/compaction.py --dense runs/lenet5/dense --pruned runs/lenet5/ghs-ft3
 
 ``--dense`` and ``--pruned`` are stage directories of the ``hoyertrim`` command or checkpoint
-directories (`hoyertrim.load` finds the best checkpoint; a deephoyer_mnist.py workdir given as
-``--pruned`` is searched for its fine-tune stage, ``ft_*``). Everything below is measured in
-this one run on the same inputs:
+directories (`hoyertrim.load` finds the best checkpoint). Everything below is measured in this
+one run on the same inputs:
 
 - bytes: the dense params (np.savez), the pruned params with their zeros (np.savez_compressed),
   the compact model (`compact.save_compact`);
@@ -57,32 +56,19 @@ def _median_seconds(fn, x, repeats: int) -> float:
     return float(np.median(times))
 
 
-def _finetuned(directory: pathlib.Path) -> pathlib.Path:
-    candidates = sorted(directory.glob("ft_*")) + sorted(directory.rglob("finetune"))
-    if not candidates:
-        raise SystemExit(f"No fine-tune checkpoints under {directory}; pass the checkpoint "
-                         "directory itself.")
-    return candidates[0]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=None,
-                        help="zoo model of legacy checkpoint directories (stage directories "
+                        help="zoo model of plain checkpoint directories (stage directories "
                              "name their own)")
     parser.add_argument("--dense", required=True, help="dense stage or checkpoint directory")
-    parser.add_argument("--pruned", required=True, help="pruned stage, checkpoint or workdir")
+    parser.add_argument("--pruned", required=True, help="pruned stage or checkpoint directory")
     parser.add_argument("--data-dir", default=None, help="data root holding mnist/")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per measurement")
     args = parser.parse_args(argv)
     dense_loaded = hoyertrim.load(args.dense)
-    pruned_dir = pathlib.Path(args.pruned)
-    if not (pruned_dir / "hoyertrim.json").is_file() and not any(
-            p.name.isdigit() for p in pruned_dir.glob("*")) and not (
-            pruned_dir / "checkpoints").is_dir():
-        pruned_dir = _finetuned(pruned_dir)
-    pruned_loaded = hoyertrim.load(pruned_dir)
+    pruned_loaded = hoyertrim.load(args.pruned)
     model = pruned_loaded.model or (create_model(args.model) if args.model else None)
     if model is None:
         raise SystemExit("Pass --model: these checkpoint directories do not name their model.")
@@ -102,7 +88,7 @@ def main(argv=None):
     report = sparsity_report(pruned, model, test.images.shape[1:])
     flops_ratio = report.flops("dense") / report.flops("structured")
     dense_apply = jax.jit(lambda x: model.apply(dense_vars, x))
-    print(f"{type(model).__name__}: pruned checkpoint {pruned_dir}")
+    print(f"{type(model).__name__}: pruned checkpoint {args.pruned}")
     print(f"  kept fraction {report.kept_fraction:.4f}, alive units {report.architecture}, "
           f"structured FLOPs ratio {flops_ratio:.2f}x; compact vs pruned max |Δlogit| {error:.2e}")
     print(f"  bytes: dense {_npz_bytes(dense, False):,}  pruned (compressed npz) "

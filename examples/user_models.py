@@ -1,7 +1,7 @@
 """Flax models written the ordinary way, as users bring them — none from hoyertrim's zoo.
 
 Net-Trim is tested on every one of them (tests/test_nettrim_user_models.py), and the first two
-are trained on MNIST for README's "Prune your own model" results.
+are trained on MNIST for the results of docs/results_mnist.md (`experiments/run.py user_*`).
 """
 
 from __future__ import annotations

@@ -302,6 +302,41 @@ for _name in [n for n in CONFIGS if n.startswith("units_")]:
     for _seed in (1, 2):
         CONFIGS[f"{_name}_seed{_seed}"] = seeded(CONFIGS[_name], _seed)
 
+# Net-Trim against the one-shot peers on LeNet-300-100 (docs/results_mnist.md): every layer at
+# the same sparsity (or 2:4) from the same 5,000 calibration images, no fine-tune, then the same
+# 3-epoch masked fine-tune. SparseGPT and Wanda run sequentially, as in their papers.
+PEERS = {"nettrim_parallel": {"scheme": "parallel"}, "nettrim_cascade": {"scheme": "cascade"},
+         "sparsegpt": {"method": "sparsegpt", "scheme": "cascade"},
+         "wanda": {"method": "wanda", "scheme": "cascade"},
+         "magnitude": {"method": "magnitude", "scheme": "parallel"}}
+PEERS_FINETUNE = ("finetune", {"epochs": 3, "learning_rate": 1e-3})
+for _method, _extra in PEERS.items():
+    for _target in ({"kept_fraction": k} for k in (0.5, 0.3, 0.2, 0.1, 0.05)):
+        _tag = round(100 * (1 - _target["kept_fraction"]))
+        CONFIGS[f"peers_{_method}_lenet300100_{_tag}"] = [
+            DENSE_LENET300100, ("nettrim", {**_target, **_extra}), PEERS_FINETUNE]
+    CONFIGS[f"peers_{_method}_lenet300100_2to4"] = [
+        DENSE_LENET300100, ("nettrim", {"nm": (2, 4), **_extra}), PEERS_FINETUNE]
+
+# Net-Trim's ε sweep without fine-tune against magnitude pruning to the same per-layer counts
+# (`like`), each then given the same 8-epoch masked fine-tune.
+for _scheme in ("parallel", "cascade"):
+    for _epsilon in (0.05, 0.1, 0.2, 0.3, 0.4):
+        _pruned = [DENSE_LENET300100, ("nettrim", {"epsilon": _epsilon, "scheme": _scheme})]
+        _finetune = ("finetune", {"epochs": 8, "learning_rate": 1e-3})
+        CONFIGS[f"epsilon_{_scheme}_lenet300100_{_epsilon:g}"] = _pruned + [_finetune]
+        CONFIGS[f"epsilon_magnitude_{_scheme}_lenet300100_{_epsilon:g}"] = [
+            DENSE_LENET300100, ("nettrim", {"like": _pruned, "method": "magnitude",
+                                            "scheme": "parallel"}), _finetune]
+
+# Models written the ordinary Flax way (examples/user_models.py), trained by the same stage,
+# then Net-Trim ε = 0.1 without fine-tune.
+for _name, _class in (("flax_cnn", "FlaxExampleCNN"), ("conv_bn", "ConvBatchNormCNN")):
+    for _scheme in ("parallel", "cascade"):
+        CONFIGS[f"user_{_name}_{_scheme}"] = [
+            ("train", {"model": f"examples/user_models.py:{_class}", "epochs": 3}),
+            ("nettrim", {"epsilon": 0.1, "scheme": _scheme})]
+
 NETTRIM_FC_REFIT = ("nettrim", {"epsilon": 0.1, "scheme": "cascade", "refit": True})
 for _name in ("plain", "l1", "hs"):
     CONFIGS[f"regnets_{_name}_refit"] = CONFIGS[f"regnets_{_name}"][:-1] + [NETTRIM_FC_REFIT]

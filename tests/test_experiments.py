@@ -2,94 +2,52 @@
 
 import json
 import pathlib
-import shutil
 import sys
 
+import matplotlib.image
+import numpy as np
 import pytest
 
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "experiments"))
 
-import deephoyer_mnist  # noqa: E402
-import nettrim_mnist  # noqa: E402
-import train_dense  # noqa: E402
+import run  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, data_root):
-    workdir = tmp_path_factory.mktemp("dense")
-    results = train_dense.main(["--model", "lenet300100", "--epochs", "2", "--data-dir",
-                                str(data_root), "--workdir", str(workdir), "--no-progress"])
-    return workdir, results
-
-
-def test_train_dense_writes_results_and_checkpoints(dense_run):
-    workdir, results = dense_run
-    saved = json.loads((workdir / "results.json").read_text())
-    assert saved["parameters"] == 266_610
-    assert saved["test_accuracy"] == results["test_accuracy"] > 0.95
-    assert (workdir / "checkpoints").is_dir()
-    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
-
-
-def test_deephoyer_pipeline_runs_and_reports(dense_run, data_root, tmp_path):
-    dense_dir, _ = dense_run
-    points = deephoyer_mnist.main([
-        "--model", "lenet300100", "--strength", "1e-4", "--threshold-scale", "0.3",
-        "--reg-epochs", "1", "--finetune-epochs", "1", "--baseline", "--data-dir",
-        str(data_root), "--dense-workdir", str(dense_dir), "--workdir", str(tmp_path),
-        "--no-progress"])
-    methods = [p["method"] for p in points]
-    assert methods == ["hoyer_square", "magnitude"]
-    hs, magnitude = points
-    assert hs["compression"] > 1.5
-    # The baseline keeps exactly the same number of weights in every layer.
-    assert [l["kept_weights"] for l in hs["report"]["layers"]] == [
-        l["kept_weights"] for l in magnitude["report"]["layers"]]
-    assert (tmp_path / "results.json").exists()
-
-    # Another rule and a distilled fine-tune in the same workdir: the regularized stage is reused,
-    # the new points are added beside the old ones, in their own directories.
-    points = deephoyer_mnist.main([
-        "--model", "lenet300100", "--strength", "1e-4", "--threshold-scale", "0.3",
-        "--prune-rule", "group_std", "--group-threshold", "0.05", "--distill",
-        "--reg-epochs", "1", "--finetune-epochs", "1", "--data-dir", str(data_root),
-        "--dense-workdir", str(dense_dir), "--workdir", str(tmp_path), "--no-progress"])
-    assert [(p["method"], p.get("prune_rule", "std"), p.get("distill", False))
-            for p in points] == [("hoyer_square", "std", False), ("magnitude", "std", False),
-                                 ("hoyer_square", "group_std", True)]
-    assert (tmp_path / "ft_a0.0001_s0.3_group_std_distill").is_dir()
-    # group_std prunes at least what the std rule alone prunes.
-    assert points[2]["compression"] >= hs["compression"]
-
-
-def test_nettrim_experiment_runs(dense_run, data_root, tmp_path):
-    dense_dir, _ = dense_run
-    points = nettrim_mnist.main([
-        "--model", "lenet300100", "--epsilon", "0.3", "--scheme", "parallel", "--samples", "600",
-        "--maxiter", "50", "--finetune-epochs", "1", "--data-dir", str(data_root),
-        "--dense-workdir", str(dense_dir), "--workdir", str(tmp_path), "--no-progress"])
-    (point,) = points
-    assert 0 < point["kept_fraction"] < 1
-    assert all(layer["discrepancy"] <= 0.3 for layer in point["layers"].values())
-    assert (tmp_path / "accuracy_vs_kept.png").exists()
-    assert (tmp_path / "pruned" / "parallel_eps0.3").is_dir()
-
-    with pytest.raises(SystemExit, match="--distill"):
-        nettrim_mnist.main([
-            "--model", "lenet300100", "--epsilon", "0.3", "--scheme", "parallel", "--distill",
-            "--data-dir", str(data_root), "--dense-workdir", str(dense_dir),
-            "--workdir", str(tmp_path), "--no-progress"])
-    # A workdir holding a solved network reuses it instead of solving again.
-    other = tmp_path / "distilled"
-    shutil.copytree(tmp_path / "pruned", other / "pruned")
-    (again,) = nettrim_mnist.main([
-        "--model", "lenet300100", "--epsilon", "0.3", "--scheme", "parallel", "--distill",
-        "--finetune-epochs", "1", "--data-dir", str(data_root), "--dense-workdir",
-        str(dense_dir), "--workdir", str(other), "--no-progress"])
-    assert again["kept_fraction"] == point["kept_fraction"] and again["distill"]
-    assert again["nettrim"] == point["nettrim"]
+@pytest.mark.slow
+def test_a_named_pipeline_runs_its_stages_and_evaluates_each_point_once(tiny_data_root, tmp_path,
+                                                                        monkeypatch):
+    """`run.py` end to end on the tiny stand-in data: a dense stage, a peer pruned to the
+    counts of a Net-Trim chain (`like`, run first) and a fine-tune; the results file names every
+    stage's directory and holds one test evaluation per point; a second run reuses every stage."""
+    dense = ("train", {"model": "lenet300100", "epochs": 1})
+    nettrim_chain = [dense, ("nettrim", {"kept_fraction": 0.3, "scheme": "parallel",
+                                         "samples": 300, "heldout": 100, "maxiter": 100})]
+    monkeypatch.setitem(run.CONFIGS, "tiny", [
+        dense, ("nettrim", {"like": nettrim_chain, "method": "magnitude", "samples": 300,
+                            "heldout": 100}),
+        ("finetune", {"epochs": 1, "learning_rate": 1e-3})])
+    kwargs = dict(root=tmp_path / "runs", data_dir=tiny_data_root, progress=False,
+                  results_dir=tmp_path / "results")
+    payload = run.run("tiny", **kwargs)
+    assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == \
+        json.loads(json.dumps(payload))
+    assert [s["stage"] for s in payload["stages"]] == ["train", "nettrim", "finetune"]
+    # dense, pruned, fine-tuned: each evaluated once on the 400 test images
+    assert [t["examples"] for t in payload["test"]] == [400, 400, 400]
+    like = payload["stages"][1]["settings"]["like"]
+    assert pathlib.Path(like).parent == tmp_path / "runs" and (pathlib.Path(like) /
+                                                                "hoyertrim.json").is_file()
+    # magnitude met the Net-Trim chain's per-layer counts exactly
+    nettrim_layers = json.loads((pathlib.Path(like) / "hoyertrim.json").read_text())
+    pruned = payload["stages"][1]["results"]["layers"]
+    assert set(pruned) == set(nettrim_layers["results"]["layers"])
+    for name, layer in pruned.items():
+        assert layer["kept_weights"] == nettrim_layers["results"]["layers"][name]["kept_weights"]
+    again = run.run("tiny", **kwargs)
+    assert [s["directory"] for s in again["stages"]] == [s["directory"] for s in payload["stages"]]
+    assert [t["accuracy"] for t in again["test"]] == [t["accuracy"] for t in payload["test"]]
 
 
 @pytest.mark.slow
@@ -141,7 +99,8 @@ def test_regularizer_comparison_writes_its_points_frontier_and_plot(data_root, t
         "--finetune-epochs", "1", "--root", str(tmp_path / "runs"), "--results", str(results),
         "--data-dir", str(data_root), "--no-progress"])
     assert json.loads(results.read_text()) == json.loads(json.dumps(payload))
-    assert results.with_suffix(".png").stat().st_size > 0
+    plot = matplotlib.image.imread(results.with_suffix(".png"))  # a drawn figure, not blank
+    assert plot.shape[0] > 200 and len(np.unique(plot.reshape(-1, plot.shape[-1]), axis=0)) > 20
     assert "| group lasso |" in results.with_suffix(".md").read_text()
     points = payload["points"]
     assert [(p["penalty"], p["threshold"]) for p in points] == [("group_lasso", 0.1),
@@ -178,3 +137,44 @@ def test_every_pipeline_config_names_only_its_stages_arguments():
 
     for name, stages in run.CONFIGS.items():
         check(name, stages)
+
+
+def _fake_run(accuracies, kept=0.25, layers=None, settings=None):
+    """The parts of a `run.py` results file that `mnist_tables.py` reads."""
+    pruned = {"kept_fraction": kept, "heldout": {"top1_agreement": 0.95,
+                                                   "logits_relative_error": 0.125},
+              "layers": layers or {"dense0": {"kept_fraction": kept}}}
+    return {"test": [{"accuracy": a} for a in accuracies],
+            "stages": [{"results": {}}, {"results": pruned, "settings": settings or {}}]}
+
+
+def test_mnist_tables_fill_their_markers_from_the_results_files(tmp_path):
+    import mnist_tables
+
+    results = tmp_path / "pipelines"
+    results.mkdir()
+    runs = {"peers_wanda_lenet300100_90": _fake_run([0.983, 0.3812, 0.9694]),
+            "peers_sparsegpt_lenet300100_2to4": _fake_run([0.983, 0.98, 0.981], kept=0.462),
+            "epsilon_cascade_lenet300100_0.3": _fake_run([0.983, 0.9457, 0.9786], kept=0.1061),
+            "epsilon_magnitude_cascade_lenet300100_0.3": _fake_run([0.983, 0.8103, 0.9793]),
+            "user_conv_bn_cascade": _fake_run(
+                [0.9899, 0.988], kept=0.0715, settings={"epsilon": 0.1},
+                layers={"Conv_1": {"program": "relu", "kept_fraction": 0.331, "epsilon": 0.1465,
+                                   "measured": 0.1446, "heldout_measured": 0.1485}})}
+    for name, payload in runs.items():
+        (results / f"{name}.json").write_text(json.dumps(payload))
+    page = tmp_path / "page.md"
+    markers = "".join(f"<!-- {m} table start -->\nstale\n<!-- {m} table end -->\nkept {m}\n"
+                      for m in ("peers", "epsilon", "user"))
+    page.write_text("# title\n" + markers)
+    assert mnist_tables.main(["--results", str(results), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "stale" not in text and text.startswith("# title\n") and "kept user" in text
+    assert "| 90% | – | – | – | 38.12 → 96.94 | – |" in text
+    assert "| 2:4 | – | – | 98.00 → 98.10 (46.2% kept) | – | – |" in text
+    assert "| cascade | 0.3 | 10.61 (10.6) | 94.57 | 81.03 | 97.86 / 97.93 | 95.0% / 95.0% |" in text
+    assert ("| cascade | 0.1 | 7.15 | 98.99 → 98.80 | 95.0% | 0.125 | "
+            "Conv_1: relu, 33.1%, 0.1465 / 0.1446 / 0.1485 |") in text
+    (results / "user_conv_bn_cascade.json").unlink()  # a table with no results is an error
+    with pytest.raises(SystemExit, match="No results for the user table"):
+        mnist_tables.main(["--results", str(results), "--out", str(page)])
