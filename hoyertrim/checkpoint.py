@@ -21,7 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from hoyertrim.train import TrainState, state_to_tree, tree_to_state
+from hoyertrim.nnx_bridge import NnxModel, to_module
+from hoyertrim.train import TrainState, mode_kwargs, state_to_tree, tree_to_state
 
 
 class CheckpointMismatchError(ValueError):
@@ -38,7 +39,7 @@ def _leaf_shapes(tree) -> dict[str, tuple[int, ...] | None]:
             for p, x in leaves}
 
 
-def _check_structure(saved: Mapping[str, Any], target: Mapping[str, Any], what: str) -> None:
+def check_structure(saved: Mapping[str, Any], target: Mapping[str, Any], what: str) -> None:
     saved_shapes, target_shapes = _leaf_shapes(saved), _leaf_shapes(target)
     missing = sorted(set(saved_shapes) - set(target_shapes))
     unexpected = sorted(set(target_shapes) - set(saved_shapes))
@@ -165,7 +166,7 @@ class Checkpointer:
                 f"available steps: {list(self.all_steps())}.")
         target = state_to_tree(template)
         metadata = self._manager.item_metadata(step)
-        _check_structure(metadata["state"], target, "state")
+        check_structure(metadata["state"], target, "state")
         items = {"state": ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                                 target)),
                  "config": ocp.args.JsonRestore()}
@@ -282,7 +283,6 @@ class Loaded:
             if model is None:
                 raise ValueError(f"{self.directory} does not name its model; pass "
                                  "predict(images, model=YourModule()).")
-            from hoyertrim.train import mode_kwargs
             variables = {"params": self.params, **self.model_state}
             kwargs = mode_kwargs(model, False)
             forward = jax.jit(lambda x: model.apply(variables, x, **kwargs))
@@ -291,7 +291,6 @@ class Loaded:
     def nnx_module(self):
         """The stage's model as the user's own NNX module, with the stage's params and
         statistics in it (for a model given as an NNX class, ``--model file.py:NnxClass``)."""
-        from hoyertrim.nnx_bridge import NnxModel, to_module
         if not isinstance(self.model, NnxModel):
             raise ValueError(f"{self.directory} holds a {type(self.model).__name__}, not an NNX "
                              "model given by its class.")

@@ -50,9 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hoyertrim.inspection.computation import split_variables
+from hoyertrim.inspection.computation import as_computation, split_variables
 from hoyertrim.inspection.linear_maps import locate
-from hoyertrim.inspection.program import Const, Op, Program, _bind
+from hoyertrim.inspection.program import Const, Op, Program, bind_op
 from hoyertrim.trees import layer_name, path_keys
 
 __all__ = ["CompactLayer", "CompactModel", "compact", "load_compact", "save_compact"]
@@ -182,7 +182,7 @@ class _Interpreter:
             elif any(isinstance(v, _Narrow) for v in values):
                 results = self._narrow_op(op, values)
             else:
-                results = _bind(op, values)
+                results = bind_op(op, values)
             env.update(zip(op.outputs, results))
         return [self._full(read(a)) for a in self.program.outputs]
 
@@ -203,7 +203,7 @@ class _Interpreter:
         else:
             result = None
         if result is None:
-            return _bind(op, [self._full(v) for v in values])
+            return bind_op(op, [self._full(v) for v in values])
         return [result]
 
     def _elementwise(self, op: Op, values: list):
@@ -237,8 +237,8 @@ class _Interpreter:
                 fills.append(jnp.asarray(value)[(0,) * (len(out_shape) - 1)])
             else:
                 return None  # a data-dependent full operand (e.g. a residual branch)
-        array = _bind(op, arrays)[0]
-        fill = _bind(op, fills)[0]
+        array = bind_op(op, arrays)[0]
+        fill = bind_op(op, fills)[0]
         unknown = np.logical_or.reduce([v.unknown for v in narrow])
         sources = frozenset().union(*(v.sources for v in narrow))
         units = first.units if all(v.units is first.units for v in narrow) else None
@@ -325,7 +325,7 @@ class _Interpreter:
         ndim = len(self.program.shapes[op.inputs[0]])
         if ndim - 1 in axes:
             return None
-        array = _bind(op, [value.array])[0]
+        array = bind_op(op, [value.array])[0]
         count = math.prod(self.program.shapes[op.inputs[0]][a] for a in axes)
         fill = jnp.asarray(value.fill) * count if scale else value.fill
         return self._relabel(value, array, fill=fill)
@@ -349,7 +349,7 @@ class _Interpreter:
             return None
         if scale and any(p != (0, 0) for p in padding):
             return None  # a padded sum sees fewer copies of the constant at the borders
-        array = _bind(op, [value.array])[0]
+        array = bind_op(op, [value.array])[0]
         fill = jnp.asarray(value.fill) * math.prod(window) if scale else value.fill
         return self._relabel(value, array, fill=fill)
 
@@ -366,7 +366,7 @@ class _Interpreter:
         if not dims or dims[-1] != len(shape) - 1 or shape[-1] != value.width:
             return None
         params = dict(op.params, shape=shape[:-1] + (len(value.keep),))
-        return self._relabel(value, _bind(dataclasses.replace(op, params=params),
+        return self._relabel(value, bind_op(dataclasses.replace(op, params=params),
                                           [value.array])[0])
 
     def _rule_slice(self, op, values):
@@ -377,7 +377,7 @@ class _Interpreter:
         if start[-1] != 0 or limit[-1] != full[-1] or strides[-1] != 1:
             return None
         params = dict(op.params, limit_indices=tuple(limit[:-1]) + (len(value.keep),))
-        return self._relabel(value, _bind(dataclasses.replace(op, params=params),
+        return self._relabel(value, bind_op(dataclasses.replace(op, params=params),
                                           [value.array])[0])
 
     def _rule_concatenate(self, op, values):
@@ -410,7 +410,6 @@ class _Interpreter:
                 or low < 0 or high < 0):
             return None
         pad = np.asarray(op.inputs[1].value)
-        width = low + value.width + high
         fill = jnp.concatenate([jnp.full(low, pad, value.array.dtype),
                                 jnp.asarray(value.fill, value.array.dtype),
                                 jnp.full(high, pad, value.array.dtype)])
@@ -422,7 +421,7 @@ class _Interpreter:
         ndim = len(self.program.shapes[op.inputs[0]])
         if ndim - 1 in [d % ndim for d in op.params["dimensions"]]:
             return None
-        return self._relabel(value, _bind(op, [value.array])[0])
+        return self._relabel(value, bind_op(op, [value.array])[0])
 
     # -- the linear maps ---------------------------------------------------------------------
 
@@ -535,7 +534,7 @@ class _Interpreter:
         shape = (1,) + tuple(self.program.shapes[op.inputs[0]][1:])
         image = np.zeros(shape, np.float64)
         image[..., constant] = fill[constant]
-        (out,) = _bind(op, [jnp.asarray(image, jnp.float32), jnp.asarray(operand, jnp.float32)])
+        (out,) = bind_op(op, [jnp.asarray(image, jnp.float32), jnp.asarray(operand, jnp.float32)])
         return np.asarray(out, np.float64)[0]
 
     def _consume(self, op, data: _Narrow, operand, in_axis, out_axis, rows):
@@ -621,7 +620,7 @@ def _contract(op: Op, data, kernel, position: int):
     if op.name == "conv_general_dilated" and _row_matmul_applies(op, kernel, data):
         return _conv_as_row_matmul(op, kernel, data)
     operands = [kernel, data] if position == 0 else [data, kernel]
-    return _bind(op, operands)[0]
+    return bind_op(op, operands)[0]
 
 
 # Largest row-Toeplitz matrix (entries) `_conv_as_row_matmul` builds.
@@ -702,7 +701,6 @@ def _as_model(model, variables, apply_kwargs: Mapping) -> _Model:
         return _Model(lambda v, x: model.apply(v, x, **apply_kwargs),
                       {"params": params, **collections}, "linen")
     if isinstance(model, nnx.Module):
-        from hoyertrim.inspection.computation import as_computation
         computation = as_computation(model, variables, apply_kwargs=apply_kwargs)
         view = computation.rebuild(computation.params)
         flags = {f: True for f in ("use_running_average", "deterministic")
@@ -873,7 +871,7 @@ def _operand(program: Program, where, position: int, leaves) -> np.ndarray:
         value = leaves[program.inputs.index(where.op.inputs[position])]
     value = np.asarray(value)
     for op in where.chain:
-        value = np.asarray(_bind(op, [value])[0])
+        value = np.asarray(bind_op(op, [value])[0])
     return value
 
 

@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from hoyertrim.pipeline import StageError, directory_bytes, linked, load, read_manifest
+
 # (test error %, compression) of published element-wise methods (design.md).
 PUBLISHED = {
     "lenet300100": {"Han 2015": (1.59, 12), "DNS": (1.99, 56), "Sparse VD": (1.92, 68)},
@@ -79,7 +81,6 @@ def stage_label(manifest: dict) -> str:
 def _chain_label(directory: pathlib.Path, manifests: dict) -> str:
     """The stage's label prefixed by its parents' (up to the dense model), e.g.
     'Net-Trim cascade ε=0.1 → fine-tuned'."""
-    from hoyertrim.pipeline import linked, read_manifest
     parts, current, manifest = [], directory, manifests[directory]
     while manifest is not None:
         if manifest["stage"] not in ("train", "import", "compact"):
@@ -129,7 +130,6 @@ def write_report(directories: Sequence, out, *, force: bool = False) -> pathlib.
         write there; or ``out`` holds a report of other stages (pass ``force=True`` to replace
         it).
     """
-    from hoyertrim.pipeline import StageError, read_manifest
     paths = [pathlib.Path(d).expanduser().absolute() for d in directories]
     manifests = {}
     for path in paths:
@@ -164,7 +164,6 @@ def write_report(directories: Sequence, out, *, force: bool = False) -> pathlib.
 
 
 def _check_replaceable(out: pathlib.Path, stages: list[str], force: bool) -> None:
-    from hoyertrim.pipeline import StageError
     if not out.is_dir():
         raise StageError(f"{out} exists and is not a folder; choose another --out.")
     present = sorted(f.name for f in out.iterdir())
@@ -349,7 +348,6 @@ def _dense_accuracies(paths, manifests, split) -> dict[str, float]:
 
 
 def _first_layer_pixels(paths, manifests):
-    from hoyertrim.pipeline import load
     panels = []
     for path in paths:
         manifest = manifests[path]
@@ -387,7 +385,6 @@ def _markdown(paths, manifests, figures) -> str:
         kept = results.get("kept_fraction")
         size = results.get("bytes_on_disk")
         if size is None and (path / "network").is_dir():
-            from hoyertrim.pipeline import directory_bytes
             size = directory_bytes(path / "network")
         lines.append(
             f"| `{path.name}` | {manifest['stage']} | {_chain_label(path, manifests)} | "

@@ -338,8 +338,10 @@ def test_resolve_model_import_path(tmp_path, monkeypatch):
     (package / "__init__.py").write_text("")
     (package / "nets.py").write_text(USER_MODEL)
     monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
     model = pipeline.resolve_model("user_pkg.nets:TinyCNN", {"width": 3})
     assert type(model).__name__ == "TinyCNN" and model.width == 3
+    assert sys.path == before  # widened for the import only
     assert pipeline.model_spec("user_pkg.nets:TinyCNN")["search_path"] == str(tmp_path)
 
 

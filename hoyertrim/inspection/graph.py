@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from hoyertrim.inspection.program import Op, Program, _bind
+from hoyertrim.inspection.program import Op, Program, bind_op
 
 __all__ = ["Follower", "follow", "followers", "override", "relu_follower"]
 
@@ -109,7 +109,7 @@ def _inline_activation(program: Program, var: int) -> str | None:
         for op in sorted(region, key=program.ops.index):
             args = [values[a] if isinstance(a, int) and a in values else program.value(a)
                     for a in op.inputs]
-            for out, result in zip(op.outputs, _bind(op, args)):
+            for out, result in zip(op.outputs, bind_op(op, args)):
                 values[out] = np.asarray(result)
     except Exception:  # an operation that does not run on the test values: not recognised
         return None

@@ -10,7 +10,7 @@ the model in batches and records each map's data operand and output from the rea
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np

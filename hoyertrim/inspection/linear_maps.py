@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hoyertrim.inspection.program import Const, Op, Program, _bind
+from hoyertrim.inspection.program import Const, Op, Program, bind_op
 from hoyertrim.trees import layer_name, path_string, replace_leaves
 
 __all__ = ["LinearMap", "Located", "Refusal", "find_linear_maps", "locate", "select_maps"]
@@ -166,7 +166,7 @@ def _run_chain(chain: Sequence[Op], value: np.ndarray) -> np.ndarray:
     for op in chain:
         if op.name in ("convert_element_type", "copy", "copy_p"):
             continue
-        value = np.asarray(_bind(op, [value])[0])
+        value = np.asarray(bind_op(op, [value])[0])
     return value
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.extend.core as jex_core
 import numpy as np
 
-__all__ = ["Const", "Op", "Program"]
+__all__ = ["Const", "Op", "Program", "bind_op"]
 
 # Calls whose body is inlined: their operations are what a layer's output really meets.
 _CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
@@ -127,7 +127,7 @@ class Program:
             return np.asarray(atom.value)
         if atom not in self.values:
             op = self.producer[atom]
-            results = _bind(op, [self.value(a) for a in op.inputs])
+            results = bind_op(op, [self.value(a) for a in op.inputs])
             for out, result in zip(op.outputs, results):
                 self.values[out] = np.asarray(result)
         return self.values[atom]
@@ -141,11 +141,11 @@ class Program:
             return atom.value if isinstance(atom, Const) else env[atom]
 
         for op in self.ops:
-            env.update(zip(op.outputs, _bind(op, [read(a) for a in op.inputs])))
+            env.update(zip(op.outputs, bind_op(op, [read(a) for a in op.inputs])))
         return [read(a) for a in self.outputs], {var: env[var] for var in record}
 
 
-def _bind(op: Op, operands: list) -> list:
+def bind_op(op: Op, operands: list) -> list:
     results = op.primitive.bind(*operands, **op.primitive.get_bind_params(op.params))
     return list(results) if op.primitive.multiple_results else [results]
 

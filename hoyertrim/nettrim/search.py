@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from hoyertrim.nettrim import gram as gram_lib
 from hoyertrim.nettrim.fista import solve_at
 from hoyertrim.nettrim.gram import GramStats
-from hoyertrim.nettrim.problem import LayerData, LayerSolution, NormalizedLayer, layer_data, \
-    measure
+from hoyertrim.nettrim.peers import nm_mask
+from hoyertrim.nettrim.problem import LayerData, LayerSolution, NormalizedLayer, layer_data, measure
 
 KEPT_FRACTION_TOLERANCE = 0.005  # kept-fraction mode: |kept − target| within half a point
 _SMALLEST_PRESOLVE = 400  # rows; below this a subsample says too little about the full layer
@@ -529,7 +529,6 @@ def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bi
       relu, v, fit_bias, offset, gram, form, maxiter, tol, shard, options: as in
         `solve_layer`.
     """
-    from hoyertrim.nettrim.peers import nm_mask
     n, m = nm
     if not 0 < n <= m:
         raise ValueError(f"N:M needs 0 < N ≤ M, got {n}:{m}.")

@@ -18,16 +18,18 @@ behind unless it holds resumable checkpoints.
 
 Stages record validation accuracy; the test set is evaluated by `evaluate`, once per point.
 
-Modules: `directory` (manifests, keyed reuse, load), `modelspec` (which model), `training`
+Modules: `errors`, `directory` (manifests, keyed reuse, checksums), `modelspec` (which
+model), `network` (a stage's network: save, load, summary), `training`
 (train, adopt, regularize, gradual, finetune), `pruning` (prune, nettrim / one-shot peers), `export`
 (compact, evaluate).
 """
 
-from hoyertrim.pipeline.directory import FORMAT, LOCK, MANIFEST, StageConflict, StageError, \
-    StageInterrupted, StageResult, checked_link, checksums, default_directory, digest, directory_bytes, linked, \
-    load, load_data, read_manifest, verify
+from hoyertrim.pipeline.directory import FORMAT, LOCK, MANIFEST, StageResult, checked_link, \
+    checksums, default_directory, digest, directory_bytes, linked, read_manifest, verify
+from hoyertrim.pipeline.errors import StageConflict, StageError, StageInterrupted
 from hoyertrim.pipeline.export import compact, evaluate
 from hoyertrim.pipeline.modelspec import model_of, model_spec, resolve_model
+from hoyertrim.pipeline.network import load, load_data
 from hoyertrim.pipeline.pruning import ONESHOT_METHODS, PRUNE_RULES, nettrim, prune, prune_masks
 from hoyertrim.pipeline.training import adopt, finetune, gradual, regularize, train
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from hoyertrim.distributed import is_writer
-from hoyertrim.trees import path_string
+from hoyertrim.pipeline.errors import StageConflict, StageError, StageInterrupted
 
 
 MANIFEST = "hoyertrim.json"
@@ -31,30 +31,6 @@ _CHECKED = ("network", "compact")  # what a stage writes for later stages to rea
 # layers a layer-wise stage has already solved.
 _RESUMABLE = ("checkpoints/[0-9]*", "layers/*.npz")
 _REQUIRED = ("format", "stage", "model", "dataset", "config", "status")
-
-
-class StageError(ValueError):
-    """A stage cannot run as asked (bad input, a directory holding another run); the message
-    says what to do. The command line prints it as one line."""
-
-
-class StageConflict(StageError):
-    """The stage's folder holds a run with other settings (``differences``: what differs)."""
-
-    def __init__(self, directory: pathlib.Path, differences: Sequence[str]):
-        super().__init__(f"{directory} holds another run ({'; '.join(differences[:3])}); "
-                         "choose another --out or delete it.")
-        self.directory, self.differences = directory, list(differences)
-
-
-class StageInterrupted(KeyboardInterrupt):
-    """A stage ended by Ctrl-C or SIGTERM after cleaning up: ``resumable`` says whether it left
-    work that running the same command again continues from (its manifest then says
-    ``interrupted``); otherwise nothing of it was left in ``directory``."""
-
-    def __init__(self, directory: pathlib.Path, resumable: bool):
-        super().__init__(str(directory))
-        self.directory, self.resumable = directory, resumable
 
 
 def default_directory(stage: str, model: str, settings: Mapping, root="runs") -> pathlib.Path:
@@ -125,7 +101,7 @@ def _differences(old: Mapping, new: Mapping, prefix="") -> list[str]:
     return found
 
 
-class _Stage:
+class Stage:
     """Opens a stage directory for a manifest: reuses a finished one with the same key, refuses
     one with another, holds a lock against a second writer, and on failure removes what it
     created unless the stage left work to resume (then the manifest says ``interrupted``).
@@ -141,7 +117,7 @@ class _Stage:
         self.writer = is_writer()
         self._lock = None
 
-    def __enter__(self) -> "_Stage":
+    def __enter__(self) -> "Stage":
         self.manifest = _relative_links(self.manifest, self.out)
         if not self.writer:
             return self._open()
@@ -199,7 +175,7 @@ class _Stage:
                 os.close(self._lock)
                 self._lock = None
 
-    def _open(self) -> "_Stage":
+    def _open(self) -> "Stage":
         file = self.out / MANIFEST
         if file.is_file():
             old = read_manifest(self.out)
@@ -228,7 +204,7 @@ class _Stage:
         if not self.writer:
             return
         tmp = self.out / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(manifest, indent=1, default=json_default) + "\n")
         os.replace(tmp, self.out / MANIFEST)
 
     def finish(self, results: Mapping) -> None:
@@ -357,7 +333,7 @@ def _relative_links(manifest: dict, out: pathlib.Path) -> dict:
     return {**manifest, **links}
 
 
-def _json_default(value):
+def json_default(value):
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):
@@ -369,7 +345,7 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _manifest(stage: str, config: Mapping, *, parent: Mapping | None = None,
+def new_manifest(stage: str, config: Mapping, *, parent: Mapping | None = None,
               parent_dir=None, model: Mapping | None = None, dataset: str | None = None,
               command: Sequence[str] | None = None) -> dict:
     return {
@@ -401,138 +377,11 @@ class StageResult:
     reused: bool
 
 
-def _result(stage: _Stage) -> StageResult:
+def stage_result(stage: Stage) -> StageResult:
     return StageResult(stage.out, stage.manifest["stage"], dict(stage.manifest.get("results", {})),
                        stage.done)
-
-
-def _save_network(directory: pathlib.Path, params, masks, model_state: Mapping) -> None:
-    """The stage's network (host values, the same on every process). With several processes
-    every one calls this, as orbax is designed to be called: process 0 writes the files, the
-    others wait at its barriers."""
-    import orbax.checkpoint as ocp
-    if jax.process_count() > 1:  # host values: orbax saves them once, not per device
-        params, masks, model_state = jax.tree.map(np.asarray, (params, masks, dict(model_state)))
-    items = dict(params=ocp.args.StandardSave(params), masks=ocp.args.StandardSave(masks))
-    if model_state:
-        items["state"] = ocp.args.StandardSave(dict(model_state))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(directory / "network", ocp.args.Composite(**items), force=True)
-
-
-def load_data(manifest: Mapping, data_dir):
-    """The data set a stage's manifest names (`hoyertrim.data.load_dataset`)."""
-    from hoyertrim.data import load_dataset
-    return load_dataset(manifest["dataset"], data_dir)
-
-
-def load(directory, step: int | None = None):
-    """Loads any hoyertrim directory with no optimizer or model template.
-
-    A stage directory (any ``hoyertrim`` command's output) comes back with its ``model`` rebuilt
-    from the manifest and, for a compact stage, the `compact.CompactModel` (then ``params`` and
-    ``masks`` are None); a training run's checkpoint directory or a `nettrim.save_pruned`
-    directory comes back as `checkpoint.load` reads it. ``Loaded.apply(images)`` runs it.
-    """
-    from hoyertrim import checkpoint
-    path = pathlib.Path(directory).expanduser().absolute()
-    if not (path / MANIFEST).is_file():
-        return checkpoint.load(path, step)
-    manifest = read_manifest(path)
-    if manifest.get("status") != "complete":
-        raise StageError(f"{directory} holds an unfinished {manifest['stage']} stage; run its "
-                         "command again to finish it.")
-    verify(path, manifest)
-    from hoyertrim.pipeline.modelspec import model_of
-    model = model_of(manifest)
-    if manifest["stage"] == "compact":
-        from hoyertrim.compact import load_compact
-        compacted = load_compact(path / "compact", model)
-        return checkpoint.Loaded(None, {}, None, manifest["config"], None, path,
-                                 manifest=manifest, model=model, compact=compacted)
-    loaded = checkpoint.load(path / "network")
-    return dataclasses.replace(loaded, config=manifest["config"], directory=path,
-                               manifest=manifest, model=model)
-
-
-def _parent(directory):
-    from hoyertrim import checkpoint
-    manifest = read_manifest(directory)
-    if manifest.get("status") != "complete":
-        raise StageError(f"{directory} holds an unfinished {manifest['stage']} stage; finish it "
-                         "first (run its command again).")
-    if manifest["stage"] == "compact":
-        raise StageError(f"{directory} is a compact model; give the stage before compaction.")
-    verify(directory, manifest)
-    loaded = checkpoint.load(pathlib.Path(directory).expanduser().absolute() / "network")
-    from hoyertrim.pipeline.modelspec import model_of
-    return manifest, model_of(manifest), loaded
-
-
-def _kernels(params) -> dict[str, np.ndarray]:
-    """{layer: kernel} of every Dense/Conv kernel (`penalties.is_kernel`)."""
-    from hoyertrim.masks import layer_name
-    from hoyertrim.penalties import is_kernel
-    return {layer_name(path): np.asarray(leaf) for path, leaf
-            in jax.tree_util.tree_leaves_with_path(params) if is_kernel(path, leaf)}
-
-
-def _nonzero_counts_like(ours: Mapping[str, np.ndarray], like) -> dict[str, tuple[int, int]]:
-    """{layer: (nonzero weights, weights)} of every kernel of the network in stage directory
-    ``like``, checked to be the network of ``ours`` ({layer: kernel}): the same layers and
-    shapes. What a stage's ``like=`` target reads."""
-    theirs = _kernels(_parent(like)[2].params)
-    mismatched = sorted(name for name in ours.keys() | theirs.keys()
-                        if name not in ours or name not in theirs
-                        or ours[name].shape != theirs[name].shape)
-    if mismatched:
-        raise StageError(f"{like} is not the parent's network: its kernels differ at "
-                         f"{', '.join(mismatched)}; give a stage of the same model.")
-    return {name: (int(np.count_nonzero(w)), int(w.size)) for name, w in theirs.items()}
 
 
 def directory_bytes(path) -> int:
     """Bytes of the files under ``path``."""
     return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
-
-
-def _sparsity(model, params, model_state, sample):
-    """A stage's `masks.SparsityReport`: every linear map's weights, whatever their names (a
-    user's ``x @ w``), and any other leaf named ``kernel``; for a model with neither, every
-    matrix-shaped weight."""
-    from hoyertrim import masks as masks_lib
-    from hoyertrim.inspection import inspect_model
-    from hoyertrim.penalties import is_kernel
-    from hoyertrim.train import mode_kwargs
-    kwargs = mode_kwargs(model, False)
-    maps = {m.path for m in inspect_model(model, {"params": params, **model_state}, sample,
-                                          apply_kwargs=kwargs).maps}
-
-    def reported(path, leaf):
-        return path_string(path) in maps or is_kernel(path, leaf)
-
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    if not any(reported(path, leaf) for path, leaf in leaves):
-        def reported(path, leaf):  # no map, no kernel: every matrix-shaped weight
-            return np.ndim(leaf) >= 2
-
-    return masks_lib.sparsity_report(params, model, sample=sample, model_state=model_state,
-                                     apply_kwargs=kwargs, where=reported)
-
-
-def _summary(model, params, model_state, dataset, extra=None) -> dict:
-    from hoyertrim.train import predict_accuracy
-    report = _sparsity(model, params, model_state, dataset.validation.images[:1])
-    text = {}
-    if dataset.is_text:
-        from hoyertrim.train import make_evaluate
-        metrics = make_evaluate(model, 256)(params, model_state, dataset.validation.images,
-                                            dataset.validation.labels)
-        loss = float(metrics["loss"])
-        text = {"val_loss": loss, "val_perplexity": float(np.exp(loss)),
-                "val_bits_per_byte": loss / float(np.log(2)), "dataset_info": dataset.info}
-    return {**text, "val_accuracy": predict_accuracy(model, params, model_state,
-                                                     dataset.validation.images,
-                                                     dataset.validation.labels),
-            "kept_fraction": report.kept_fraction, "compression": report.compression,
-            "architecture": report.architecture, "sparsity": report.as_dict(), **(extra or {})}

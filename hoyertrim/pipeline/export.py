@@ -10,22 +10,24 @@ import pathlib
 
 import numpy as np
 
+from hoyertrim import compact as compact_lib
 from hoyertrim.checkpoint import predict_in_batches
-from hoyertrim.pipeline.directory import StageError, StageResult, checked_link, load_data, \
-    _manifest, _parent, _result, _sparsity, _Stage, directory_bytes, load, read_manifest
+from hoyertrim.pipeline.directory import (
+    Stage, StageResult, checked_link, directory_bytes, new_manifest, read_manifest, stage_result)
+from hoyertrim.pipeline.errors import StageError
+from hoyertrim.pipeline.network import load, load_data, read_parent, stage_sparsity
+from hoyertrim.train import mode_kwargs
 
 
 def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
     """Removes dead units (`compact.compact`) and stores the smaller arrays compressed; checks
     that the compact model's logits equal the parent's on the validation images."""
-    from hoyertrim import compact as compact_lib
-    from hoyertrim.train import mode_kwargs
-    parent_manifest, model, loaded = _parent(parent)
-    manifest = _manifest("compact", {}, parent=parent_manifest, parent_dir=parent,
+    parent_manifest, model, loaded = read_parent(parent)
+    manifest = new_manifest("compact", {}, parent=parent_manifest, parent_dir=parent,
                          command=command)
-    with _Stage(out, manifest) as stage:
+    with Stage(out, manifest) as stage:
         if stage.done:
-            return _result(stage)
+            return stage_result(stage)
         data = load_data(manifest, data_dir)
         variables = {"params": loaded.params, **loaded.model_state}
         kwargs = mode_kwargs(model, False)
@@ -57,7 +59,7 @@ def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
                                                     / "network"),
             "max_logit_difference": difference,
             "val_accuracy": float(np.mean(np.argmax(smaller, -1) == data.validation.labels))})
-    return _result(stage)
+    return stage_result(stage)
 
 
 def evaluate(directory, *, reference=None, split: str = "test", data_dir=None) -> dict:
@@ -109,7 +111,7 @@ def evaluate(directory, *, reference=None, split: str = "test", data_dir=None) -
                       reference_accuracy=float(np.mean(np.argmax(reference_logits, -1)
                                                        == labels)))
     if loaded.compact is None:
-        result["sparsity"] = _sparsity(loaded.model, loaded.params, loaded.model_state,
+        result["sparsity"] = stage_sparsity(loaded.model, loaded.params, loaded.model_state,
                                        images[:1]).as_dict()
         result["bytes_on_disk"] = directory_bytes(path / "network")
     else:

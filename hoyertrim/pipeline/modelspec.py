@@ -15,8 +15,10 @@ from typing import Mapping
 import flax.linen as nn
 from flax.core import FrozenDict
 
+from hoyertrim import models
 from hoyertrim.nnx_bridge import NnxModel, nnx_class_of
-from hoyertrim.pipeline.directory import StageError
+from hoyertrim.pipeline.errors import StageError
+from hoyertrim.train import mode_kwargs
 
 
 def resolve_model(spec: str, kwargs: Mapping | None = None, *,
@@ -37,7 +39,6 @@ def resolve_model(spec: str, kwargs: Mapping | None = None, *,
     Raises:
       StageError: the spec does not name a model; says why.
     """
-    from hoyertrim import models
     kwargs = dict(kwargs or {})
     if ":" not in spec:
         if spec not in models.MODELS:
@@ -65,14 +66,18 @@ def resolve_model(spec: str, kwargs: Mapping | None = None, *,
                 raise StageError(f"Importing {where} failed: {type(error).__name__}: {error}") \
                     from error
     else:
-        for directory in (search_path, os.getcwd()):
-            if directory and directory not in sys.path:
-                sys.path.insert(0, directory)
+        # The search path is widened for this import only (the caller's sys.path comes back
+        # as it was); the imported module stays in sys.modules, as any import does.
+        added = [d for d in dict.fromkeys((search_path, os.getcwd())) if d and d not in sys.path]
+        sys.path[:0] = added
         try:
             module = importlib.import_module(where)
         except ImportError as error:
             raise StageError(f"Cannot import {where!r} for --model {spec}: {error}. Run from the "
                              "directory that holds it or install it.") from error
+        finally:
+            for directory in added:
+                sys.path.remove(directory)
     target = getattr(module, name, None)
     if target is None:
         raise StageError(f"{where} has no {name!r} (for --model {spec}).")
@@ -113,7 +118,6 @@ def check_model(model: nn.Module, dataset, spec: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from hoyertrim.train import mode_kwargs
     sample = jax.ShapeDtypeStruct((2, *dataset.image_shape), jnp.dtype(dataset.input_dtype))
     kwargs = mode_kwargs(model, False)
     try:

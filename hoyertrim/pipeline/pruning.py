@@ -9,16 +9,22 @@ import os
 import pathlib
 import shutil
 import time
-from typing import Mapping
 
 import jax
 import numpy as np
 
+from hoyertrim import masks as masks_lib
+from hoyertrim import nettrim as nettrim_lib
 from hoyertrim.distributed import is_writer
 from hoyertrim.inspection import inspect_model
 from hoyertrim.masks import kernel_nonzero_masks
-from hoyertrim.pipeline.directory import StageError, StageResult, _json_default, _kernels, \
-    load_data, _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary
+from hoyertrim.nettrim import peers
+from hoyertrim.pipeline.directory import (
+    Stage, StageResult, json_default, new_manifest, stage_result)
+from hoyertrim.pipeline.errors import StageError
+from hoyertrim.pipeline.network import (
+    layer_kernels, load_data, nonzero_counts_like, read_parent, save_network, stage_summary)
+from hoyertrim.train import mode_kwargs
 
 
 PRUNE_RULES = ("threshold", "std", "magnitude", "global_magnitude", "group", "group_std",
@@ -34,7 +40,6 @@ def prune_masks(params, rule: str, value: float):
     with group norm < value·std of the group norms; ``units``: the fraction ``value`` of each
     layer's input units with the smallest group norms (`masks.input_unit_masks`).
     """
-    from hoyertrim import masks as masks_lib
     if rule not in PRUNE_RULES:
         raise StageError(f"Unknown prune rule {rule!r}; choose one of {', '.join(PRUNE_RULES)}.")
     fraction = rule.endswith("magnitude") or rule == "units"
@@ -58,22 +63,21 @@ def prune_masks(params, rule: str, value: float):
 def prune(parent, out, *, rule: str = "std", value: float = 0.1, data_dir=None,
           command=None) -> StageResult:
     """One-shot pruning of the parent's weights by a rule (`prune_masks`); no training."""
-    from hoyertrim import masks as masks_lib
-    parent_manifest, model, loaded = _parent(parent)
+    parent_manifest, model, loaded = read_parent(parent)
     masks = prune_masks(loaded.params, rule, value)  # checks rule and value before any write
-    manifest = _manifest("prune", {"rule": rule, "value": value}, parent=parent_manifest,
+    manifest = new_manifest("prune", {"rule": rule, "value": value}, parent=parent_manifest,
                          parent_dir=parent, command=command)
-    with _Stage(out, manifest) as stage:
+    with Stage(out, manifest) as stage:
         if stage.done:
-            return _result(stage)
+            return stage_result(stage)
         data = load_data(manifest, data_dir)
         # Kernel masks from the rule, and whatever the parent had pruned stays pruned.
         masks = jax.tree.map(lambda m, old: np.asarray(m) & np.asarray(old), masks,
                              kernel_nonzero_masks(loaded.params))
         params = masks_lib.apply_masks(loaded.params, masks)
-        _save_network(stage.out, params, masks, loaded.model_state)
-        stage.finish(_summary(model, params, loaded.model_state, data))
-    return _result(stage)
+        save_network(stage.out, params, masks, loaded.model_state)
+        stage.finish(stage_summary(model, params, loaded.model_state, data))
+    return stage_result(stage)
 
 
 ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -87,7 +91,7 @@ def _save_layer(folder: pathlib.Path, name: str, report: dict, layer) -> None:
         return
     folder.mkdir(exist_ok=True)
     arrays = {"name": np.array(name),
-              "report": np.array(json.dumps(report, default=_json_default))}
+              "report": np.array(json.dumps(report, default=json_default))}
     if layer is not None:
         arrays["kernel"] = np.asarray(layer[0])
         if layer[1] is not None:
@@ -148,9 +152,6 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         ``epsilon`` the fewest units within ε, with ``kept_fraction`` that fraction of units.
       scheme: ``"parallel"`` or ``"cascade"`` (for the peers: sequential, as their papers run).
     """
-    from hoyertrim import nettrim as nettrim_lib
-    from hoyertrim.nettrim import peers
-    from hoyertrim.train import mode_kwargs
     if method not in ("nettrim", *ONESHOT_METHODS):
         raise StageError(f"Unknown method {method!r}; choose nettrim, "
                          f"{', '.join(ONESHOT_METHODS)}.")
@@ -167,11 +168,11 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         raise StageError(f"scheme must be 'parallel' or 'cascade', got {scheme!r}.")
     if samples < 1 or heldout < 0 or maxiter < 1:
         raise StageError("samples and maxiter must be >= 1 and heldout >= 0.")
-    parent_manifest, model, loaded = _parent(parent)
+    parent_manifest, model, loaded = read_parent(parent)
     if like is not None:
         like = str(pathlib.Path(like).expanduser().absolute())
         kept_fraction = {name: kept / size for name, (kept, size)
-                         in _nonzero_counts_like(_kernels(loaded.params), like).items()}
+                         in nonzero_counts_like(layer_kernels(loaded.params), like).items()}
         if not all(kept_fraction.values()):
             empty = sorted(name for name, value in kept_fraction.items() if not value)
             raise StageError(f"{like} keeps no weight of {', '.join(empty)}; a layer-wise "
@@ -201,7 +202,7 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
                              "always re-fits the kept units).")
         config["units"] = True
     stage_name = "nettrim" if method == "nettrim" else "oneshot"
-    manifest = _manifest(stage_name, config, parent=parent_manifest, parent_dir=parent,
+    manifest = new_manifest(stage_name, config, parent=parent_manifest, parent_dir=parent,
                          command=command)
     solver = {"nettrim": nettrim_lib.solve_layer_nm if nm else (
         nettrim_lib.solve_layer_units if units else nettrim_lib.solve_layer),
@@ -223,9 +224,9 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             options["refit"] = True
         if polish:
             options["polish"] = polish
-    with _Stage(out, manifest) as stage:
+    with Stage(out, manifest) as stage:
         if stage.done:
-            return _result(stage)
+            return stage_result(stage)
         data = load_data(manifest, data_dir)
         if samples > len(data.train):
             raise StageError(f"--samples {samples} exceeds the {len(data.train)} training images.")
@@ -255,10 +256,10 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             # N:M shape): the user's to fix, said in one line; nothing is written.
             raise StageError(f"Cannot prune {parent}: {error}") from error
         seconds = time.perf_counter() - started
-        _save_network(stage.out, pruned.params, pruned.masks, loaded.model_state)
+        save_network(stage.out, pruned.params, pruned.masks, loaded.model_state)
         if stage.writer:
             shutil.rmtree(folder, ignore_errors=True)
         layers = {name: {k: v for k, v in layer.items()} for name, layer in pruned.layers.items()}
-        stage.finish(_summary(model, pruned.params, loaded.model_state, data, {
+        stage.finish(stage_summary(model, pruned.params, loaded.model_state, data, {
             "layers": layers, "heldout": pruned.heldout, "solve_seconds": seconds}))
-    return _result(stage)
+    return stage_result(stage)

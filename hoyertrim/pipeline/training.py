@@ -17,12 +17,18 @@ import optax
 from flax import nnx
 from flax.nnx import variablelib
 
-from hoyertrim.masks import kernel_nonzero_masks
-from hoyertrim.pipeline.directory import MANIFEST, StageError, StageResult, _kernels, load_data, \
-    _manifest, _nonzero_counts_like, _parent, _result, _save_network, _Stage, _summary, \
-    checked_link
+from hoyertrim.checkpoint import CheckpointMismatchError, Checkpointer, check_structure
+from hoyertrim.masks import apply_masks, kernel_nonzero_masks, layer_name
 from hoyertrim.nnx_bridge import NnxModel
+from hoyertrim.penalties import is_kernel
+from hoyertrim.pipeline.directory import (
+    MANIFEST, Stage, StageResult, checked_link, new_manifest, stage_result)
+from hoyertrim.pipeline.errors import StageError
 from hoyertrim.pipeline.modelspec import check_model, model_spec, resolve_model
+from hoyertrim.pipeline.network import (
+    layer_kernels, load_data, nonzero_counts_like, read_parent, save_network, stage_summary)
+from hoyertrim.train import create_train_state, fit, frozen_teacher, make_optimizer, mode_kwargs
+from hoyertrim.transforms import REGULARIZERS, gradual_magnitude_pruning, masked_fine_tuning
 
 
 def _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed,
@@ -40,12 +46,10 @@ def _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight
                 seed=seed, select=select)
 
 
-def _fit_stage(stage: _Stage, model, tx, dataset, params, model_state, config, *, masks=None,
+def _fit_stage(stage: Stage, model, tx, dataset, params, model_state, config, *, masks=None,
                teacher=None, progress=True) -> None:
     """Trains into ``stage.out/checkpoints`` (resuming), then writes the selected epoch's network
     (with ``masks``, by default its nonzero kernel entries) and finishes the stage."""
-    from hoyertrim.checkpoint import Checkpointer
-    from hoyertrim.train import create_train_state, fit
     state = create_train_state(model, tx, jax.random.PRNGKey(config["seed"]), dataset.image_shape,
                                input_dtype=dataset.input_dtype,
                                params=params, model_state=model_state)
@@ -60,8 +64,8 @@ def _fit_stage(stage: _Stage, model, tx, dataset, params, model_state, config, *
         selected, _ = checkpointer.restore(state, step)
     seconds = time.perf_counter() - started
     masks = kernel_nonzero_masks(selected.params) if masks is None else masks
-    _save_network(stage.out, selected.params, masks, selected.model_state)
-    stage.finish(_summary(model, selected.params, selected.model_state, dataset,
+    save_network(stage.out, selected.params, masks, selected.model_state)
+    stage.finish(stage_summary(model, selected.params, selected.model_state, dataset,
                           {"epoch": step, "train_seconds": seconds}))
 
 
@@ -84,16 +88,16 @@ def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str 
                            seed, "best")
     if train_examples is not None:
         config["train_examples"] = int(train_examples)
-    manifest = _manifest("train", config, model=record, dataset=dataset, command=command)
-    with _Stage(out, manifest) as stage:
+    manifest = new_manifest("train", config, model=record, dataset=dataset, command=command)
+    with Stage(out, manifest) as stage:
         if stage.done:
-            return _result(stage)
+            return stage_result(stage)
         data = load_data(manifest, data_dir).with_train_examples(train_examples)
         check_model(module, data, model)
         stage.manifest["input_shape"] = list(data.image_shape)
         tx = _optimizer(config, len(data.train))
         _fit_stage(stage, module, tx, data, None, None, config, progress=progress)
-    return _result(stage)
+    return stage_result(stage)
 
 
 def _read_tree(path: pathlib.Path):
@@ -143,8 +147,6 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
       StageError: unreadable checkpoint, or its tree does not fit the model (the mismatching
         leaves are named).
     """
-    from hoyertrim.checkpoint import CheckpointMismatchError, _check_structure
-    from hoyertrim.train import mode_kwargs
     path = pathlib.Path(checkpoint).expanduser().absolute()
     if not path.exists():
         raise StageError(f"{checkpoint} does not exist.")
@@ -152,7 +154,7 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
     module = resolve_model(record["spec"], record["kwargs"], search_path=record.get("search_path"))
     try:
         if (path / MANIFEST).is_file():  # a stage directory: the network it selected
-            _, _, loaded = _parent(path)
+            _, _, loaded = read_parent(path)
             tree = {"params": loaded.params, **dict(loaded.model_state or {})}
         else:
             tree = flax.core.unfreeze(_read_tree(path))
@@ -174,10 +176,10 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
     else:
         params, model_state = tree, {}
     config = {"checkpoint": str(path)}
-    manifest = _manifest("import", config, model=record, dataset=dataset, command=command)
-    with _Stage(out, manifest) as stage:
+    manifest = new_manifest("import", config, model=record, dataset=dataset, command=command)
+    with Stage(out, manifest) as stage:
         if stage.done:
-            return _result(stage)
+            return stage_result(stage)
         data = load_data(manifest, data_dir)
         check_model(module, data, model)
         stage.manifest["input_shape"] = list(data.image_shape)
@@ -185,16 +187,16 @@ def adopt(checkpoint, model: str, out, *, model_kwargs: Mapping | None = None,
             jax.random.PRNGKey(0), jnp.zeros((1, *data.image_shape), data.input_dtype),
             **mode_kwargs(module, False)))
         try:
-            _check_structure(params, expected.pop("params"), "params")
-            _check_structure(model_state, expected, "other collections")
+            check_structure(params, expected.pop("params"), "params")
+            check_structure(model_state, expected, "other collections")
         except CheckpointMismatchError as error:
             details = " ".join(str(error).splitlines()[1:-1]).replace("target", "model")
             raise StageError(f"The weights in {checkpoint} do not fit {model}: {details}") \
                 from error
         params = jax.tree.map(np.asarray, params)
-        _save_network(stage.out, params, kernel_nonzero_masks(params), model_state)
-        stage.finish(_summary(module, params, model_state, data))
-    return _result(stage)
+        save_network(stage.out, params, kernel_nonzero_masks(params), model_state)
+        stage.finish(stage_summary(module, params, model_state, data))
+    return stage_result(stage)
 
 
 def _nnx_collections(tree: Mapping, module: NnxModel) -> dict:
@@ -225,7 +227,6 @@ def _nnx_collections(tree: Mapping, module: NnxModel) -> dict:
 
 
 def _optimizer(config, num_train):
-    from hoyertrim.train import make_optimizer
     if config["batch_size"] > num_train:
         raise StageError(f"The batch size {config['batch_size']} exceeds the {num_train} "
                          f"training examples; give --batch-size {num_train} or less.")
@@ -251,9 +252,6 @@ def penalty_gradient(penalty: str, strength: float | Mapping[str, float]
     """``REGULARIZERS[penalty]`` at ``strength`` on every Dense/Conv kernel, or at
     ``{layer: α}``: one term per distinct α over the kernels of the layers that have it, so the
     updates gain Σ_layers α_layer ∇R(W_layer) and layers not named gain nothing."""
-    from hoyertrim.masks import layer_name
-    from hoyertrim.penalties import is_kernel
-    from hoyertrim.transforms import REGULARIZERS
     if not isinstance(strength, Mapping):
         return REGULARIZERS[penalty](strength)
 
@@ -279,7 +277,6 @@ def regularize(parent, out, *, penalty: str = "hoyer_square",
         named are not regularized): the objective is loss + Σ_layers α_layer · R(W_layer), e.g.
         Group-HS stronger on the conv layers, whose units cost the forward FLOPs.
     """
-    from hoyertrim.transforms import REGULARIZERS
     if penalty not in REGULARIZERS:
         raise StageError(f"Unknown penalty {penalty!r}; choose one of "
                          f"{', '.join(sorted(REGULARIZERS))}.")
@@ -287,23 +284,23 @@ def regularize(parent, out, *, penalty: str = "hoyer_square",
     values = list(strength.values()) if by_layer else [strength]
     if not values or not all(value > 0 for value in values):
         raise StageError(f"The penalty strength must be > 0, got {strength}.")
-    parent_manifest, model, loaded = _parent(parent)
+    parent_manifest, model, loaded = read_parent(parent)
     if by_layer:
         strength = {name: float(value) for name, value
-                    in sorted(_by_known_layer(strength, _kernels(loaded.params)).items())}
+                    in sorted(_by_known_layer(strength, layer_kernels(loaded.params)).items())}
     config = {"penalty": penalty, "strength": strength, **_train_config(
         epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed, "last")}
-    manifest = _manifest("regularize", config, parent=parent_manifest, parent_dir=parent,
+    manifest = new_manifest("regularize", config, parent=parent_manifest, parent_dir=parent,
                          command=command)
-    with _Stage(out, manifest) as stage:
+    with Stage(out, manifest) as stage:
         if stage.done:
-            return _result(stage)
+            return stage_result(stage)
         data = load_data(manifest, data_dir)
         tx = optax.chain(penalty_gradient(penalty, strength),
                          _optimizer(config, len(data.train)))
         _fit_stage(stage, model, tx, data, loaded.params, loaded.model_state, config,
                    progress=progress)
-    return _result(stage)
+    return stage_result(stage)
 
 
 def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None, like=None,
@@ -325,21 +322,20 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
         of nonzero kernel weights to reach exactly (e.g. a DeepHoyer-pruned stage, to compare
         the two at the same counts).
     """
-    from hoyertrim.transforms import gradual_magnitude_pruning
     if (sparsity is None) == (like is None):
         raise StageError("Give the target as one of sparsity= (a number or {layer: sparsity}) "
                          "or like= (a stage directory whose per-layer counts to match).")
     if not 0 < end_fraction <= 1 or updates_per_epoch < 1:
         raise StageError(f"end_fraction must be in (0, 1] and updates_per_epoch >= 1 (got "
                          f"{end_fraction}, {updates_per_epoch}).")
-    parent_manifest, model, loaded = _parent(parent)
-    kernels = _kernels(loaded.params)
+    parent_manifest, model, loaded = read_parent(parent)
+    kernels = layer_kernels(loaded.params)
     if like is not None:
         like = str(pathlib.Path(like).expanduser().absolute())
         # (removed + ½) / size: `gradual_magnitude_pruning` removes floor(sparsity·size)
         # weights in float32, and the half keeps that floor on the exact count.
         target = {name: (size - kept + 0.5) / size for name, (kept, size)
-                  in _nonzero_counts_like(kernels, like).items()}
+                  in nonzero_counts_like(kernels, like).items()}
     elif isinstance(sparsity, Mapping):
         target = {name: float(value)
                   for name, value in _by_known_layer(sparsity, kernels).items()}
@@ -351,11 +347,11 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
               "updates_per_epoch": updates_per_epoch, **_train_config(
                   epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed,
                   "last")}
-    manifest = _manifest("gradual", config, parent=parent_manifest, parent_dir=parent,
+    manifest = new_manifest("gradual", config, parent=parent_manifest, parent_dir=parent,
                          command=command)
-    with _Stage(out, manifest) as stage:
+    with Stage(out, manifest) as stage:
         if stage.done:
-            return _result(stage)
+            return stage_result(stage)
         data = load_data(manifest, data_dir)
         steps_per_epoch = len(data.train) // batch_size
         frequency = max(steps_per_epoch // updates_per_epoch, 1)
@@ -370,7 +366,7 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
             target, begin_step=0, end_step=end_step, frequency=frequency))
         _fit_stage(stage, model, tx, data, loaded.params, loaded.model_state, config,
                    progress=progress)
-    return _result(stage)
+    return stage_result(stage)
 
 
 def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
@@ -386,10 +382,7 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
       train_examples: fine-tune on this many training examples (a fixed random subset, as
         `train` takes it; default all).
     """
-    from hoyertrim.masks import apply_masks
-    from hoyertrim.train import frozen_teacher
-    from hoyertrim.transforms import masked_fine_tuning
-    parent_manifest, model, loaded = _parent(parent)
+    parent_manifest, model, loaded = read_parent(parent)
     teacher_dir = None
     if distill:
         teacher_dir = str(pathlib.Path(teacher or checked_link(parent, parent_manifest, "root")
@@ -400,20 +393,20 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
         epochs, batch_size, "adam", learning_rate, "cosine", weight_decay, seed, "best")}
     if train_examples is not None:
         config["train_examples"] = int(train_examples)
-    manifest = _manifest("finetune", config, parent=parent_manifest, parent_dir=parent,
+    manifest = new_manifest("finetune", config, parent=parent_manifest, parent_dir=parent,
                          command=command)
     teacher_fn = None
     if distill:
-        teacher_manifest, teacher_model, teacher_loaded = _parent(teacher_dir)
+        teacher_manifest, teacher_model, teacher_loaded = read_parent(teacher_dir)
         teacher_fn = frozen_teacher(teacher_model, teacher_loaded.params,
                                     teacher_loaded.model_state)
-    with _Stage(out, manifest) as stage:
+    with Stage(out, manifest) as stage:
         if stage.done:
-            return _result(stage)
+            return stage_result(stage)
         data = load_data(manifest, data_dir).with_train_examples(train_examples)
         masks = kernel_nonzero_masks(loaded.params)
         tx = masked_fine_tuning(_optimizer(config, len(data.train)), masks)
         _fit_stage(stage, model, tx, data, apply_masks(loaded.params, masks),
                    loaded.model_state, config, masks=masks, teacher=teacher_fn,
                    progress=progress)
-    return _result(stage)
+    return stage_result(stage)
