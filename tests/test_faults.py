@@ -17,16 +17,15 @@ import pytest
 
 from hoyertrim import checkpoint as checkpoint_lib
 from hoyertrim.checkpoint import Checkpointer
-from hoyertrim.data import Dataset, Split
-from hoyertrim.models import MLP
 from hoyertrim.train import TrainingDivergedError, fit
+from helpers import small_mlp, synthetic
 
 _RUN = """
 import hashlib, os, signal, sys, warnings
 warnings.filterwarnings("ignore")
 import jax, numpy as np, optax
 sys.path.insert(0, {tests!r})
-from test_faults import synthetic, small_mlp
+from helpers import synthetic, small_mlp
 from hoyertrim.checkpoint import Checkpointer
 from hoyertrim.train import fit
 directory, epochs, kill_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -41,20 +40,6 @@ state, _ = fit(small_mlp(), optax.adam(1e-3), synthetic(), epochs=epochs, batch_
 data = b"".join(np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(state.params))
 print("HASH", hashlib.sha256(data).hexdigest(), flush=True)
 """
-
-
-def synthetic(train=6000):
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        x = rng.random((n, 8, 8, 1), dtype=np.float32)
-        return Split(x, (x.reshape(n, -1)[:, :32].sum(1) > 16).astype(np.int32))
-
-    return Dataset("synthetic", split(train), split(500), split(500), 2)
-
-
-def small_mlp():
-    return MLP(hidden=(128, 64), num_classes=2, input_shape=(8, 8, 1))
 
 
 def _start(directory, epochs, kill_after=0):

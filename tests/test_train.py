@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import small_mlp, synthetic
 from hoyertrim.checkpoint import Checkpointer, CheckpointMismatchError
 from hoyertrim.models import create_model
 from hoyertrim.train import (create_train_state, cross_entropy, distillation_loss, fit,
@@ -226,9 +227,6 @@ def test_fit_distills_with_the_default_loss(small_mnist):
 def test_masked_fine_tune_resumes_bit_identically_with_its_masks(tmp_path):
     """The masks travel in the optimizer state: a resumed fine-tune needs only a template of
     the same structure (here all-True masks) and continues exactly as the uninterrupted one."""
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_faults import small_mlp, synthetic
     from hoyertrim.masks import magnitude_masks
     from hoyertrim.transforms import masked, masks_in_state
 
@@ -254,9 +252,6 @@ def test_masked_fine_tune_resumes_bit_identically_with_its_masks(tmp_path):
 
 @pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_load_needs_no_template(tmp_path):
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_faults import small_mlp, synthetic
     import hoyertrim
     model, dataset = small_mlp(), synthetic(1000)
     tx = make_optimizer("adam", 1e-3, total_steps=64)  # a schedule the loader never needs
