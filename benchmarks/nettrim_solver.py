@@ -34,7 +34,7 @@ from hoyertrim.data import load_dataset  # noqa: E402
 from hoyertrim.inspection import record_maps  # noqa: E402
 from hoyertrim.models import create_model  # noqa: E402
 from hoyertrim.nettrim.problem import NormalizedLayer, layer_data  # noqa: E402
-from hoyertrim.nettrim.search import _solve  # noqa: E402
+from hoyertrim.nettrim.search import solve_at_lambda  # noqa: E402
 from hoyertrim.train import fit  # noqa: E402
 
 RECIPE = dict(model="lenet300100", seed=0, optimizer="adam", learning_rate=1e-3, batch_size=128,
@@ -112,9 +112,9 @@ def main():
     maxiter = 300
     problem = NormalizedLayer(layer_data(x, y), shard=True, init_kernel=plain.kernel,
                               init_bias=plain.bias)
-    _solve(problem, plain.lam, problem.start, maxiter, 0.0)  # compile
+    solve_at_lambda(problem, plain.lam, problem.start, maxiter, 0.0)  # compile
     started = time.perf_counter()
-    _solve(problem, plain.lam, problem.start, maxiter, 0.0)
+    solve_at_lambda(problem, plain.lam, problem.start, maxiter, 0.0)
     seconds = time.perf_counter() - started
     rows_, cols = problem.design_n.shape
     achieved = maxiter * 4 * rows_ * cols * y.shape[1] / seconds

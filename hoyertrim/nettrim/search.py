@@ -21,7 +21,7 @@ import dataclasses
 import math
 import time
 import warnings
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +42,7 @@ class _Goal:
     """What the λ search aims at: a quantity that grows with λ, the largest acceptable value
     (``target``: feasible below it), the band's lower end and the point the secant aims at."""
 
-    value: Callable[[dict], float]
+    value: Callable[[LambdaSolve], float]
     target: float
     low: float
     aim: float
@@ -50,14 +50,14 @@ class _Goal:
     @staticmethod
     def discrepancy(epsilon: float, y_norm: float, search_tol: float) -> "_Goal":
         target = epsilon * y_norm
-        return _Goal(lambda r: r["error"], target, (1 - search_tol) * target,
+        return _Goal(lambda r: r.error, target, (1 - search_tol) * target,
                      target * (1 - search_tol / 2))
 
     @staticmethod
     def kept(fraction: float) -> "_Goal":
         # The compression 1 / kept grows with λ; feasible = keeps at least the band's low end.
         low_kept = fraction - KEPT_FRACTION_TOLERANCE
-        return _Goal(lambda r: 1.0 / max(r["kept"], 1e-9),
+        return _Goal(lambda r: 1.0 / max(r.kept_fraction, 1e-9),
                      math.inf if low_kept <= 0 else 1.0 / low_kept,
                      1.0 / (fraction + KEPT_FRACTION_TOLERANCE), 1.0 / fraction)
 
@@ -66,20 +66,41 @@ class _Goal:
         # Polish's search: any solve keeping between fraction and (1 + search_tol)·fraction
         # will do, since the polish then cuts it to the count exactly.
         high = min(fraction * (1 + search_tol), 1.0)
-        return _Goal(lambda r: 1.0 / max(r["kept"], 1e-9), 1.0 / fraction, 1.0 / high,
+        return _Goal(lambda r: 1.0 / max(r.kept_fraction, 1e-9), 1.0 / fraction, 1.0 / high,
                      2.0 / (fraction + high))
 
 
-def _solve(problem: NormalizedLayer, lam: float, start, maxiter: int, tol: float) -> dict:
+class LambdaSolve(NamedTuple):
+    """One solve of the λ search: the solution at ``lam`` and what was measured of it.
+
+    ``u`` is the normalized solution (the warm start of the next solve), ``u_real`` the same in
+    the layer's units; ``error`` the misfit ‖ẑ − z‖ on the active rows (the same units as
+    ``NormalizedLayer.y_norm``), ``violation`` the inactive rows' positive part, ``kept_fraction``
+    the fraction of weights nonzero, ``iterations`` the FISTA iterations spent and ``gap`` the
+    relative duality gap at the end."""
+
+    u: Any
+    u_real: Any
+    lam: float
+    error: float
+    violation: float
+    kept_fraction: float
+    iterations: int
+    gap: float
+
+
+def solve_at_lambda(problem: NormalizedLayer, lam: float, start, maxiter: int,
+                    tol: float) -> LambdaSolve:
+    """FISTA on ``problem`` at penalty ``lam`` (absolute, not a fraction of λ_max) from
+    ``start``, measured."""
     weights = lam * problem.penalty_weights
     u, iterations, gap = solve_at(problem.design_n, problem.y_d, problem.v_d, problem.active_d,
                                   start, weights, maxiter, problem.abs_tol * tol,
                                   problem.data.floor / problem.y_scale ** 2)
     u_real = problem.to_real(u)
     error, violation = measure(problem.data, u_real, problem.device_data)
-    return {"u": u, "u_real": u_real, "lam": lam, "error": error, "violation": violation,
-            "kept": problem.kept_fraction(u_real), "iterations": int(np.max(iterations)),
-            "gap": float(gap)}
+    return LambdaSolve(u, u_real, lam, error, violation, problem.kept_fraction(u_real),
+                       int(np.max(iterations)), float(gap))
 
 
 @dataclasses.dataclass
@@ -87,14 +108,14 @@ class _Search:
     """Outcome of a λ search: the largest feasible and smallest infeasible solves, all solves,
     and the local slope d log(value) / d log(λ) between the last two solves."""
 
-    feasible: dict | None
-    infeasible: dict | None
-    solves: list
+    feasible: LambdaSolve | None
+    infeasible: LambdaSolve | None
+    solves: list[LambdaSolve]
     slope: float | None
     goal: _Goal
 
     @property
-    def best(self) -> dict:
+    def best(self) -> LambdaSolve:
         """The largest feasible solve, else (the goal not met) the lowest-value one."""
         return self.feasible or min(self.solves, key=self.goal.value)
 
@@ -124,23 +145,23 @@ def _search_lambda(problem: NormalizedLayer, lam: float, goal: _Goal, *, solve: 
     while len(solves) < max_solves:
         start = problem.start
         if solves:
-            start = min(solves, key=lambda r: abs(math.log(r["lam"] / lam)))["u"]
+            start = min(solves, key=lambda r: abs(math.log(r.lam / lam))).u
         result = solve(problem, lam, start)
         value = goal.value(result)
         if solves:
             previous = solves[-1]
-            slope = _log_slope(value, goal.value(previous), lam, previous["lam"]) or slope
+            slope = _log_slope(value, goal.value(previous), lam, previous.lam) or slope
         solves.append(result)
         if bar is not None:
             bar.update()
-            bar.set_postfix(lam=f"{lam:.3g}", kept=f"{result['kept']:.4f}",
-                            discrepancy=f"{result['error'] / problem.y_norm:.4f}")
+            bar.set_postfix(lam=f"{lam:.3g}", kept=f"{result.kept_fraction:.4f}",
+                            discrepancy=f"{result.error / problem.y_norm:.4f}")
         if value <= goal.target:
-            if feasible is None or result["lam"] > feasible["lam"]:
+            if feasible is None or result.lam > feasible.lam:
                 feasible = result
             if value >= goal.low:
                 break
-        elif infeasible is None or result["lam"] < infeasible["lam"]:
+        elif infeasible is None or result.lam < infeasible.lam:
             infeasible = result
         if feasible is None or infeasible is None:
             if (feasible is None and lam <= lam_min) or (infeasible is None and lam >= lam_max):
@@ -152,12 +173,12 @@ def _search_lambda(problem: NormalizedLayer, lam: float, goal: _Goal, *, solve: 
                 step = math.log(factor) if feasible is not None else -math.log(factor)
             lam = min(max(lam * math.exp(step), lam_min), lam_max)
             # A slope step that lands back inside the known side only wastes a solve.
-            if feasible is not None and lam <= feasible["lam"]:
-                lam = min(feasible["lam"] * factor, lam_max)
-            if infeasible is not None and lam >= infeasible["lam"]:
-                lam = max(infeasible["lam"] / factor, lam_min)
+            if feasible is not None and lam <= feasible.lam:
+                lam = min(feasible.lam * factor, lam_max)
+            if infeasible is not None and lam >= infeasible.lam:
+                lam = max(infeasible.lam / factor, lam_min)
         else:
-            lo, hi = math.log(feasible["lam"]), math.log(infeasible["lam"])
+            lo, hi = math.log(feasible.lam), math.log(infeasible.lam)
             if hi - lo < 1e-3:
                 break
             v_lo = math.log(max(goal.value(feasible), 1e-30))
@@ -191,9 +212,9 @@ def _multilevel_search(data: LayerData, make_goal: Callable[[LayerData], _Goal],
             small, small_problem, small_iterations = _multilevel_search(
                 subset, make_goal, smaller if smaller >= _SMALLEST_PRESOLVE else None, init,
                 options, search)
-            presolve_iterations = small_iterations + sum(r["iterations"] for r in small.solves)
-            init_kernel, init_bias = small_problem.split(small.best["u_real"])
-            lam = small.best["lam"] * math.sqrt(num_samples / presolve_samples)
+            presolve_iterations = small_iterations + sum(r.iterations for r in small.solves)
+            init_kernel, init_bias = small_problem.split(small.best.u_real)
+            lam = small.best.lam * math.sqrt(num_samples / presolve_samples)
             slope, factor = small.slope, 2.0
     problem = NormalizedLayer(data, init_kernel=init_kernel, init_bias=init_bias, **options)
     lam = problem.lam_max if lam is None else min(lam, problem.lam_max)
@@ -300,7 +321,7 @@ def solve_layer(x=None, y=None, *, epsilon: float | None = None,
             return _Goal.kept(kept_fraction)
 
     def solve(problem, lam, start):
-        return _solve(problem, lam, start, maxiter, tol)
+        return solve_at_lambda(problem, lam, start, maxiter, tol)
 
     search = dict(solve=solve, max_solves=max_solves, lam_range=lam_range)
     # No total: the search stops when it brackets its goal, usually long before max_solves, so
@@ -319,36 +340,36 @@ def solve_layer(x=None, y=None, *, epsilon: float | None = None,
             keep = round(kept_fraction * int(data.support.sum()))
             best, polish_report = _trim_to_count(problem, best, keep, **options)
     y_norm = data.y_norm
-    discrepancy = best["error"] / y_norm
+    discrepancy = best.error / y_norm
     if epsilon is None:
         certified = discrepancy * (1 + 1e-3)
-        if abs(best["kept"] - kept_fraction) > KEPT_FRACTION_TOLERANCE:
-            warnings.warn(f"Net-Trim kept {best['kept']:.4f} of this layer's weights, not "
+        if abs(best.kept_fraction - kept_fraction) > KEPT_FRACTION_TOLERANCE:
+            warnings.warn(f"Net-Trim kept {best.kept_fraction:.4f} of this layer's weights, not "
                           f"{kept_fraction:g} ± {KEPT_FRACTION_TOLERANCE}; raise max_solves or "
                           "maxiter.", stacklevel=2)
     else:
         certified = epsilon
         if found.feasible is None:
             warnings.warn(f"Net-Trim could not meet epsilon={epsilon:g} for this layer: the best "
-                          f"discrepancy reached is {discrepancy:.4g} (at λ={best['lam']:.3g}, the "
+                          f"discrepancy reached is {discrepancy:.4g} (at λ={best.lam:.3g}, the "
                           "smallest tried). Raise epsilon, maxiter, or lower lam_range.",
                           stacklevel=2)
-    kernel, bias = problem.split(best["u_real"])
+    kernel, bias = problem.split(best.u_real)
     if data.compressed:  # the certificate, on the real rows rather than the compressed ones
         discrepancy = _real_misfit(x, y, gram, kernel, bias, offset) / y_norm
         if epsilon is None:
             certified = discrepancy * (1 + 1e-3)
-    kept, violation, refit_report = best["kept"], best["violation"], None
+    kept, violation, refit_report = best.kept_fraction, best.violation, None
     if refit:
         again, refit_kernel, refit_bias = _refit(
             x, y, data.support & (kernel != 0), kernel, bias,
             dict(relu=relu, v=v, fit_bias=fit_bias, offset=offset, gram=gram, form=form),
             shard=shard, maxiter=refit_maxiter, tol=tol, lam=refit_lam)
-        refit_report = {"discrepancy_before": discrepancy, "iterations": again["iterations"],
-                        "used": bool(again["error"] < best["error"])}
+        refit_report = {"discrepancy_before": discrepancy, "iterations": again.iterations,
+                        "used": bool(again.error < best.error)}
         if refit_report["used"]:
-            kernel, bias, violation = refit_kernel, refit_bias, again["violation"]
-            discrepancy = again["error"] / y_norm
+            kernel, bias, violation = refit_kernel, refit_bias, again.violation
+            discrepancy = again.error / y_norm
             if data.compressed:
                 discrepancy = _real_misfit(x, y, gram, kernel, bias, offset) / y_norm
             kept = np.count_nonzero(kernel) / max(int(data.support.sum()), 1)
@@ -356,15 +377,15 @@ def solve_layer(x=None, y=None, *, epsilon: float | None = None,
                 certified = discrepancy * (1 + 1e-3)
     return LayerSolution(
         kernel=kernel, bias=bias, discrepancy=discrepancy, epsilon=certified,
-        feasible=discrepancy <= certified, lam=best["lam"],
-        iterations=sum(r["iterations"] for r in found.solves) + (polish_report or {}).get(
-            "iterations", 0), converged=best["gap"] <= gap_tol,
-        duality_gap=best["gap"],
+        feasible=discrepancy <= certified, lam=best.lam,
+        iterations=sum(r.iterations for r in found.solves) + (polish_report or {}).get(
+            "iterations", 0), converged=best.gap <= gap_tol,
+        duality_gap=best.gap,
         inactive_violation=violation / y_norm, kept_fraction=kept,
         solves=len(found.solves), seconds=time.perf_counter() - started,
         presolve_iterations=presolve_iterations, refit=refit_report, polish=polish_report,
-        lam_path=tuple({"lam": float(r["lam"]), "discrepancy": float(r["error"] / y_norm),
-                        "kept_fraction": float(r["kept"])} for r in found.solves))
+        lam_path=tuple({"lam": float(r.lam), "discrepancy": float(r.error / y_norm),
+                        "kept_fraction": float(r.kept_fraction)} for r in found.solves))
 
 
 def _real_misfit(x, y, stats, kernel, bias, offset) -> float:
@@ -375,8 +396,8 @@ def _real_misfit(x, y, stats, kernel, bias, offset) -> float:
     return math.sqrt(float(stats.misfit(kernel, bias, offset).sum()))
 
 
-def _polish(problem: NormalizedLayer, result: dict, target_error: float, *, rounds: int,
-            maxiter: int, tol: float, lam: float) -> tuple[dict, dict]:
+def _polish(problem: NormalizedLayer, result: LambdaSolve, target_error: float, *, rounds: int,
+            maxiter: int, tol: float, lam: float) -> tuple[LambdaSolve, dict]:
     """Debias, then threshold, ``rounds`` times, starting from a feasible λ-search solve.
 
     ℓ1 shrinks the weights it keeps, so the kept weights are re-fit on their support at a
@@ -398,7 +419,7 @@ def _polish(problem: NormalizedLayer, result: dict, target_error: float, *, roun
     def without(u, threshold):
         return jnp.where(penalized & (jnp.abs(u) <= threshold), 0.0, u)
 
-    u, (best_error, violation) = result["u"], (result["error"], result["violation"])
+    u, (best_error, violation) = result.u, (result.error, result.violation)
     iterations, removed = 0, []
     for _ in range(rounds):
         refit, refit_error, count = _refit_on_support(problem, u, maxiter=maxiter, tol=tol,
@@ -436,19 +457,19 @@ def _refit_on_support(problem: NormalizedLayer, u, *, maxiter: int, tol: float, 
             int(np.max(counts)))
 
 
-def _polished(problem: NormalizedLayer, result: dict, u, error: float, violation: float,
-              iterations: int, removed: list) -> tuple[dict, dict]:
+def _polished(problem: NormalizedLayer, result: LambdaSolve, u, error: float, violation: float,
+              iterations: int, removed: list) -> tuple[LambdaSolve, dict]:
     """The record of a polished solve (``result``'s λ and duality gap) and the polish report."""
     u_real = problem.to_real(u)
-    polished = dict(result, u=u, u_real=u_real, error=error, violation=violation,
-                    kept=problem.kept_fraction(u_real))
-    return polished, {"kept_before": result["kept"],
-                      "discrepancy_before": result["error"] / problem.y_norm,
+    polished = result._replace(u=u, u_real=u_real, error=error, violation=violation,
+                               kept_fraction=problem.kept_fraction(u_real))
+    return polished, {"kept_before": result.kept_fraction,
+                      "discrepancy_before": result.error / problem.y_norm,
                       "iterations": iterations, "removed": removed}
 
 
-def _trim_to_count(problem: NormalizedLayer, result: dict, keep: int, *, rounds: int,
-                   maxiter: int, tol: float, lam: float) -> tuple[dict, dict]:
+def _trim_to_count(problem: NormalizedLayer, result: LambdaSolve, keep: int, *, rounds: int,
+                   maxiter: int, tol: float, lam: float) -> tuple[LambdaSolve, dict]:
     """Cuts a λ-search solve that keeps at least ``keep`` weights to ``keep`` (fewer only
     where a re-fit itself lands on a zero).
 
@@ -463,7 +484,7 @@ def _trim_to_count(problem: NormalizedLayer, result: dict, keep: int, *, rounds:
     """
     weights = problem.penalty_weights
     penalized = np.asarray(jnp.isfinite(weights) & (weights > 0))
-    u, (best_error, violation) = result["u"], (result["error"], result["violation"])
+    u, (best_error, violation) = result.u, (result.error, result.violation)
     start = int(np.count_nonzero(np.asarray(u)[penalized]))
     iterations, removed = 0, []
     for index in range(1, rounds + 1):
@@ -494,11 +515,11 @@ def _refit(x, y, pattern, kernel, bias, common: dict, *, shard: bool, maxiter: i
     data = layer_data(x, y, support=pattern, **common)
     problem = NormalizedLayer(data, shard=shard, init_kernel=np.where(pattern, kernel, 0),
                               init_bias=bias if common.get("fit_bias", True) else None)
-    again = _solve(problem, lam * problem.lam_max, problem.start, maxiter, tol)
-    refit_kernel, refit_bias = problem.split(again["u_real"])
+    again = solve_at_lambda(problem, lam * problem.lam_max, problem.start, maxiter, tol)
+    refit_kernel, refit_bias = problem.split(again.u_real)
     if data.compressed:
-        again["error"] = _real_misfit(x, y, common.get("gram"), refit_kernel, refit_bias,
-                                      common.get("offset"))
+        again = again._replace(error=_real_misfit(x, y, common.get("gram"), refit_kernel,
+                                                  refit_bias, common.get("offset")))
     return again, refit_kernel, refit_bias
 
 
@@ -550,16 +571,16 @@ def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bi
                                 maxiter=refit_maxiter, tol=tol, lam=refit_lam)
     y_norm = math.sqrt(float(gram.y_squares.sum())) if gram is not None else float(
         np.linalg.norm(np.asarray(y, np.float32)))
-    discrepancy = best["error"] / y_norm
+    discrepancy = best.error / y_norm
     return LayerSolution(
         kernel=kernel, bias=bias, discrepancy=discrepancy, epsilon=discrepancy * (1 + 1e-3),
-        feasible=True, lam=best["lam"], iterations=first.iterations + best["iterations"],
-        converged=best["gap"] <= options.get("gap_tol", 0.05), duality_gap=best["gap"],
-        inactive_violation=best["violation"] / y_norm,
+        feasible=True, lam=best.lam, iterations=first.iterations + best.iterations,
+        converged=best.gap <= options.get("gap_tol", 0.05), duality_gap=best.gap,
+        inactive_violation=best.violation / y_norm,
         kept_fraction=float(np.count_nonzero(kernel) / allowed.sum()), solves=first.solves + 1,
         seconds=time.perf_counter() - started, presolve_iterations=first.presolve_iterations,
-        lam_path=first.lam_path + ({"lam": best["lam"], "discrepancy": discrepancy,
-                                    "kept_fraction": best["kept"]},))
+        lam_path=first.lam_path + ({"lam": best.lam, "discrepancy": discrepancy,
+                                    "kept_fraction": best.kept_fraction},))
 
 
 solve_layer_nm.uses_trained_weights = True
