@@ -38,7 +38,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import hoyertrim  # noqa: E402
 from hoyertrim.data import load_dataset  # noqa: E402
 from hoyertrim.inspection import record_maps  # noqa: E402
-from hoyertrim.nettrim import peers, solve_layer  # noqa: E402
+from hoyertrim import peers  # noqa: E402
+from hoyertrim.nettrim import solve_layer  # noqa: E402
 from hoyertrim.nettrim.gram import row_misfit  # noqa: E402
 
 

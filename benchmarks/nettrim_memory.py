@@ -28,7 +28,6 @@ import warnings
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 

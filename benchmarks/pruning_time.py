@@ -34,7 +34,7 @@ import hoyertrim  # noqa: E402
 from hoyertrim import nettrim  # noqa: E402
 from hoyertrim.data import load_dataset  # noqa: E402
 from hoyertrim.inspection import inspect_model  # noqa: E402
-from hoyertrim.nettrim import peers  # noqa: E402
+from hoyertrim import peers  # noqa: E402
 from hoyertrim.train import mode_kwargs  # noqa: E402
 
 

@@ -1,8 +1,10 @@
 """hoyertrim: DeepHoyer sparsity penalties and Net-Trim convex pruning for JAX/Flax networks.
 
-Modules: `penalties` (pure math), `transforms` (optax), `masks` (pruning rules and reports),
-`nettrim` (layer-wise convex pruning), `compact`, `pipeline` (the stages the ``hoyertrim``
-command runs), `data`, `models`, `train`, `checkpoint`.
+Modules: `penalties` (pure math), `transforms` (optax), `masks` (pruning rules, schedules,
+reports), `inspection` (a model's linear maps, found from its computation), `nettrim` (layer-wise
+convex pruning), `peers` (SparseGPT, Wanda, magnitude), `pruners` (the registry of methods),
+`compact`, `pipeline` (the stages the ``hoyertrim`` command runs), `data`, `models`, `train`,
+`checkpoint`.
 """
 
 __version__ = "0.1.0"

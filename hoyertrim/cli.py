@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hoyertrim.data import DATASETS
     from hoyertrim.models import MODELS
     from hoyertrim.pipeline import PRUNE_RULES
+    from hoyertrim.pruners import PRUNERS, pruner_names
     from hoyertrim.transforms import REGULARIZERS
 
     parser = argparse.ArgumentParser(prog="hoyertrim", description=_DESCRIPTION,
@@ -327,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, help_text)
         p.add_argument("parent", help="trained stage directory")
         if name == "oneshot":
-            p.add_argument("--method", choices=["sparsegpt", "wanda", "magnitude"],
-                           default="sparsegpt", help="which peer")
+            p.add_argument("--method", choices=pruner_names(one_shot=True),
+                           default="sparsegpt", help="which peer: " + "; ".join(
+                               PRUNERS[name].description for name in pruner_names(one_shot=True)))
         target = p.add_mutually_exclusive_group(required=name == "oneshot")
         if name == "nettrim":
             target.add_argument("--epsilon", type=_fraction, default=0.1,

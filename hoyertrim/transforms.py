@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import optax
 
 from hoyertrim import penalties
-from hoyertrim.masks import layer_name, polynomial_sparsity, top_k_mask
+from hoyertrim.masks import polynomial_sparsity, top_k_mask
 from hoyertrim.penalties import Penalty, is_kernel, tree_penalty
+from hoyertrim.trees import layer_name
 
 LeafFilter = Callable[[tuple, jax.Array], bool]
 

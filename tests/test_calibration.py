@@ -9,7 +9,8 @@ import pytest
 
 from hoyertrim import nettrim
 from hoyertrim.inspection import Recorder, inspect_model
-from hoyertrim.nettrim import calibration, peers
+from hoyertrim import peers
+from hoyertrim.nettrim import calibration
 from hoyertrim.nettrim.gram import from_arrays
 
 

@@ -3,11 +3,9 @@
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp

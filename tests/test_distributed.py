@@ -126,7 +126,8 @@ sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
 from test_distributed import synthetic_data, small_cnn
 from hoyertrim.inspection import Recorder, inspect_model
-from hoyertrim.nettrim import calibration, peers, prune_network
+from hoyertrim import peers
+from hoyertrim.nettrim import calibration, prune_network
 data, model = synthetic_data(), small_cnn()
 variables = model.init(jax.random.PRNGKey(0), data.train.images[:2], train=False)
 images = data.train.images[:512]

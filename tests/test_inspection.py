@@ -18,7 +18,7 @@ from flax import nnx
 from examples import modern_models as mm
 from hoyertrim import masks, nettrim, penalties
 from hoyertrim.inspection import as_computation, contraction_filter, inspect_model
-from hoyertrim.nettrim import peers
+from hoyertrim import peers
 from hoyertrim.trees import path_string
 
 IMAGES = jax.random.normal(jax.random.PRNGKey(1), (48, 8, 8, 1))

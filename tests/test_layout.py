@@ -6,7 +6,7 @@ the same-layer arrows honest):
 
     0  data, trees, distributed, nnx_bridge
     1  penalties, masks, inspection
-    2  transforms, train, checkpoint, models, compact, nettrim
+    2  transforms, train, checkpoint, models, compact, nettrim, peers, pruners
     3  pipeline
     4  report
     5  cli
@@ -25,6 +25,7 @@ LAYERS = {
     "data": 0, "trees": 0, "distributed": 0, "nnx_bridge": 0,
     "penalties": 1, "masks": 1, "inspection": 1,
     "transforms": 2, "train": 2, "checkpoint": 2, "models": 2, "compact": 2, "nettrim": 2,
+    "peers": 2, "pruners": 2,
     "pipeline": 3, "report": 4, "cli": 5,
 }
 # Imported inside functions on purpose: `hoyertrim --help` answers without loading jax, and

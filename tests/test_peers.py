@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hoyertrim import nettrim
-from hoyertrim.nettrim import peers
+from hoyertrim import masks, nettrim, peers
 
 
 def _damped_hessian(x, damping=0.01):
@@ -127,7 +126,7 @@ def test_nettrim_nm_recovers_a_planted_two_four_neuron_layer():
     the weights to (near) zero discrepancy."""
     rng = np.random.default_rng(4)
     x = rng.normal(size=(400, 16)).astype(np.float32)
-    planted = rng.normal(size=(16, 3)) * peers.nm_mask(rng.random((16, 3)), 2, 4)
+    planted = rng.normal(size=(16, 3)) * masks.nm_mask(rng.random((16, 3)), 2, 4)
     y = np.maximum(x @ planted, 0)
     solution = nettrim.solve_layer_nm(x, y, nm=(2, 4), fit_bias=False, maxiter=2000, tol=1e-7)
     kernel = solution.kernel

@@ -18,18 +18,19 @@ Modules, bottom to top:
   admm      the paper's ADMM (reference)
   network   `prune_network` (parallel / cascade) over the linear maps `hoyertrim.inspection`
             finds in any model's computation, the checked certificate, save / load
-  peers     one-shot layer-wise peers as solvers: magnitude, Wanda, SparseGPT (also N:M)
+  pruner    the `LayerPruner` interface every layer solver implements (the peers too)
 """
 
 from hoyertrim.nettrim.admm import solve_layer_admm
 from hoyertrim.inspection.graph import Follower
 from hoyertrim.nettrim.network import CertificateError, PrunedNetwork, load_pruned, \
     prune_network, save_pruned
-from hoyertrim.nettrim import peers
 from hoyertrim.nettrim.problem import LayerSolution
+from hoyertrim.nettrim.pruner import LayerPruner, as_pruner
 from hoyertrim.nettrim.search import KEPT_FRACTION_TOLERANCE, solve_layer, solve_layer_nm
 from hoyertrim.nettrim.units import solve_layer_units
 
-__all__ = ["CertificateError", "Follower", "KEPT_FRACTION_TOLERANCE", "LayerSolution",
-           "PrunedNetwork", "load_pruned", "peers", "prune_network", "save_pruned", "solve_layer",
-           "solve_layer_admm", "solve_layer_nm", "solve_layer_units"]
+__all__ = ["CertificateError", "Follower", "KEPT_FRACTION_TOLERANCE", "LayerPruner",
+           "LayerSolution", "PrunedNetwork", "as_pruner", "load_pruned", "prune_network",
+           "save_pruned", "solve_layer", "solve_layer_admm", "solve_layer_nm",
+           "solve_layer_units"]

@@ -16,7 +16,6 @@ and the top-1 agreement with the original model.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from hoyertrim.inspection import LinearMap, Recorder, as_computation, graph, ins
 from hoyertrim.inspection.computation import split_variables
 from hoyertrim.masks import SparsityReport, sparsity_report
 from hoyertrim.nettrim import calibration as calibration_lib
+from hoyertrim.nettrim.pruner import LayerPruner, as_pruner
 from hoyertrim.nettrim.search import solve_layer
 from hoyertrim.penalties import is_kernel
 from hoyertrim.trees import path_string, replace_leaves
@@ -129,7 +129,8 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
                   layers: Sequence[str] | None = None,
                   activations: Mapping[str, str] | None = None,
                   apply_kwargs: Mapping | None = None, heldout=0.1, max_rows: int = 20000,
-                  batch_size: int | None = None, key=None, solver: Callable = solve_layer,
+                  batch_size: int | None = None, key=None,
+                  solver: LayerPruner | Callable = solve_layer,
                   devices: Sequence[jax.Device] | None = None, progress: bool = True,
                   within_nonzeros: bool = False,
                   solved: Mapping[str, tuple[dict, Any]] | None = None,
@@ -170,10 +171,10 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
       batch_size: images per forward pass (default: as many as keep one batch's recorded
         signals within 64 MiB, at most 1000).
       key: PRNG key for the row subsets and the held-out split.
-      solver: `solve_layer`, `units.solve_layer_units` (whole input units: each map gets its
-        `LinearMap.input_units` as the groups), `solve_layer_admm` (for Dense/Conv layers with
-        bias and no folding), or a one-shot peer from `peers` (``magnitude_layer``, ``wanda_layer``,
-        ``sparsegpt_layer``; with ``kept_fraction``, and ``nm=(N, M)`` for N:M patterns).
+      solver: a `pruner.LayerPruner` — any of `hoyertrim.pruners.PRUNERS` (Net-Trim's
+        programs; the one-shot peers of `hoyertrim.peers`, with ``kept_fraction``, and
+        ``nm=(N, M)`` for N:M patterns) — or a solver function (`solve_layer`,
+        `units.solve_layer_units`, a user's own), described by its signature (`as_pruner`).
       devices: parallel scheme only: solve the (independent) layers concurrently, one worker per
         device (e.g. ``jax.devices()``); the result is the same as on one device. Default: one
         layer after another, each spread over all devices along its neurons.
@@ -205,6 +206,10 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
     if devices is not None and scheme != "parallel":
         raise ValueError("devices= solves layers concurrently, which only the parallel scheme "
                          "allows (a cascade layer needs the pruned layers before it).")
+    pruner = as_pruner(solver)
+    if pruner.one_shot and kept_fraction is None:
+        raise ValueError(f"{pruner.name} fixes a sparsity, not an error: give kept_fraction "
+                         "(N/M with nm=(N, M)), not epsilon.")
     key = jax.random.PRNGKey(0) if key is None else key
     frozen = isinstance(variables, flax.core.FrozenDict)
     computation = as_computation(model, variables, apply_kwargs=apply_kwargs)
@@ -225,8 +230,7 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
     record = Recorder(computation, list(maps.values()), batch_size)
     # The linear program is solved on all its rows, as their Gram sums, by a solver that takes
     # them: its cost and memory no longer grow with P. Other layers get a row subset.
-    takes_gram = "gram" in inspect.signature(solver).parameters and \
-        solver_kwargs.get("form", "auto") != "rows"
+    takes_gram = pruner.takes_gram and solver_kwargs.get("form", "auto") != "rows"
     plans = {name: calibration_lib.row_plan(
         maps[name], len(calibration), gram=takes_gram and followers[name].program == "linear",
         max_rows=max_rows, key=key, index=index) for index, name in enumerate(names)}
@@ -240,13 +244,13 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
 
     def prune(name, signals, cascade=False, concurrent=False):
         # Concurrent layers each own a device: no spreading of one layer over all of them.
-        extra = {"shard": False} if concurrent and solver is solve_layer else {}
+        extra = {"shard": False} if concurrent and "shard" in pruner.options else {}
         result = _prune_layer(
             maps[name], params, followers[name], signals, cascade=cascade,
             epsilon=epsilons[name], kept_fraction=fractions[name], gamma=gamma,
-            solver=solver, within_nonzeros=within_nonzeros,
+            solver=pruner, within_nonzeros=within_nonzeros,
             solver_kwargs={**solver_kwargs, **extra, **(
-                {"progress": inner_progress} if solver is solve_layer else {})})
+                {"progress": inner_progress} if "progress" in pruner.options else {})})
         if on_layer is not None:
             on_layer(name, *result)
         return result
@@ -351,7 +355,7 @@ def _split_heldout(images, heldout, key):
 
 
 def _prune_layer(lmap: LinearMap, params, follower, signals: calibration_lib.LayerSignals, *,
-                 cascade: bool, epsilon, kept_fraction, gamma, solver, solver_kwargs,
+                 cascade: bool, epsilon, kept_fraction, gamma, solver: LayerPruner, solver_kwargs,
                  within_nonzeros=False):
     """One map's solve on its calibration ``signals`` (in the cascade, ``cascade=True``: inputs
     from the pruned network, targets from the trained one): its report and ``(kernel matrix,
@@ -393,9 +397,9 @@ def _prune_layer(lmap: LinearMap, params, follower, signals: calibration_lib.Lay
         extra["offset"] = offset
     if support is not None:
         extra["support"] = support
-    if "groups" in inspect.signature(solver).parameters:  # structured (`units`)
+    if solver.structured:
         extra["groups"] = lmap.input_units
-    if getattr(solver, "uses_trained_weights", False):  # a one-shot peer (`peers`)
+    if solver.trained_weights:
         extra.update(trained_kernel=folded_kernel, trained_bias=folded_bias)
     if kept_fraction is not None:
         extra["kept_fraction"], mode = kept_fraction, "kept_fraction"

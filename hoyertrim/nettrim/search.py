@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from hoyertrim.masks import nm_mask
 from hoyertrim.nettrim import gram as gram_lib
 from hoyertrim.nettrim.fista import solve_at
 from hoyertrim.nettrim.gram import GramStats
-from hoyertrim.nettrim.peers import nm_mask
 from hoyertrim.nettrim.problem import LayerData, LayerSolution, NormalizedLayer, layer_data, measure
 
 KEPT_FRACTION_TOLERANCE = 0.005  # kept-fraction mode: |kept − target| within half a point

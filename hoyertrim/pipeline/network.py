@@ -16,13 +16,12 @@ from hoyertrim import masks as masks_lib
 from hoyertrim.compact import load_compact
 from hoyertrim.data import load_dataset
 from hoyertrim.inspection import inspect_model
-from hoyertrim.masks import layer_name
 from hoyertrim.penalties import is_kernel
 from hoyertrim.pipeline.directory import MANIFEST, read_manifest, verify
 from hoyertrim.pipeline.errors import StageError
 from hoyertrim.pipeline.modelspec import model_of
 from hoyertrim.train import make_evaluate, mode_kwargs, predict_accuracy
-from hoyertrim.trees import path_string
+from hoyertrim.trees import layer_name, path_string
 
 __all__ = ["layer_kernels", "load", "load_data", "nonzero_counts_like", "read_parent",
            "save_network", "stage_sparsity", "stage_summary"]

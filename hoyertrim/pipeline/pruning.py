@@ -18,12 +18,12 @@ from hoyertrim import nettrim as nettrim_lib
 from hoyertrim.distributed import is_writer
 from hoyertrim.inspection import inspect_model
 from hoyertrim.masks import kernel_nonzero_masks
-from hoyertrim.nettrim import peers
 from hoyertrim.pipeline.directory import (
     Stage, StageResult, json_default, new_manifest, stage_result)
 from hoyertrim.pipeline.errors import StageError
 from hoyertrim.pipeline.network import (
     layer_kernels, load_data, nonzero_counts_like, read_parent, save_network, stage_summary)
+from hoyertrim.pruners import get_pruner, pruner_names
 from hoyertrim.train import mode_kwargs
 
 
@@ -80,7 +80,7 @@ def prune(parent, out, *, rule: str = "std", value: float = 0.1, data_dir=None,
     return stage_result(stage)
 
 
-ONESHOT_METHODS = ("sparsegpt", "wanda", "magnitude")
+ONESHOT_METHODS = pruner_names(one_shot=True)
 _LAYERS = "layers"  # an unfinished nettrim stage's solved layers, one .npz each
 
 
@@ -138,7 +138,7 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         for magnitude, SparseGPT and Net-Trim with ``polish``; Wanda rounds per output unit
         and Net-Trim's λ search alone stops near the count.
       method: ``"nettrim"`` (`nettrim.solve_layer`; N:M: `solve_layer_nm`) or a one-shot peer
-        (``"sparsegpt"``, ``"wanda"``, ``"magnitude"``: `nettrim.peers`; kept fraction or N:M
+        (``"sparsegpt"``, ``"wanda"``, ``"magnitude"``: `hoyertrim.peers`; kept fraction or N:M
         only). A peer's stage is called ``oneshot``.
       within_nonzeros: re-fit each layer on its current nonzeros only (a network pruned
         before, e.g. by DeepHoyer, only gets sparser).
@@ -204,10 +204,8 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
     stage_name = "nettrim" if method == "nettrim" else "oneshot"
     manifest = new_manifest(stage_name, config, parent=parent_manifest, parent_dir=parent,
                          command=command)
-    solver = {"nettrim": nettrim_lib.solve_layer_nm if nm else (
-        nettrim_lib.solve_layer_units if units else nettrim_lib.solve_layer),
-              "sparsegpt": peers.sparsegpt_layer, "wanda": peers.wanda_layer,
-              "magnitude": peers.magnitude_layer}[method]
+    solver = get_pruner(method if method != "nettrim" else
+                        "nettrim-nm" if nm else "nettrim-units" if units else "nettrim")
     options, layers = {}, None
     if nm is not None:
         options = {"nm": tuple(nm)}

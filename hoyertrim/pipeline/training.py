@@ -18,7 +18,7 @@ from flax import nnx
 from flax.nnx import variablelib
 
 from hoyertrim.checkpoint import CheckpointMismatchError, Checkpointer, check_structure
-from hoyertrim.masks import apply_masks, kernel_nonzero_masks, layer_name
+from hoyertrim.masks import apply_masks, kernel_nonzero_masks
 from hoyertrim.nnx_bridge import NnxModel
 from hoyertrim.penalties import is_kernel
 from hoyertrim.pipeline.directory import (
@@ -29,6 +29,7 @@ from hoyertrim.pipeline.network import (
     layer_kernels, load_data, nonzero_counts_like, read_parent, save_network, stage_summary)
 from hoyertrim.train import create_train_state, fit, frozen_teacher, make_optimizer, mode_kwargs
 from hoyertrim.transforms import REGULARIZERS, gradual_magnitude_pruning, masked_fine_tuning
+from hoyertrim.trees import layer_name
 
 
 def _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed,

@@ -1,21 +1,17 @@
-"""Pruning masks: boolean pytrees shaped like params (True = weight kept).
+"""Mask rules: which weights a pruned network keeps, as bool pytrees shaped like the params.
 
-Rules: `threshold_masks` (|w| ≥ t), `std_threshold_masks` (|w| ≥ s·std(w) per tensor, DeepHoyer's
-MNIST rule), `magnitude_masks` (target sparsity per layer or global), `group_masks` (structured:
-whole output/input units whose norm falls below a threshold). Only leaves selected by ``where``
-(default: Dense/Conv kernels) are pruned; other leaves get all-True masks.
+`threshold_masks` (|w| ≥ t), `std_threshold_masks` (|w| ≥ s·std(w) per tensor, DeepHoyer's
+MNIST rule), `magnitude_masks` (target sparsity per layer or global), `count_masks` (a number of
+weights per layer), `group_masks` and `input_unit_masks` (structured: whole output/input units
+by their norm), `top_k_mask` and `nm_mask` (the shared tie rule; N:M patterns). Only leaves
+selected by ``where`` (default: Dense/Conv kernels) are pruned; other leaves get all-True masks.
 
 A rule that would remove every weight of a layer keeps that layer's largest-magnitude weight (or
 group) and warns, so the network is never silently disconnected.
-
-`sparsity_report` gives per-layer kept weights, kept fraction, alive units, compression and the
-forward FLOPs of the dense and the pruned network.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -24,8 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from hoyertrim.penalties import default_groupings, group_norms, is_kernel, selected_leaves
-from hoyertrim.inspection import inspect_model
-from hoyertrim.trees import layer_name, leaf_name, path_string
+from hoyertrim.trees import layer_name, leaf_name
+
+__all__ = ["LeafFilter", "apply_masks", "count_masks", "full_masks", "group_masks",
+           "input_unit_masks", "kernel_nonzero_masks", "magnitude_masks", "nm_mask",
+           "nonzero_masks", "std_threshold_masks", "threshold_masks", "top_k_mask"]
 
 LeafFilter = Callable[[tuple, jax.Array], bool]
 
@@ -54,6 +53,30 @@ def top_k_mask(scores: jax.Array, keep) -> jax.Array:
     order = jnp.argsort(-flat, stable=True)
     ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
     return (ranks < keep).reshape(scores.shape)
+
+
+def nm_mask(scores, n: int, m: int) -> np.ndarray:
+    """Keeps the ``n`` highest ``scores`` of every ``m`` consecutive rows, per column (the N:M
+    pattern sparse tensor cores run; 2:4 keeps 2 of every 4 inputs of an output unit).
+
+    Args:
+      scores: (N, M_out), N a multiple of ``m``.
+
+    Returns:
+      bool (N, M_out) with exactly ``n`` True in each group (ties to the lower row).
+    """
+    scores = np.asarray(scores)
+    rows, cols = scores.shape
+    if not 0 < n <= m:
+        raise ValueError(f"N:M needs 0 < N ≤ M, got {n}:{m}.")
+    if rows % m:
+        raise ValueError(f"N:M groups M consecutive inputs; these scores have {rows} rows, not a "
+                         f"multiple of M = {m}.")
+    groups = scores.reshape(rows // m, m, cols)
+    order = np.argsort(-groups, axis=1, kind="stable")
+    mask = np.zeros_like(groups, bool)
+    np.put_along_axis(mask, order[:, :n], True, axis=1)
+    return mask.reshape(rows, cols)
 
 
 def _never_empty(layer: str, leaf: jax.Array, mask: jax.Array) -> jax.Array:
@@ -223,197 +246,8 @@ def input_unit_masks(params, kept_fraction: float, *, where: LeafFilter = is_ker
     return _map_selected(per_layer, params, where)
 
 
-def polynomial_sparsity(step, final_sparsity: float, begin_step: int, end_step: int,
-                        initial_sparsity: float = 0.0, power: float = 3.0):
-    """Zhu & Gupta (2017) gradual pruning schedule.
-
-    s(t) = s_f + (s_i − s_f)·(1 − (t − t₀)/(t₁ − t₀))^power for t₀ ≤ t ≤ t₁, s_i before t₀ and
-    s_f after t₁. Works on Python numbers and traced arrays alike.
-    """
-    if end_step <= begin_step:
-        raise ValueError(f"end_step ({end_step}) must be greater than begin_step ({begin_step}).")
-    progress = jnp.clip((step - begin_step) / (end_step - begin_step), 0.0, 1.0)
-    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** power
-
-
 def apply_masks(params, masks):
     """Zeroes the pruned entries: ``where(mask, param, 0)`` leaf by leaf."""
     if jax.tree.structure(masks) != jax.tree.structure(params):
         raise ValueError("masks must have the same pytree structure as params.")
     return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
-
-
-@dataclasses.dataclass
-class LayerReport:
-    """Sparsity of one Dense/Conv layer (counts are of kernel weights; biases are not pruned)."""
-
-    name: str
-    shape: tuple[int, ...]
-    weights: int
-    kept_weights: int
-    kept_fraction: float
-    inputs_alive: int
-    inputs: int
-    outputs_alive: int
-    outputs: int
-    dense_flops: int
-    sparse_flops: int
-    structured_flops: int
-    details: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def sparsity(self) -> float:
-        """1 − kept fraction."""
-        return 1.0 - self.kept_fraction
-
-
-@dataclasses.dataclass
-class SparsityReport:
-    """Per-layer `LayerReport`s plus totals.
-
-    FLOPs are per example, 2 per multiply-add of the kernels: ``dense_flops`` of the unpruned
-    network, ``sparse_flops`` counting only nonzero weights (a sparse kernel), and
-    ``structured_flops`` of the smaller dense network left after removing dead input and output
-    units (what a structured method like Group-HS saves without sparse kernels).
-
-    This is the one report of a pruned network, whatever pruned it: a method adds what it knows
-    about each layer to `LayerReport.details` (Net-Trim: the program, certified and measured
-    discrepancy, …) and about the whole network to ``details``. Layers are in call order when
-    the model is known.
-    """
-
-    layers: list[LayerReport]
-    details: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def weights(self) -> int:
-        return sum(layer.weights for layer in self.layers)
-
-    @property
-    def kept_weights(self) -> int:
-        return sum(layer.kept_weights for layer in self.layers)
-
-    @property
-    def kept_fraction(self) -> float:
-        return self.kept_weights / self.weights
-
-    @property
-    def sparsity(self) -> float:
-        """1 − kept fraction."""
-        return 1.0 - self.kept_fraction
-
-    @property
-    def compression(self) -> float:
-        """Total weights / nonzero weights."""
-        return self.weights / max(self.kept_weights, 1)
-
-    def flops(self, kind: str = "dense") -> int:
-        return sum(getattr(layer, f"{kind}_flops") for layer in self.layers)
-
-    @property
-    def architecture(self) -> str:
-        """Alive units as in the literature: filters of conv layers, inputs of dense layers."""
-        return "-".join(str(l.outputs_alive if len(l.shape) == 4 else l.inputs_alive)
-                        for l in self.layers)
-
-    def as_dict(self) -> dict:
-        return {"layers": [{**dataclasses.asdict(l), "sparsity": l.sparsity}
-                           for l in self.layers],
-                "weights": self.weights, "kept_weights": self.kept_weights,
-                "kept_fraction": self.kept_fraction, "sparsity": self.sparsity,
-                "compression": self.compression, "details": self.details,
-                "architecture": self.architecture, "dense_flops": self.flops("dense"),
-                "sparse_flops": self.flops("sparse"),
-                "structured_flops": self.flops("structured")}
-
-    def markdown(self) -> str:
-        rows = ["| layer | shape | kept / weights | kept % | inputs alive | outputs alive | "
-                "FLOPs dense | FLOPs sparse | FLOPs structured |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for l in self.layers:
-            rows.append(f"| {l.name} | {'x'.join(map(str, l.shape))} | {l.kept_weights:,} / "
-                        f"{l.weights:,} | {100 * l.kept_fraction:.2f} | {l.inputs_alive}/{l.inputs}"
-                        f" | {l.outputs_alive}/{l.outputs} | {l.dense_flops:,} | "
-                        f"{l.sparse_flops:,} | {l.structured_flops:,} |")
-        rows.append(f"| total | | {self.kept_weights:,} / {self.weights:,} | "
-                    f"{100 * self.kept_fraction:.2f} | | | {self.flops('dense'):,} | "
-                    f"{self.flops('sparse'):,} | {self.flops('structured'):,} |")
-        return "\n".join(rows) + (f"\n\nCompression {self.compression:.1f}x, alive units "
-                                  f"{self.architecture}.\n")
-
-
-def _map_layer(name: str, w: np.ndarray, lmap) -> LayerReport:
-    """A linear map's report, counted on its (N, M) matrix: input units are the features (a
-    conv's channels) its rows read, FLOPs 2 per multiply-add per output row."""
-    matrix = lmap.matrix_of(w)
-    support = lmap.support()
-    support = np.ones(matrix.shape, bool) if support is None else support
-    nonzero = matrix != 0
-    units = lmap.input_units
-    num_units = int(units.max()) + 1
-    unit_alive = np.zeros(num_units, bool)
-    np.logical_or.at(unit_alive, units, nonzero.any(axis=1))
-    alive_outputs = nonzero.any(axis=0)
-    rows_alive = unit_alive[units]
-    reps = lmap.rows_per_example
-    return LayerReport(
-        name=name, shape=tuple(w.shape), weights=int(w.size), kept_weights=int(nonzero.sum()),
-        kept_fraction=float(np.count_nonzero(w) / w.size), inputs_alive=int(unit_alive.sum()),
-        inputs=num_units, outputs_alive=int(alive_outputs.sum()), outputs=matrix.shape[1],
-        dense_flops=2 * int(support.sum()) * reps, sparse_flops=2 * int(nonzero.sum()) * reps,
-        structured_flops=2 * int(support[rows_alive][:, alive_outputs].sum()) * reps)
-
-
-def _layout_layer(name: str, w: np.ndarray) -> LayerReport:
-    """A kernel's report from its Flax layout alone (Dense (I, O), Conv (…, I, O)), applied
-    once per example: what is known without the model."""
-    nonzero = w != 0
-    inputs_alive = int(np.any(nonzero, axis=tuple(a for a in range(w.ndim) if a != w.ndim - 2)
-                              ).sum())
-    outputs_alive = int(np.any(nonzero, axis=tuple(range(w.ndim - 1))).sum())
-    receptive = math.prod(w.shape[:-2])
-    return LayerReport(
-        name=name, shape=tuple(w.shape), weights=int(w.size), kept_weights=int(nonzero.sum()),
-        kept_fraction=float(nonzero.mean()), inputs_alive=inputs_alive, inputs=w.shape[-2],
-        outputs_alive=outputs_alive, outputs=w.shape[-1], dense_flops=2 * w.size,
-        sparse_flops=2 * int(nonzero.sum()),
-        structured_flops=2 * receptive * inputs_alive * outputs_alive)
-
-
-def sparsity_report(params, model=None, input_shape=None, *,
-                    model_state: Mapping | None = None, apply_kwargs: Mapping | None = None,
-                    where: LeafFilter = is_kernel, sample=None) -> SparsityReport:
-    """Per-layer sparsity of ``params`` (zeros count as pruned).
-
-    Args:
-      params: (pruned) params: linen params, an NNX ``State`` or any pytree.
-      model, input_shape: the model (linen module, NNX module or a function ``apply(params,
-        x)``) and one example's input shape (or ``sample``, a batch of inputs, e.g. token ids):
-        the layers are then the model's linear maps in the order its computation runs them,
-        with FLOPs counted from each contraction (rows per example × its matrix: a conv's
-        positions, a sequence's tokens, every head of an attention projection). Without them
-        layers come in the tree's order and a kernel counts as a Dense/Conv layout applied once
-        per example (right for MLPs).
-      model_state: a linen model's other collections (e.g. batch_stats), for tracing.
-      apply_kwargs: keyword arguments each call of the model needs (e.g. ``{"train": False}``).
-      where: the leaves reported (default: kernels).
-
-    Raises:
-      ValueError: ``where`` selects no leaf (a report with no layers).
-    """
-    maps = {}
-    if model is not None:
-        if sample is None:
-            sample = jnp.zeros((1, *input_shape), jnp.float32)
-        variables = {"params": params, **model_state} if model_state else params
-        found = inspect_model(model, variables, sample, apply_kwargs=apply_kwargs)
-        maps = {m.path: m for m in found.maps}
-    layers = []
-    for path, w in selected_leaves(params, where, "sparsity_report"):
-        lmap = maps.get(path_string(path))
-        w = np.asarray(w)
-        name = layer_name(path)
-        layers.append(_map_layer(name, w, lmap) if lmap is not None else _layout_layer(name, w))
-    order = {m.name: i for i, m in enumerate(maps.values())}
-    layers.sort(key=lambda layer: order.get(layer.name, len(order)))
-    return SparsityReport(layers)
