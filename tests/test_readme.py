@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -67,3 +68,21 @@ def test_quickstart_runs_the_whole_chain(data_root, tmp_path):
     assert other.returncode == 1 and len(other.stderr.strip().splitlines()) == 1
     assert "holds a quick start made with other settings" in other.stderr
     assert "--workdir" in other.stderr and "--out" not in other.stderr
+
+
+@pytest.mark.slow
+def test_the_library_in_a_few_lines_runs(data_root, monkeypatch):
+    """README's library block, as written, with one epoch per fit and fewer Net-Trim images."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## The library in a few lines", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shortened = code.replace("epochs=30", "epochs=1").replace("[:5000]", "[:600]")
+    assert shortened.count("epochs=1") == 2 and "[:600]" in shortened
+    monkeypatch.setenv("HOYERTRIM_DATA", str(data_root))
+    namespace = {}
+    exec(compile(shortened, "README.md", "exec"), namespace)
+    pruned, small, ds = namespace["pruned"], namespace["small"], namespace["ds"]
+    assert all(layer["measured"] <= layer["epsilon"] * (1 + 1e-5) + 1e-6
+               for layer in pruned.layers.values())
+    dense = namespace["model"].apply({"params": pruned.params}, ds.test.images[:8])
+    np.testing.assert_allclose(small.apply(ds.test.images[:8]), dense, rtol=1e-4, atol=1e-4)
