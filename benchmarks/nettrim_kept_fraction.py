@@ -9,7 +9,7 @@ signals) from the first ``--samples`` training images, the way `prune_network` d
 (conv layers on subsampled patches). Every shape is compiled before the timed solves. For each
 kept fraction, each layer is solved by
 `solve_layer(kept_fraction=f)` (a λ search to f ± 0.005) and by `solve_layer(kept_fraction=f,
-polish=1)` (a loose search to [f, 1.15 f], then cut to the exact count and re-fit), in
+options=SolverOptions(polish=1))` (a loose search to [f, 1.15 f], then cut to the exact count and re-fit), in
 alternating order. Printed per solve: wall time, λ solves, FISTA iterations, kept fraction and
 the measured discrepancy (post-ReLU, on the calibration images), and the plain / polish time
 ratio — every ratio from this run, on the same inputs.
@@ -54,10 +54,10 @@ def main(argv=None):
     print(f"LeNet-5 from {dense_dir}; {args.samples} calibration images; layers "
           f"{', '.join(args.layers)}; {jax.devices()[0].platform}, {platform.processor() or '?'},"
           f" {datetime.date.today()}", flush=True)
-    def prune(name, fraction, **options):
+    def prune(name, fraction, polish):
         return nettrim.prune_network(loaded.model, loaded.params, images, scheme="parallel",
                                      layers=[name], kept_fraction=fraction, heldout=0,
-                                     progress=False, **options)
+                                     progress=False, options=nettrim.SolverOptions(polish=polish))
 
     # Compile first (every presolve level's solve, the polish's re-fit): one untimed polished
     # solve per layer.
@@ -71,10 +71,10 @@ def main(argv=None):
             for label, polish in variants if index % 2 == 0 else variants[::-1]:
                 layer = prune(name, fraction, polish=polish).layers[name]
                 rows.append({"kept_fraction_target": fraction, "layer": name, "solver": label,
-                             "seconds": layer["seconds"], "solves": layer["solves"],
-                             "iterations": layer["iterations"],
-                             "kept_fraction": layer["kept_fraction"],
-                             "discrepancy": layer["measured"]})
+                             "seconds": layer.seconds, "solves": layer.solves,
+                             "iterations": layer.iterations,
+                             "kept_fraction": layer.kept_fraction,
+                             "discrepancy": layer.measured})
                 r = rows[-1]
                 print(f"f={fraction:g} {name:7s} {label:9s} {r['seconds']:7.1f} s  "
                       f"{r['solves']:2d} solves  {r['iterations']:6d} iterations  kept "

@@ -69,14 +69,15 @@ def main(argv=None) -> int:
                                     progress=False)
     seconds = time.perf_counter() - started
     peak = _rss_mib()
-    layers = {name: {key: network.layers[name][key] for key in (
-        "samples", "kept_fraction", "epsilon", "measured", "seconds")} for name in args.layers}
+    layers = {name: {key: getattr(network.layers[name], key) for key in (
+        "samples", "kept_fraction", "epsilon_certified", "measured", "seconds")}
+        for name in args.layers}
     print(f"resident memory: {before:.0f} MiB before pruning, peak {peak:.0f} MiB "
           f"(holding the layers' rows would take {held_bytes / 2 ** 20:.0f} MiB more); "
           f"{seconds:.1f} s", flush=True)
     for name, report in layers.items():
         print(f"  {name}: {report['samples']:,} rows, kept {report['kept_fraction']:.4f}, "
-              f"certified ε {report['epsilon']:.4f}, measured {report['measured']:.4f}, "
+              f"certified ε {report['epsilon_certified']:.4f}, measured {report['measured']:.4f}, "
               f"solve {report['seconds']:.1f} s", flush=True)
     if args.json:
         payload = {"command": "python benchmarks/nettrim_memory.py " + " ".join(

@@ -84,7 +84,8 @@ def main():
           f"{datetime.datetime.now().isoformat(timespec='minutes')}", flush=True)
     with warnings.catch_warnings():  # 5 iterations cannot meet ε; this only compiles
         warnings.simplefilter("ignore")
-        nettrim.solve_layer(x[:500], y[:500], epsilon=0.1, maxiter=5)
+        nettrim.solve_layer(x[:500], y[:500], epsilon=0.1,
+                            options=nettrim.SolverOptions(maxiter=5))
 
     results = {"recipe": RECIPE, "samples": args.samples, "backend": jax.default_backend(),
                "device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(),
@@ -93,7 +94,8 @@ def main():
               f"{'kept %':>7} {'l1':>8} {'discrepancy':>11} {'ADMM time / this':>17}")
     for epsilon in args.epsilons:
         plain = nettrim.solve_layer(x, y, epsilon=epsilon, progress=True)
-        polished = nettrim.solve_layer(x, y, epsilon=epsilon, polish=1, progress=True)
+        polished = nettrim.solve_layer(x, y, epsilon=epsilon, progress=True,
+                                       options=nettrim.SolverOptions(polish=1))
         admm = nettrim.solve_layer_admm(x, y, epsilon=epsilon, maxiter=args.admm_maxiter)
         rows = [row("solve_layer", plain), row("solve_layer(polish=1)", polished),
                 row("ADMM (paper, converged)" if admm.converged else "ADMM (NOT converged)",

@@ -61,7 +61,8 @@ def main(argv=None) -> int:
                   key=jax.random.PRNGKey(args.seed))
     runs = {}
     for kept in args.kept_fraction:
-        runs[f"nettrim polish {kept:g}"] = dict(kept_fraction=kept, polish=2)
+        runs[f"nettrim polish {kept:g}"] = dict(kept_fraction=kept,
+                                                options=nettrim.SolverOptions(polish=2))
         runs[f"sparsegpt {kept:g}"] = dict(kept_fraction=kept, solver=peers.sparsegpt_layer)
     runs["nettrim 2:4"] = dict(kept_fraction=0.5, nm=(2, 4), solver=nettrim.solve_layer_nm,
                                layers=nm_layers)
@@ -77,8 +78,8 @@ def main(argv=None) -> int:
         network = nettrim.prune_network(loaded.model, variables, calibration, **common,
                                         **options)
         seconds = time.perf_counter() - started
-        kept = sum(r["kept_weights"] for r in network.layers.values()) / sum(
-            r["weights"] for r in network.layers.values())
+        kept = sum(r.kept_weights for r in network.layers.values()) / sum(
+            r.weights for r in network.layers.values())
         results.append({"method": label, "seconds": seconds, "kept_fraction": kept})
         print(f"{label:<22} {seconds:7.1f} s   kept {kept:.3f}", flush=True)
     by = {r["method"]: r["seconds"] for r in results}

@@ -36,7 +36,7 @@ for i in range(0, 20000, 100):  # a short training run standing in for yours
 pruned = nettrim.prune_network(model, None, mnist.train.images[:1000], epsilon=0.1,
                                scheme="cascade", heldout=mnist.validation.images[:500])
 for name, layer in pruned.layers.items():
-    print(f"{name}: {layer['program']} program, kept {layer['kept_fraction']:.1%}, certified "
-          f"ε {layer['epsilon']:.3f}, measured {layer['measured']:.3f} — {layer['reason']}")
+    print(f"{name}: {layer.program} program, kept {layer.kept_fraction:.1%}, certified "
+          f"ε {layer.epsilon_certified:.3f}, measured {layer.measured:.3f} — {layer.reason}")
 print(pruned.heldout)  # logits' relative error and top-1 agreement on the held-out images
 small_model = pruned.module  # the pruned NNX module (yours is unchanged); masks: pruned.masks

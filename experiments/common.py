@@ -48,6 +48,7 @@ def dense_stage(settings: dict, *, root="runs/pipeline", data_dir=None,
     recipe; trained there if absent, reused if done."""
     from hoyertrim import pipeline
     out = stage_directory(root, "train", settings["model"], None, settings)
-    kwargs = {k: v for k, v in settings.items() if k != "model"}
+    kwargs = pipeline.training_kwargs("train", {k: v for k, v in settings.items()
+                                                if k != "model"})
     return pipeline.train(settings["model"], out, data_dir=data_dir, progress=progress,
                           **kwargs).directory

@@ -198,7 +198,8 @@ def main(argv=None) -> dict:
             settings = {"penalty": penalty, "strength": strength, "epochs": reg_epochs}
             reg = pipeline.regularize(
                 dense_dir, directory("regularize", dense_dir, settings),
-                data_dir=args.data_dir, progress=progress, **settings).directory
+                data_dir=args.data_dir, progress=progress,
+                **pipeline.training_kwargs("regularize", settings)).directory
             for threshold in thresholds:
                 prune_settings = {"rule": "std", "value": threshold}
                 pruned = pipeline.prune(
@@ -207,7 +208,8 @@ def main(argv=None) -> dict:
                 ft_settings = {"epochs": finetune_epochs, "learning_rate": FINETUNE_LEARNING_RATE}
                 tuned = pipeline.finetune(
                     pruned, directory("finetune", pruned, ft_settings),
-                    data_dir=args.data_dir, progress=progress, **ft_settings).directory
+                    data_dir=args.data_dir, progress=progress,
+                    **pipeline.training_kwargs("finetune", ft_settings)).directory
                 point = point_of(tuned, penalty, strength, threshold, args.data_dir)
                 points.append(point)
                 print(f"{LABELS[penalty]} α={strength:g} s={threshold:g}: test error "

@@ -30,6 +30,11 @@ USER_MODELS = {"flax_cnn": "The Flax examples' MNIST CNN (`FlaxExampleCNN`)",
                "conv_bn": "Conv → BatchNorm → ReLU CNN (`ConvBNNet`)"}
 
 
+
+def _certified(layer: dict) -> float:
+    """A layer's certified ε (results files written before 2026-12-06 call it ``epsilon``)."""
+    return layer["epsilon_certified"] if "epsilon_certified" in layer else layer["epsilon"]
+
 def _load(results: pathlib.Path, name: str) -> dict | None:
     path = results / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -98,7 +103,7 @@ def user_table(results: pathlib.Path) -> str:
             pruned = _pruned(run)
             layers = "<br>".join(
                 f"{name}: {layer['program']}, {100 * layer['kept_fraction']:.1f}%, "
-                f"{layer['epsilon']:.4f} / {layer['measured']:.4f} / {layer['heldout_measured']:.4f}"
+                f"{_certified(layer):.4f} / {layer['measured']:.4f} / {layer['heldout_measured']:.4f}"
                 for name, layer in pruned["layers"].items())
             rows.append(
                 f"| {scheme} | {run['stages'][1]['settings']['epsilon']} | "

@@ -74,7 +74,7 @@ def analyse(model, params, pruned, calibration, heldout, gamma):
     rows, general, plain, cascade_general, cascade_normalized = [], 0.0, 0.0, None, None
     for index, name in enumerate(trained):
         y_norm = float(np.linalg.norm(trained[name]))
-        certified = pruned.layers[name]["epsilon"] * y_norm
+        certified = pruned.layers[name].epsilon_certified * y_norm
         w_hat, w = spectral(pruned.params[name]["kernel"]), spectral(params[name]["kernel"])
         general = w_hat * general + certified
         plain += certified
@@ -86,7 +86,7 @@ def analyse(model, params, pruned, calibration, heldout, gamma):
         error = float(np.linalg.norm(after[name] - trained[name]))
         error_h = float(np.linalg.norm(after_h[name] - trained_h[name]))
         rows.append({
-            "layer": name, "y_norm": y_norm, "epsilon": pruned.layers[name]["epsilon"],
+            "layer": name, "y_norm": y_norm, "epsilon": pruned.layers[name].epsilon_certified,
             "measured": error / y_norm,
             "heldout_measured": error_h / float(np.linalg.norm(trained_h[name])),
             "parallel_bound": general / y_norm, "plain_sum": plain / y_norm,
@@ -94,7 +94,7 @@ def analyse(model, params, pruned, calibration, heldout, gamma):
             "cascade_normalized": cascade_normalized / y_norm,
             "spectral_norm_pruned": w_hat, "spectral_norm_trained": w,
             "l1_norm_trained": float(np.abs(np.asarray(params[name]["kernel"])).sum()),
-            "kept_fraction": pruned.layers[name]["kept_fraction"]})
+            "kept_fraction": pruned.layers[name].kept_fraction})
     return rows
 
 

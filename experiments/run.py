@@ -362,7 +362,8 @@ def run_stages(name: str, chain: list[tuple[str, dict]], *, root, data_dir, prog
                 name, settings["like"], root=root, data_dir=data_dir,
                 progress=progress)[-1]["directory"])
         out = common.stage_directory(root, stage, model, parent, settings)
-        kwargs = dict(settings, data_dir=data_dir, command=["python", "experiments/run.py", name])
+        kwargs = dict(pipeline.training_kwargs(stage, settings), data_dir=data_dir,
+                      command=["python", "experiments/run.py", name])
         if stage in ("train", "regularize", "gradual", "finetune", "nettrim"):
             kwargs["progress"] = progress
         if stage == "train":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -158,7 +159,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _common(parser, *, out=True, training=False):
+def _common(parser, *, out=True):
     if out:
         parser.add_argument("--out", default=None,
                             help="stage directory to write (default: runs/<stage>-<model>-<hash "
@@ -167,27 +168,32 @@ def _common(parser, *, out=True, training=False):
                         help="folder holding mnist/ etc. (default: $HOYERTRIM_DATA, then the cache "
                              "~/.cache/hoyertrim, then a checksum-verified download)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    if training:
-        parser.add_argument("--batch-size", type=_positive_int, default=128,
-                            help="examples per step")
-        parser.add_argument("--weight-decay", type=_nonnegative_float, default=0.0,
-                            help="L2 coefficient added to the gradient")
-        parser.add_argument("--seed", type=int, default=0,
-                            help="seeds initialization, data order and dropout")
 
 
-def _train_args(parser, epochs, learning_rate):
-    parser.add_argument("--epochs", type=_positive_int, default=epochs, help="training epochs")
-    parser.add_argument("--learning-rate", type=_positive_float, default=learning_rate,
-                        help="peak learning rate (cosine decay to 0)")
-    parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "momentum"],
-                        default="adam", help="optimizer")
+def _training_args(parser, defaults) -> None:
+    """One flag per field of `pipeline.Training` (declared there, with its help and bounds),
+    defaulting to the stage's ``defaults``."""
+    group = parser.add_argument_group("training")
+    for field in dataclasses.fields(defaults):
+        meta = field.metadata
+        number = field.type.split("|")[0].strip()
+        kind = {"int": _integer, "float": _number}.get(number)
+        if meta.get("minimum") == 1:
+            kind = _positive_int
+        elif meta.get("positive"):
+            kind = _positive_float
+        elif meta.get("minimum") == 0:
+            kind = _nonnegative_float if number == "float" else _nonnegative_int
+        group.add_argument(f"--{field.name.replace('_', '-')}", type=kind,
+                           choices=meta.get("choices"), default=getattr(defaults, field.name),
+                           help=meta["help"])
 
 
-def _train_examples_arg(parser):
-    parser.add_argument("--train-examples", type=_positive_int, default=None,
-                        help="train on this many training examples (a fixed random subset; "
-                             "default: all)")
+def _training(args):
+    """The `pipeline.Training` the flags of `_training_args` give."""
+    from hoyertrim.pipeline import Training
+    return Training(**{field.name: getattr(args, field.name)
+                       for field in dataclasses.fields(Training)})
 
 
 def _version() -> str:
@@ -201,7 +207,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from hoyertrim.data import DATASETS
     from hoyertrim.models import MODELS
-    from hoyertrim.pipeline import PRUNE_RULES
+    from hoyertrim.pipeline import PRUNE_RULES, TRAINING_DEFAULTS
     from hoyertrim.pruners import PRUNERS, pruner_names
     from hoyertrim.transforms import REGULARIZERS
 
@@ -250,11 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", type=_json_object, default={},
                    help="JSON keyword arguments for the model, e.g. '{\"dropout_rate\": 0.3}'")
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="dataset")
-    _train_args(p, 30, 1e-3)
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
-                   help="learning-rate schedule")
-    _train_examples_arg(p)
-    _common(p, training=True)
+    _training_args(p, TRAINING_DEFAULTS["train"])
+    _common(p)
 
     p = command("import", "make weights trained elsewhere (orbax checkpoint directory, flax "
                           ".msgpack, or .npz) the first stage of a chain, checked against the "
@@ -277,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="penalty strength α, or a JSON object of per-layer strengths like "
                         "'{\"conv0\": 3e-2, \"dense0\": 1e-2}' (layers not named are not "
                         "regularized)")
-    _train_args(p, 30, 1e-3)
-    _common(p, training=True)
+    _training_args(p, TRAINING_DEFAULTS["regularize"])
+    _common(p)
 
     p = command("gradual", "gradual magnitude pruning (Zhu & Gupta) while training from a "
                            "stage's weights; the last epoch is kept")
@@ -292,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-fraction", type=_kept_fraction, default=0.75,
                    help="fraction of the training steps over which the sparsity rises; the rest "
                         "trains with the final masks")
-    _train_args(p, 30, 1e-3)
-    _common(p, training=True)
+    _training_args(p, TRAINING_DEFAULTS["gradual"])
+    _common(p)
 
     p = command("prune", "prune a stage's weights by a rule (no training)")
     p.add_argument("parent", help="stage directory to prune")
@@ -310,16 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("finetune", "masked fine-tune (pruned weights stay 0); best validation epoch "
                             "kept")
     p.add_argument("parent", help="pruned stage directory")
-    p.add_argument("--epochs", type=_positive_int, default=20, help="fine-tune epochs")
-    p.add_argument("--learning-rate", type=_positive_float, default=3e-4,
-                   help="peak learning rate (Adam, cosine decay)")
     p.add_argument("--distill", action="store_true",
                    help="distill from a teacher (T=4, half weight on the labels)")
     p.add_argument("--teacher", default=None,
                    help="teacher stage directory for --distill (default: the chain's first "
                         "stage, usually the dense model)")
-    _train_examples_arg(p)
-    _common(p, training=True)
+    _training_args(p, TRAINING_DEFAULTS["finetune"])
+    _common(p)
 
     for name, help_text in (
             ("nettrim", "Net-Trim: certified layer-wise convex pruning, no retraining"),
@@ -476,32 +476,22 @@ def _run(args, command_line) -> int:
         result = pipeline.adopt(args.checkpoint, args.model, out, model_kwargs=args.model_kwargs,
                                 dataset=args.dataset, **common)
     elif args.command == "train":
-        result = pipeline.train(
-            args.model, out, model_kwargs=args.model_kwargs, dataset=args.dataset,
-            epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-            learning_rate=args.learning_rate, schedule=args.schedule,
-            weight_decay=args.weight_decay, seed=args.seed, train_examples=args.train_examples,
-            progress=progress, **common)
+        result = pipeline.train(args.model, out, model_kwargs=args.model_kwargs,
+                                dataset=args.dataset, training=_training(args),
+                                progress=progress, **common)
     elif args.command == "regularize":
-        result = pipeline.regularize(
-            args.parent, out, penalty=args.penalty, strength=args.strength, epochs=args.epochs,
-            batch_size=args.batch_size, optimizer=args.optimizer,
-            learning_rate=args.learning_rate, weight_decay=args.weight_decay, seed=args.seed,
-            progress=progress, **common)
+        result = pipeline.regularize(args.parent, out, penalty=args.penalty,
+                                     strength=args.strength, training=_training(args),
+                                     progress=progress, **common)
     elif args.command == "gradual":
-        result = pipeline.gradual(
-            args.parent, out, sparsity=args.sparsity, like=args.like, epochs=args.epochs,
-            end_fraction=args.end_fraction, batch_size=args.batch_size,
-            optimizer=args.optimizer, learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay, seed=args.seed, progress=progress, **common)
+        result = pipeline.gradual(args.parent, out, sparsity=args.sparsity, like=args.like,
+                                  end_fraction=args.end_fraction, training=_training(args),
+                                  progress=progress, **common)
     elif args.command == "prune":
         result = pipeline.prune(args.parent, out, rule=args.rule, value=args.value, **common)
     elif args.command == "finetune":
-        result = pipeline.finetune(
-            args.parent, out, epochs=args.epochs, learning_rate=args.learning_rate,
-            batch_size=args.batch_size, weight_decay=args.weight_decay, distill=args.distill,
-            teacher=args.teacher, seed=args.seed, train_examples=args.train_examples,
-            progress=progress, **common)
+        result = pipeline.finetune(args.parent, out, distill=args.distill, teacher=args.teacher,
+                                   training=_training(args), progress=progress, **common)
     elif args.command in ("nettrim", "oneshot"):
         explicit = any(v is not None for v in (args.kept_fraction, args.nm, args.like))
         result = pipeline.nettrim(
@@ -567,7 +557,8 @@ def _quickstart_stages(args, command_line) -> int:
     common = dict(data_dir=args.data_dir, command=command_line)
     print(f"1/5 dense {args.model} ({args.epochs} epochs; reused if already trained)", flush=True)
     dense = pipeline.train(args.model, workdir / "dense", model_kwargs=args.model_kwargs,
-                           epochs=args.epochs, progress=progress, **common)
+                           training=pipeline.Training(epochs=args.epochs), progress=progress,
+                           **common)
     print(_headline(dense), flush=True)
     print(f"2/5 Net-Trim {args.scheme}, ε = {args.epsilon:g}, {args.samples:,} training images",
           flush=True)

@@ -65,7 +65,7 @@ def test_chain_writes_stages_with_provenance(chain):
     assert trimmed["provenance"]["command"][:3] == ["hoyertrim", "nettrim", str(chain / "dense")]
     assert trimmed["provenance"]["versions"]["jax"] and trimmed["config"]["epsilon"] == 0.1
     for layer in trimmed["results"]["layers"].values():  # certificates measured, not assumed
-        assert layer["measured"] <= layer["epsilon"] and layer["lam_path"]
+        assert layer["measured"] <= layer["epsilon_certified"] and layer["lam_path"]
     assert trimmed["results"]["kept_fraction"] < 0.9
     # Compaction really removed units and kept the logits.
     assert small["results"]["weights_stored"] < sum(
@@ -157,9 +157,11 @@ def test_wrong_numbers_are_refused_where_they_enter(capsys, argv, message):
 
 def test_the_library_refuses_nan_settings_too(tmp_path):
     with pytest.raises(pipeline.StageError, match="finite number > 0"):
-        pipeline.train("lenet300100", tmp_path / "a", learning_rate=float("nan"))
+        pipeline.train("lenet300100", tmp_path / "a",
+                       training=pipeline.Training(learning_rate=float("nan")))
     with pytest.raises(pipeline.StageError, match="finite number >= 0"):
-        pipeline.train("lenet300100", tmp_path / "b", weight_decay=-1.0)
+        pipeline.train("lenet300100", tmp_path / "b",
+                       training=pipeline.Training(weight_decay=-1.0))
     with pytest.raises(pipeline.StageError, match="needs a value"):
         pipeline.prune_masks({"dense0": {"kernel": np.ones((2, 2))}}, "std", float("nan"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -398,7 +400,7 @@ def test_oneshot_peers_and_nm_through_the_command(chain, capsys, tiny_data_root)
     for layer in pipeline.read_manifest(chain / "wanda30")["results"]["layers"].values():
         # Wanda keeps round(0.3·inputs) per output unit: Conv_0 has 9 inputs, so 3.
         assert layer["kept_fraction"] == pytest.approx(0.3, abs=0.04)
-        assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4) + 1e-6
+        assert layer["measured"] <= layer["epsilon_certified"] * (1 + 1e-4) + 1e-6
     with pytest.raises(SystemExit) as exit_info:  # a peer needs a kept fraction or N:M
         cli.main(["oneshot", str(chain / "dense"), "--method", "wanda", "--out",
                   str(chain / "none"), *data])
@@ -416,7 +418,7 @@ def test_polish_through_the_command_keeps_fewer_weights(chain, tiny_data_root):
     assert manifest["config"]["polish"] == 1
     layers = manifest["results"]["layers"]
     for layer in layers.values():
-        assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4)
+        assert layer["measured"] <= layer["epsilon_certified"] * (1 + 1e-4)
     polished = [name for name, layer in layers.items() if layer.get("polish")]
     assert polished  # at least one layer went through a polish round, and it removed weights
     assert sum(sum(layers[n]["polish"]["removed"]) for n in polished) > 0
@@ -445,7 +447,7 @@ def test_layerwise_methods_keep_the_counts_of_another_stage(chain, capsys, tiny_
             target = np.asarray(like[name]["kernel"])
             assert np.count_nonzero(pruned[name]["kernel"]) == np.count_nonzero(target), out
             layer = manifest["results"]["layers"][name]
-            assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4) + 1e-6
+            assert layer["measured"] <= layer["epsilon_certified"] * (1 + 1e-4) + 1e-6
     # Net-Trim re-fits what it keeps: not the dense values on that support.
     dense = np.asarray(hoyertrim.load(chain / "dense").params["Dense_0"]["kernel"])
     refit = np.asarray(hoyertrim.load(chain / "nettrim_like").params["Dense_0"]["kernel"])
@@ -512,16 +514,16 @@ def test_gradual_refuses_a_bad_target_and_leaves_nothing(chain, capsys, tiny_dat
 
 def test_gradual_with_the_window_to_the_end_still_reaches_its_sparsity(chain, tiny_data_root):
     # end_fraction=1 ends the window on a step the run reaches, not one past its last step.
-    result = pipeline.gradual(chain / "dense", chain / "gradual_half", sparsity=0.5, epochs=2,
-                              end_fraction=1.0, updates_per_epoch=1, data_dir=tiny_data_root,
+    result = pipeline.gradual(chain / "dense", chain / "gradual_half", sparsity=0.5,
+                              training=pipeline.Training(epochs=2), end_fraction=1.0, updates_per_epoch=1, data_dir=tiny_data_root,
                               progress=False)
     tuned = hoyertrim.load(result.directory)
     for name in ("Conv_0", "Dense_0", "Dense_1"):
         kernel = np.asarray(tuned.params[name]["kernel"])
         assert np.count_nonzero(kernel) == kernel.size - kernel.size // 2
     with pytest.raises(pipeline.StageError, match="no mask update"):
-        pipeline.gradual(chain / "dense", chain / "gradual_short", sparsity=0.5, epochs=1,
-                         updates_per_epoch=1, data_dir=tiny_data_root)
+        pipeline.gradual(chain / "dense", chain / "gradual_short", sparsity=0.5,
+                         training=pipeline.Training(epochs=1), updates_per_epoch=1, data_dir=tiny_data_root)
     assert not (chain / "gradual_short").exists()
 
 
@@ -564,7 +566,7 @@ def test_nnx_model_from_the_users_file_through_the_whole_chain(tmp_path, capsys,
     assert dense["results"]["val_accuracy"] > 0.9
     assert set(trimmed["results"]["layers"]) == {"conv", "hidden", "out"}
     for layer in trimmed["results"]["layers"].values():
-        assert layer["measured"] <= layer["epsilon"]
+        assert layer["measured"] <= layer["epsilon_certified"]
     assert trimmed["results"]["layers"]["conv"]["program"] == "relu"  # through BatchNorm
     assert small["results"]["max_logit_difference"] < 1e-4
     assert small["results"]["weights_stored"] < sum(
@@ -722,7 +724,7 @@ def test_structured_nettrim_then_compact_gives_a_smaller_dense_model(chain, caps
     trimmed = pipeline.read_manifest(tmp_path / "units")
     assert trimmed["config"]["units"] is True
     for layer in trimmed["results"]["layers"].values():
-        assert layer["measured"] <= layer["epsilon"]
+        assert layer["measured"] <= layer["epsilon_certified"]
     kernel = np.asarray(hoyertrim.load(tmp_path / "units").params["Dense_1"]["kernel"])
     assert np.any(kernel != 0, axis=1).sum() == 16  # half of Dense_0's 32 units are read
     assert cli.main(["compact", str(tmp_path / "units"), "--out", str(tmp_path / "small"),
@@ -946,3 +948,25 @@ def test_a_refused_run_leaves_the_other_runs_folder_as_it_was(chain, capsys, tmp
                          "--data-dir", str(tiny_data_root))
     assert status == 1 and "holds another run (config.epochs: 4 there, 5 asked" in err
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_training_settings_are_declared_once_and_reach_every_training_command():
+    """Each `pipeline.Training` field is a flag of every training command, defaulting to that
+    stage's defaults; `training_kwargs` gathers the same fields out of a flat settings dict."""
+    parser = cli.build_parser()
+    for command, parent in (("train", []), ("regularize", ["p"]), ("gradual", ["p", "--sparsity",
+                                                                            "0.5"]),
+                            ("finetune", ["p"])):
+        args = parser.parse_args([command, *parent])
+        assert cli._training(args) == pipeline.TRAINING_DEFAULTS[command]
+        args = parser.parse_args([command, *parent, "--epochs", "3", "--batch-size", "7",
+                                  "--optimizer", "sgd", "--learning-rate", "0.5", "--schedule",
+                                  "constant", "--weight-decay", "0.1", "--seed", "4",
+                                  "--train-examples", "100"])
+        assert cli._training(args) == pipeline.Training(3, 7, "sgd", 0.5, "constant", 0.1, 4, 100)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "p", "--batch-size", "0"])
+    kwargs = pipeline.training_kwargs("finetune", {"epochs": 3, "distill": True})
+    assert kwargs == {"distill": True, "training": pipeline.Training(epochs=3,
+                                                                     learning_rate=3e-4)}
+    assert pipeline.training_kwargs("prune", {"rule": "std"}) == {"rule": "std"}

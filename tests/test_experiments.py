@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from hoyertrim import pipeline
 
 sys.path.insert(0, str(REPO / "experiments"))
 
@@ -127,7 +128,8 @@ def test_every_pipeline_config_names_only_its_stages_arguments():
         assert stages[0][0] == "train", name
         for stage, settings in stages:
             accepted = inspect.signature(run._STAGES[stage]).parameters
-            unknown = set(settings) - set(accepted) - ({"model"} if stage == "train" else set())
+            kwargs = pipeline.training_kwargs(stage, settings)  # what run_stages passes
+            unknown = set(kwargs) - set(accepted) - ({"model"} if stage == "train" else set())
             assert not unknown, f"{name}: {stage} gets {unknown}"
             teacher = settings.get("teacher")
             if isinstance(teacher, tuple):

@@ -305,11 +305,11 @@ def test_nettrim_prunes_every_map_with_independently_checked_certificates(name, 
         new = _quantity(name, model, layer, program, z)
         old = _quantity(name, model, layer, program, original[layer])
         measured = np.linalg.norm(new - old) / np.linalg.norm(old)
-        assert report["program"] == program
-        assert measured == pytest.approx(report["measured"], rel=1e-3, abs=1e-6)
-        assert measured <= report["epsilon"] * (1 + 1e-5) + 1e-6, layer
-        kept += report["kept_weights"]
-    assert kept < sum(network.layers[n]["weights"] for n in layers)  # something was pruned
+        assert report.program == program
+        assert measured == pytest.approx(report.measured, rel=1e-3, abs=1e-6)
+        assert measured <= report.epsilon_certified * (1 + 1e-5) + 1e-6, layer
+        kept += report.kept_weights
+    assert kept < sum(network.layers[n].weights for n in layers)  # something was pruned
     assert type(network.params) is type(_params(model, variables))
 
 

@@ -47,8 +47,8 @@ def _cvxpy_optimum(x, y, epsilon):
 @pytest.mark.parametrize("epsilon", [0.05, 0.2])
 def test_solve_layer_matches_cvxpy_optimum(epsilon):
     x, y = _layer()
-    solution = nettrim.solve_layer(x, y, epsilon=epsilon, maxiter=2000, tol=1e-6,
-                                   search_tol=0.005)
+    solution = nettrim.solve_layer(x, y, epsilon=epsilon, options=nettrim.SolverOptions(
+        maxiter=2000, tol=1e-6, search_tol=0.005))
     assert solution.feasible and solution.discrepancy <= epsilon
     exact = _cvxpy_optimum(x.astype(np.float64), y.astype(np.float64), epsilon)
     ours = float(np.abs(solution.kernel).sum())
@@ -82,8 +82,10 @@ def test_dead_inputs_get_zero_weights_and_change_nothing():
 @pytest.mark.slow
 def test_presolve_levels_reach_the_same_solution_with_fewer_full_solves():
     x, y = _layer(4, samples=4000, inputs=40, outputs=8)
-    direct = nettrim.solve_layer(x, y, epsilon=0.1, presolve_samples=None)
-    presolved = nettrim.solve_layer(x, y, epsilon=0.1, presolve_samples=1600)  # 1600 -> 400
+    direct = nettrim.solve_layer(x, y, epsilon=0.1,
+                                 options=nettrim.SolverOptions(presolve_samples=None))
+    presolved = nettrim.solve_layer(x, y, epsilon=0.1,  # 1600 -> 400
+                                    options=nettrim.SolverOptions(presolve_samples=1600))
     assert presolved.feasible and presolved.discrepancy <= 0.1
     assert presolved.discrepancy >= 0.97 * 0.1  # the same search band
     assert presolved.presolve_iterations > 0 and presolved.solves < direct.solves
@@ -93,7 +95,8 @@ def test_presolve_levels_reach_the_same_solution_with_fewer_full_solves():
 def test_admm_reference_agrees():
     x, y = _layer(2)
     admm = nettrim.solve_layer_admm(x, y, epsilon=0.1, maxiter=5000, tol=1e-5)
-    fista = nettrim.solve_layer(x, y, epsilon=0.1, maxiter=2000, tol=1e-6, search_tol=0.005)
+    fista = nettrim.solve_layer(x, y, epsilon=0.1, options=nettrim.SolverOptions(
+        maxiter=2000, tol=1e-6, search_tol=0.005))
     assert admm.feasible and admm.discrepancy <= 0.1 * 1.001
     assert admm.inactive_violation < 1e-3  # the paper's hard inactive constraint
     # ADMM solves the paper's program (a subset of ours, and it penalizes the bias): our ℓ1 can
@@ -112,7 +115,8 @@ def test_linear_layer_and_unreachable_epsilon_warns():
         logits) * (1 + 1e-5)
     noise = rng.normal(size=(200, 4)).astype(np.float32)  # not explainable by x at all
     with pytest.warns(UserWarning, match="could not meet epsilon"):
-        bad = nettrim.solve_layer(x, noise, epsilon=0.01, relu=False, maxiter=50, max_solves=4)
+        bad = nettrim.solve_layer(x, noise, epsilon=0.01, relu=False,
+                                  options=nettrim.SolverOptions(maxiter=50, max_solves=4))
     assert not bad.feasible
 
 
@@ -149,30 +153,30 @@ def test_network_schemes_certify_and_save(scheme, tmp_path):
                                    heldout=0, progress=False)
     assert list(pruned.layers) == ["dense0", "dense1", "dense2"]
     for layer in pruned.layers.values():
-        assert layer["feasible"] and layer["discrepancy"] <= layer["epsilon"]
-        assert layer["measured"] <= layer["epsilon"]
+        assert layer.feasible and layer.discrepancy <= layer.epsilon_certified
+        assert layer.measured <= layer.epsilon_certified
     original = model.apply({"params": params}, images)
     new = model.apply({"params": pruned.params}, images)
     relative = float(jnp.linalg.norm(new - original) / jnp.linalg.norm(original))
     if scheme == "cascade":
         # The last layer's certificate is measured against the trained logits directly.
-        assert relative == pytest.approx(pruned.layers["dense2"]["measured"], rel=1e-4)
-        assert relative <= pruned.layers["dense2"]["epsilon"]
-    kept = [layer["kept_weights"] / layer["weights"] for layer in pruned.layers.values()]
+        assert relative == pytest.approx(pruned.layers["dense2"].measured, rel=1e-4)
+        assert relative <= pruned.layers["dense2"].epsilon_certified
+    kept = [layer.kept_weights / layer.weights for layer in pruned.layers.values()]
     assert min(kept) < 1.0
     for name in pruned.layers:  # masks mark exactly the nonzero kernel entries
         np.testing.assert_array_equal(pruned.masks[name]["kernel"],
                                       pruned.params[name]["kernel"] != 0)
     report = pruned.report(model, (12,))  # the one report type, Net-Trim facts in its details
     assert [layer.name for layer in report.layers] == ["dense0", "dense1", "dense2"]
-    assert report.kept_weights == sum(layer["kept_weights"] for layer in pruned.layers.values())
-    assert report.layers[1].details["measured"] == pruned.layers["dense1"]["measured"]
+    assert report.kept_weights == sum(layer.kept_weights for layer in pruned.layers.values())
+    assert report.layers[1].details["measured"] == pruned.layers["dense1"].measured
     assert report.details["scheme"] == scheme
     nettrim.save_pruned(tmp_path / "pruned", pruned)
     restored = nettrim.load_pruned(tmp_path / "pruned", params)
     np.testing.assert_array_equal(restored.params["dense0"]["kernel"],
                                   pruned.params["dense0"]["kernel"])
-    assert restored.layers["dense1"]["kept_weights"] == pruned.layers["dense1"]["kept_weights"]
+    assert restored.layers["dense1"].kept_weights == pruned.layers["dense1"].kept_weights
     assert restored.scheme == scheme
     import hoyertrim  # and without any template
     loaded = hoyertrim.load(tmp_path / "pruned")
@@ -198,8 +202,10 @@ def test_load_pruned_of_a_damaged_directory_is_a_clear_error(tmp_path):
 
 def test_default_solve_reports_convergence_by_duality_gap():
     x, y = _layer(5, samples=600)
-    loose = nettrim.solve_layer(x, y, epsilon=0.1, maxiter=2, gap_tol=1e-3)
-    tight = nettrim.solve_layer(x, y, epsilon=0.1, maxiter=3000, tol=1e-7, gap_tol=1e-3)
+    loose = nettrim.solve_layer(x, y, epsilon=0.1,
+                                options=nettrim.SolverOptions(maxiter=2, gap_tol=1e-3))
+    tight = nettrim.solve_layer(x, y, epsilon=0.1, options=nettrim.SolverOptions(
+        maxiter=3000, tol=1e-7, gap_tol=1e-3))
     assert 0 <= tight.duality_gap < loose.duality_gap
     assert tight.converged and not loose.converged
     assert nettrim.solve_layer(x, y, epsilon=0.1).converged  # the defaults meet gap_tol
@@ -241,10 +247,11 @@ def test_conv_layers_are_pruned_on_patches():
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
     images = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
     pruned = nettrim.prune_network(model, params, images, epsilon=0.1, layers=["conv0", "conv1"],
-                                   max_rows=600, progress=False, maxiter=100)
+                                   max_rows=600, progress=False,
+                                   options=nettrim.SolverOptions(maxiter=100))
     assert pruned.params["conv1"]["kernel"].shape == (5, 5, 20, 50)
-    assert pruned.layers["conv0"]["samples"] == 600
-    assert all(layer["discrepancy"] <= 0.1 for layer in pruned.layers.values())
+    assert pruned.layers["conv0"].samples == 600
+    assert all(layer.discrepancy <= 0.1 for layer in pruned.layers.values())
     with pytest.raises(ValueError, match="Unknown layers"):
         nettrim.prune_network(model, params, images, epsilon=0.1, layers=["conv7"])
 
@@ -291,7 +298,7 @@ def test_parallel_scheme_obeys_the_error_propagation_bound():
     bound = 0.0
     for name, y in zip(("dense0", "dense1", "dense2"), outputs):
         gain = np.linalg.norm(np.asarray(pruned.params[name]["kernel"], np.float64), 2)
-        bound = gain * bound + pruned.layers[name]["epsilon"] * np.linalg.norm(y)
+        bound = gain * bound + pruned.layers[name].epsilon_certified * np.linalg.norm(y)
     error = np.linalg.norm(np.asarray(model.apply({"params": pruned.params}, images))
                            - outputs[-1])
     assert error <= bound * (1 + 1e-5)
@@ -312,7 +319,7 @@ pruned = nettrim.prune_network(model, params, images, epsilon=0.05, devices=devi
                                progress=False)
 print(json.dumps({"devices": jax.device_count(),
                   "kernels": {n: np.asarray(p["kernel"]).tolist() for n, p in pruned.params.items()},
-                  "measured": {n: r["measured"] for n, r in pruned.layers.items()}}))
+                  "measured": {n: r.measured for n, r in pruned.layers.items()}}))
 """
 
 
@@ -349,7 +356,7 @@ def test_within_nonzeros_only_makes_a_pruned_network_sparser():
         before = np.asarray(pruned_before[name]["kernel"]) != 0
         after = np.asarray(refit.params[name]["kernel"]) != 0
         assert not np.any(after & ~before)  # no pruned weight comes back
-        assert refit.layers[name]["measured"] <= refit.layers[name]["epsilon"] * (1 + 1e-4)
+        assert refit.layers[name].measured <= refit.layers[name].epsilon_certified * (1 + 1e-4)
     # Without the constraint the re-fit is free to use weights the magnitude rule removed.
     assert any(np.any((np.asarray(free.params[n]["kernel"]) != 0)
                       & (np.asarray(pruned_before[n]["kernel"]) == 0)) for n in free.params)
@@ -361,22 +368,25 @@ def test_refit_debiases_the_kept_weights_within_the_certificate():
     plain = nettrim.prune_network(model, params, images, epsilon=0.1, scheme="cascade",
                                   heldout=0, progress=False)
     refit = nettrim.prune_network(model, params, images, epsilon=0.1, scheme="cascade",
-                                  heldout=0, progress=False, refit=True)
+                                  heldout=0, progress=False,
+                                  options=nettrim.SolverOptions(refit=True))
     first = "dense0"  # same inputs in both runs: the re-fit's effect alone
-    assert refit.layers[first]["refit"]["used"]
-    assert refit.layers[first]["measured"] < 0.9 * plain.layers[first]["measured"]
+    assert refit.layers[first].refit["used"]
+    assert refit.layers[first].measured < 0.9 * plain.layers[first].measured
     kept_before = np.asarray(plain.params[first]["kernel"]) != 0
     kept_after = np.asarray(refit.params[first]["kernel"]) != 0
     assert not np.any(kept_after & ~kept_before)  # the support never grows
     for layer in refit.layers.values():
-        assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4)
+        assert layer.measured <= layer.epsilon_certified * (1 + 1e-4)
 
 
 def test_polish_keeps_fewer_weights_inside_the_same_certificate():
     x, y = _layer(2, samples=400, inputs=40, outputs=8, density=0.4)
     epsilon = 0.1
-    plain = nettrim.solve_layer(x, y, epsilon=epsilon, search_tol=0.03)
-    polished = nettrim.solve_layer(x, y, epsilon=epsilon, search_tol=0.03, polish=2)
+    plain = nettrim.solve_layer(x, y, epsilon=epsilon,
+                                options=nettrim.SolverOptions(search_tol=0.03))
+    polished = nettrim.solve_layer(x, y, epsilon=epsilon,
+                                   options=nettrim.SolverOptions(search_tol=0.03, polish=2))
     # The certificate, recomputed here from the returned weights.
     achieved = np.linalg.norm(np.maximum(x @ polished.kernel + polished.bias, 0) - y) / \
         np.linalg.norm(y)
@@ -393,7 +403,8 @@ def test_polish_keeps_fewer_weights_inside_the_same_certificate():
 def test_polish_in_kept_fraction_mode_cuts_to_the_count_and_lowers_the_discrepancy():
     x, y = _layer(3, samples=400, inputs=40, outputs=8, density=0.5)
     plain = nettrim.solve_layer(x, y, kept_fraction=0.2)
-    polished = nettrim.solve_layer(x, y, kept_fraction=0.2, polish=2)
+    polished = nettrim.solve_layer(x, y, kept_fraction=0.2,
+                                   options=nettrim.SolverOptions(polish=2))
     assert np.count_nonzero(polished.kernel) == round(0.2 * 40 * 8)  # the count, exactly
     assert polished.kept_fraction == pytest.approx(0.2)
     achieved = np.linalg.norm(np.maximum(x @ polished.kernel + polished.bias, 0) - y) / \
@@ -411,6 +422,6 @@ def test_polish_in_kept_fraction_mode_cuts_to_the_count_and_lowers_the_discrepan
 def test_polish_refuses_a_negative_round_count():
     x, y = _layer()
     with pytest.raises(ValueError, match="number of rounds"):
-        nettrim.solve_layer(x, y, kept_fraction=0.3, polish=-1)
+        nettrim.SolverOptions(polish=-1)
 
 

@@ -132,7 +132,7 @@ def test_user_model_prunes_with_independently_checked_certificates(name, scheme)
     for layer, kind in acts.items():
         report = pruned.layers[layer]
         expected_program = "relu" if kind in ("relu", "bn_relu") else "linear"
-        assert report["program"] == expected_program, (layer, report["reason"])
+        assert report.program == expected_program, (layer, report.reason)
         if scheme == "parallel":  # the layer alone pruned, on the trained network's inputs
             alone = jax.tree.map(lambda a: a, params)
             alone = _set_layer(alone, layer, _get_layer(pruned.params, layer))
@@ -142,18 +142,18 @@ def test_user_model_prunes_with_independently_checked_certificates(name, scheme)
             z_new = final[layer]
         independent = _relative(_certified_quantity(kind, z_new, variables, layer),
                                 _certified_quantity(kind, original[layer], variables, layer))
-        assert report["measured"] == pytest.approx(independent, rel=1e-3, abs=1e-6)
-        assert independent <= report["epsilon"] * (1 + 1e-5)
+        assert report.measured == pytest.approx(independent, rel=1e-3, abs=1e-6)
+        assert independent <= report.epsilon_certified * (1 + 1e-5)
         if kind in ("gelu", "tanh"):  # the bound the linear certificate implies on the output
             act, lipschitz = (jax.nn.gelu, 1.129) if kind == "gelu" else (jnp.tanh, 1.0)
-            assert report["lipschitz"] in (None, lipschitz)  # inlined gelu is not recognised
+            assert report.lipschitz in (None, lipschitz)  # inlined gelu is not recognised
             out_error = np.linalg.norm(np.asarray(act(z_new)) - np.asarray(act(original[layer])))
-            assert out_error <= lipschitz * report["epsilon"] * np.linalg.norm(
+            assert out_error <= lipschitz * report.epsilon_certified * np.linalg.norm(
                 original[layer]) * (1 + 1e-5)
         # masks mark exactly the kernel's nonzeros, and something was pruned somewhere
         np.testing.assert_array_equal(_get_layer(pruned.masks, layer)["kernel"],
                                       _get_layer(pruned.params, layer)["kernel"] != 0)
-    assert min(r["kept_fraction"] for r in pruned.layers.values()) < 1.0
+    assert min(r.kept_fraction for r in pruned.layers.values()) < 1.0
 
 
 def _get_layer(tree, path):
@@ -288,9 +288,9 @@ def test_kept_fraction_mode_meets_each_layers_target():
     model, params, images, _, _ = _build("setup_no_bias", samples=64)
     pruned = nettrim.prune_network(model, params, images, kept_fraction=0.3, progress=False)
     for layer, report in pruned.layers.items():
-        assert abs(report["kept_fraction"] - 0.3) <= nettrim.KEPT_FRACTION_TOLERANCE, layer
-        assert report["mode"] == "kept_fraction"
-        assert report["measured"] <= report["epsilon"]
+        assert abs(report.kept_fraction - 0.3) <= nettrim.KEPT_FRACTION_TOLERANCE, layer
+        assert report.mode == "kept_fraction"
+        assert report.measured <= report.epsilon_certified
 
 
 @pytest.mark.slow
@@ -299,7 +299,7 @@ def test_kept_fraction_per_layer():
     per_layer = nettrim.prune_network(model, params, images, progress=False,
                                       kept_fraction={"hidden": 0.5, "no_bias": 0.2, "out": 0.4})
     for layer, target in {"hidden": 0.5, "no_bias": 0.2, "out": 0.4}.items():
-        assert abs(per_layer.layers[layer]["kept_fraction"] - target) <= 0.005
+        assert abs(per_layer.layers[layer].kept_fraction - target) <= 0.005
 
 
 @pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
@@ -307,16 +307,16 @@ def test_infeasible_cascade_solve_falls_back_to_the_trained_weights():
     model, params, images, _, _ = _build("sequential")
 
     def starved(x, y, **kwargs):  # one solve of one iteration: it cannot meet ε
-        return nettrim.solve_layer(x, y, **{**kwargs, "maxiter": 1, "max_solves": 1,
-                                            "presolve_samples": None})
+        return nettrim.solve_layer(x, y, **kwargs, options=nettrim.SolverOptions(
+            maxiter=1, max_solves=1, presolve_samples=None))
 
     with pytest.warns(UserWarning, match="could not meet epsilon"):
         pruned = nettrim.prune_network(model, params, images, epsilon=0.05, scheme="cascade",
                                        solver=starved, progress=False)
     for layer, report in pruned.layers.items():
-        assert report["fallback"] and "trained weights" in report["fallback"]
+        assert report.fallback and "trained weights" in report.fallback
         np.testing.assert_array_equal(pruned.params[layer]["kernel"], params[layer]["kernel"])
-        assert report["measured"] <= report["epsilon"]
+        assert report.measured <= report.epsilon_certified
 
 
 def test_heldout_reports_agreement_and_logits_error():
@@ -324,8 +324,8 @@ def test_heldout_reports_agreement_and_logits_error():
     pruned = nettrim.prune_network(model, params, images, epsilon=0.05, progress=False,
                                    heldout=0.25)
     assert pruned.heldout["samples"] == 16
-    assert all("heldout_measured" in r for r in pruned.layers.values())
-    assert all(r["samples"] == 48 for r in pruned.layers.values())
+    assert all(r.heldout_measured is not None for r in pruned.layers.values())
+    assert all(r.samples == 48 for r in pruned.layers.values())
     # Given held-out inputs, the reported figures equal an independent computation.
     held = images[:16]
     pruned = nettrim.prune_network(model, params, images[16:], epsilon=0.05, progress=False,
@@ -353,7 +353,7 @@ def test_cascade_layer_whose_inputs_moved_too_far_keeps_its_weights():
     pruned = nettrim.prune_network(model, params, images, epsilon=0.3, scheme="cascade",
                                    gamma=1e8, progress=False)
     first, *later = pruned.layers.values()
-    assert first["fallback"] is None and first["kept_fraction"] < 1
+    assert first.fallback is None and first.kept_fraction < 1
     for report in later:
-        assert "nothing pruned" in report["fallback"] and report["kept_fraction"] == 1.0
-        assert report["epsilon"] >= 1 and report["measured"] <= report["epsilon"]
+        assert "nothing pruned" in report.fallback and report.kept_fraction == 1.0
+        assert report.epsilon_certified >= 1 and report.measured <= report.epsilon_certified

@@ -84,8 +84,8 @@ def test_peers_run_through_prune_network_with_checked_reports(solver, scheme):
     pruned = nettrim.prune_network(model, params, images, kept_fraction=0.25, scheme=scheme,
                                    solver=solver, heldout=0.2, progress=False)
     for name, layer in pruned.layers.items():
-        assert layer["kept_weights"] == round(0.25 * layer["weights"])
-        assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4) + 1e-6  # checked forward pass
+        assert layer.kept_weights == round(0.25 * layer.weights)
+        assert layer.measured <= layer.epsilon_certified * (1 + 1e-4) + 1e-6  # checked forward pass
     nm = nettrim.prune_network(model, params, images, kept_fraction=0.5, scheme=scheme,
                                solver=solver, nm=(2, 4), heldout=0, progress=False)
     kernel = np.asarray(nm.params["Dense_0"]["kernel"])
@@ -128,7 +128,8 @@ def test_nettrim_nm_recovers_a_planted_two_four_neuron_layer():
     x = rng.normal(size=(400, 16)).astype(np.float32)
     planted = rng.normal(size=(16, 3)) * masks.nm_mask(rng.random((16, 3)), 2, 4)
     y = np.maximum(x @ planted, 0)
-    solution = nettrim.solve_layer_nm(x, y, nm=(2, 4), fit_bias=False, maxiter=2000, tol=1e-7)
+    solution = nettrim.solve_layer_nm(x, y, nm=(2, 4), fit_bias=False,
+                                      options=nettrim.SolverOptions(maxiter=2000, tol=1e-7))
     kernel = solution.kernel
     assert np.all((kernel != 0).reshape(4, 4, 3).sum(axis=1) <= 2)
     np.testing.assert_array_equal(kernel != 0, planted != 0)
@@ -146,4 +147,4 @@ def test_nettrim_nm_through_prune_network():
     kernel = np.asarray(pruned.params["Dense_0"]["kernel"])
     assert np.all((kernel != 0).reshape(8, 4, 24).sum(axis=1) <= 2)
     for layer in pruned.layers.values():
-        assert layer["measured"] <= layer["epsilon"] * (1 + 1e-4) + 1e-6
+        assert layer.measured <= layer.epsilon_certified * (1 + 1e-4) + 1e-6

@@ -82,7 +82,7 @@ def test_the_library_in_a_few_lines_runs(data_root, monkeypatch):
     namespace = {}
     exec(compile(shortened, "README.md", "exec"), namespace)
     pruned, small, ds = namespace["pruned"], namespace["small"], namespace["ds"]
-    assert all(layer["measured"] <= layer["epsilon"] * (1 + 1e-5) + 1e-6
+    assert all(layer.measured <= layer.epsilon_certified * (1 + 1e-5) + 1e-6
                for layer in pruned.layers.values())
     dense = namespace["model"].apply({"params": pruned.params}, ds.test.images[:8])
     np.testing.assert_allclose(small.apply(ds.test.images[:8]), dense, rtol=1e-4, atol=1e-4)

@@ -98,7 +98,7 @@ def test_pruned_units_are_compacted_away_with_the_same_outputs():
                                     scheme="cascade", progress=False)
     for layer, units in (("dense1", 24), ("dense2", 16)):
         report = network.layers[layer]
-        assert report["measured"] <= report["epsilon"]  # checked by a real forward pass too
+        assert report.measured <= report.epsilon_certified  # checked by a real forward pass too
         assert np.any(np.asarray(network.params[layer]["kernel"]) != 0, axis=1).sum() == units
     compacted = compact_lib.compact(model, network.params, images[:1])
     # dense1 reads 24 of dense0's 48 units: dense0 computes 24; dense2 reads 16 of 32.

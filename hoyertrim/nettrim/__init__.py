@@ -16,6 +16,7 @@ Modules, bottom to top:
   units     structured Net-Trim: whole input units (group norm); `solve_layer_units`
   calibration  the layers' calibration signals, streamed batch by batch
   admm      the paper's ADMM (reference)
+  pruned_layer  `PrunedLayer`: one map's record (ε requested / certified, measured, solve)
   network   `prune_network` (parallel / cascade) over the linear maps `hoyertrim.inspection`
             finds in any model's computation, the checked certificate, save / load
   pruner    the `LayerPruner` interface every layer solver implements (the peers too)
@@ -26,11 +27,13 @@ from hoyertrim.inspection.graph import Follower
 from hoyertrim.nettrim.network import CertificateError, PrunedNetwork, load_pruned, \
     prune_network, save_pruned
 from hoyertrim.nettrim.problem import LayerSolution
+from hoyertrim.nettrim.pruned_layer import PrunedLayer
 from hoyertrim.nettrim.pruner import LayerPruner, as_pruner
-from hoyertrim.nettrim.search import KEPT_FRACTION_TOLERANCE, solve_layer, solve_layer_nm
+from hoyertrim.nettrim.search import KEPT_FRACTION_TOLERANCE, SolverOptions, solve_layer, \
+    solve_layer_nm
 from hoyertrim.nettrim.units import solve_layer_units
 
 __all__ = ["CertificateError", "Follower", "KEPT_FRACTION_TOLERANCE", "LayerPruner",
-           "LayerSolution", "PrunedNetwork", "as_pruner", "load_pruned", "prune_network",
-           "save_pruned", "solve_layer", "solve_layer_admm", "solve_layer_nm",
-           "solve_layer_units"]
+           "LayerSolution", "PrunedLayer", "PrunedNetwork", "SolverOptions", "as_pruner",
+           "load_pruned", "prune_network", "save_pruned", "solve_layer", "solve_layer_admm",
+           "solve_layer_nm", "solve_layer_units"]

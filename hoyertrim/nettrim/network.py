@@ -31,6 +31,7 @@ from hoyertrim.inspection import LinearMap, Recorder, as_computation, graph, ins
 from hoyertrim.inspection.computation import split_variables
 from hoyertrim.masks import SparsityReport, sparsity_report
 from hoyertrim.nettrim import calibration as calibration_lib
+from hoyertrim.nettrim.pruned_layer import PrunedLayer
 from hoyertrim.nettrim.pruner import LayerPruner, as_pruner
 from hoyertrim.nettrim.search import solve_layer
 from hoyertrim.penalties import is_kernel
@@ -55,8 +56,9 @@ class PrunedNetwork:
         any pytree).
       masks: bool tree shaped like params (True = kept; every linear map's kernel: its
         nonzeros; other leaves all True).
-      layers: per-layer reports in call order (program, reason, certified ε, the solver's and the
-        forward pass's measured discrepancy, kept fraction, fallback, solver statistics).
+      layers: per-layer `PrunedLayer` records in call order (program and why, ε requested and
+        certified, the solver's and the forward pass's measured discrepancy, kept fraction,
+        fallback, solver statistics).
       scheme: "parallel" or "cascade".
       variables: linen: all collections (params replaced), when a variables dict with other
         collections was given.
@@ -67,7 +69,7 @@ class PrunedNetwork:
 
     params: Any
     masks: Any
-    layers: dict[str, dict]
+    layers: dict[str, PrunedLayer]
     scheme: str
     variables: Any = None
     heldout: dict | None = None
@@ -88,7 +90,8 @@ class PrunedNetwork:
             order = {name: i for i, name in enumerate(self.layers)}
             report.layers.sort(key=lambda layer: order.get(layer.name, len(order)))
         for layer in report.layers:
-            layer.details = dict(self.layers.get(layer.name, {}))
+            if layer.name in self.layers:
+                layer.details = self.layers[layer.name].as_dict()
         report.details = {"method": "nettrim", "scheme": self.scheme, "heldout": self.heldout,
                           "kernels": list(self.kernels)}
         return report
@@ -133,8 +136,8 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
                   solver: LayerPruner | Callable = solve_layer,
                   devices: Sequence[jax.Device] | None = None, progress: bool = True,
                   within_nonzeros: bool = False,
-                  solved: Mapping[str, tuple[dict, Any]] | None = None,
-                  on_layer: Callable[[str, dict, Any], None] | None = None,
+                  solved: Mapping[str, tuple[PrunedLayer, Any]] | None = None,
+                  on_layer: Callable[[str, PrunedLayer, Any], None] | None = None,
                   **solver_kwargs) -> PrunedNetwork:
     """Net-Trim over every linear map of a model (Dense, Conv, DenseGeneral, Einsum, attention
     projections — any contraction of the input with a parameter; see `hoyertrim.inspection`).
@@ -279,8 +282,8 @@ def prune_network(model, variables, images, *, epsilon=None, kept_fraction=None,
             del signals
             pruned = _with_layer(pruned, maps[name], results[name][1])
             bar.update()
-            bar.set_postfix(layer=name, kept=f"{results[name][0]['kept_fraction']:.3f}",
-                            disc=f"{results[name][0]['discrepancy']:.3f}")
+            bar.set_postfix(layer=name, kept=f"{results[name][0].kept_fraction:.3f}",
+                            disc=f"{results[name][0].discrepancy:.3f}")
     bar.close()
     for name in names:  # call order, however the layers were scheduled
         reports[name], new_layer = results[name]
@@ -413,6 +416,7 @@ def _prune_layer(lmap: LinearMap, params, follower, signals: calibration_lib.Lay
         if gram is not None:
             extra["gram"] = gram
         solution = solver(x, target, relu=relu, v=v, **extra, **solver_kwargs)
+    requested = certified if kept_fraction is None else None
     if kept_fraction is not None:
         certified = solution.epsilon
     fallback = None
@@ -434,21 +438,21 @@ def _prune_layer(lmap: LinearMap, params, follower, signals: calibration_lib.Lay
         new_layer = (new_kernel, new_bias)
     kept = int(np.count_nonzero(kernel if new_layer is None else new_layer[0]))
     weights = lmap.weights
-    summary = solution.summary() if solution is not None else {
-        "lam": None, "iterations": 0, "converged": True, "duality_gap": None, "solves": 0,
-        "seconds": 0.0, "presolve_iterations": 0, "inactive_violation": 0.0}
-    report = {
-        **summary, "epsilon": certified, "mode": mode,
-        "program": follower.program, "reason": follower.reason,
-        "activation": follower.activation, "lipschitz": follower.lipschitz,
-        "bounds": ("‖relu(ẑ) − relu(z)‖_F ≤ ε‖relu(z)‖_F (post-activation"
-                   + (", batch-norm/affine folded" if np.any(scale != 1) or np.any(shift != 0)
-                      else "") + ")") if relu else "‖ẑ − z‖_F ≤ ε‖z‖_F (pre-activation)",
-        "samples": int(signals.rows if gram is not None else x.shape[0]),
-        "weights": weights, "kept_weights": kept,
-        "kept_fraction": kept / weights, "fallback": fallback}
+    solve = {} if solution is None else solution.summary()
+    for key in ("epsilon", "kept_fraction"):  # the layer's own figures replace the solver's
+        solve.pop(key, None)
     if fallback:  # what is returned is the trained layer, feasible at the certified ε
-        report.update(discrepancy=trained_discrepancy, feasible=True)
+        solve.update(discrepancy=trained_discrepancy, feasible=True)
+    report = PrunedLayer(
+        program=follower.program, reason=follower.reason,
+        bounds=("‖relu(ẑ) − relu(z)‖_F ≤ ε‖relu(z)‖_F (post-activation"
+                + (", batch-norm/affine folded" if np.any(scale != 1) or np.any(shift != 0)
+                   else "") + ")") if relu else "‖ẑ − z‖_F ≤ ε‖z‖_F (pre-activation)",
+        mode=mode, epsilon_requested=requested, epsilon_certified=certified,
+        activation=follower.activation, lipschitz=follower.lipschitz,
+        samples=int(signals.rows if gram is not None else x.shape[0]),
+        weights=weights, kept_weights=kept, kept_fraction=kept / weights, fallback=fallback,
+        **solve)
     return report, new_layer
 
 
@@ -480,22 +484,23 @@ def _check(record, params, pruned, maps, followers, plans, reports, calibration,
                                scheme)
     for name in names:
         report = reports[name]
-        report["measured"] = measured[name]
-        if measured[name] > report["epsilon"] * (1 + _FLOAT_SLACK) + _FLOAT_SLACK:
+        report.measured = measured[name]
+        if measured[name] > report.epsilon_certified * (1 + _FLOAT_SLACK) + _FLOAT_SLACK:
             raise CertificateError(
                 f"Layer {name!r}: the forward pass measures a discrepancy of {measured[name]:.6g} "
-                f"on the calibration rows, above its certificate ε = {report['epsilon']:.6g} "
-                f"({report['bounds']}). This is a bug in hoyertrim; please report it.")
-        if report["lipschitz"] is not None:
+                f"on the calibration rows, above its certificate ε = "
+                f"{report.epsilon_certified:.6g} ({report.bounds}). This is a bug in hoyertrim; "
+                "please report it.")
+        if report.lipschitz is not None:
             # ‖σ(ẑ) − σ(z)‖ ≤ L‖ẑ − z‖ ≤ L·ε‖z‖: the bound the certificate implies on the output.
-            report["output_bound"] = report["lipschitz"] * report["epsilon"]
+            report.output_bound = report.lipschitz * report.epsilon_certified
     heldout = None
     if held is not None and len(held):
         every_row = dict.fromkeys(names, calibration_lib.ALL)
         held_measured = _measure_layers(record, params, pruned, maps, followers, every_row,
                                         held, scheme)
         for name in names:
-            reports[name]["heldout_measured"] = held_measured[name]
+            reports[name].heldout_measured = held_measured[name]
         heldout = {"samples": int(len(held)),
                    **calibration_lib.compare_outputs(record, held, params, pruned)}
     pruned = jax.tree.map(jnp.asarray, pruned)
@@ -544,7 +549,8 @@ def load_pruned(directory, template) -> PrunedNetwork:
     variables = None
     if collections:
         variables = {"params": restored["params"], **restored["state"]}
-    layers = {layer["name"]: layer["details"] for layer in report["layers"] if layer["details"]}
+    layers = {layer["name"]: PrunedLayer.from_dict(layer["details"])
+              for layer in report["layers"] if layer["details"]}
     return PrunedNetwork(params=restored["params"], masks=restored["masks"], layers=layers,
                          scheme=report["details"]["scheme"], variables=variables,
                          heldout=report["details"].get("heldout"),

@@ -223,17 +223,74 @@ def _multilevel_search(data: LayerData, make_goal: Callable[[LayerData], _Goal],
     return found, problem, presolve_iterations
 
 
+@dataclasses.dataclass(frozen=True)
+class SolverOptions:
+    """How `solve_layer` searches and refines (its numerics; the layer and the target are its
+    own arguments). `solve_layer_nm` and `units.solve_layer_units` take the same record.
+
+    Attributes:
+      maxiter: FISTA iterations per solve (per λ).
+      tol: a neuron's solve stops once a FISTA step moves its (normalized) weights by at most
+        tol × the largest gradient entry at zero.
+      gap_tol: ``converged`` is reported when the layer's relative duality gap at the returned
+        λ is at most this (the objective is then provably within this fraction of optimal).
+      search_tol: the λ search stops once ``(1 − search_tol)·epsilon ≤ discrepancy ≤ epsilon``;
+        default 0.03, or 0.15 with ``polish`` (which removes weights up to epsilon itself, so the
+        search only needs a feasible start: usually its first full-size solve). In kept-fraction
+        mode with ``polish`` the search stops once it keeps between the fraction and
+        (1 + search_tol) times it (the polish cuts to the count); without polish, ±0.005.
+      max_solves: limit of the λ search.
+      lam_range: smallest λ tried, relative to the λ that prunes everything.
+      presolve_samples: when P exceeds twice this, first run the λ search on this many random
+        samples (itself presolved on 4x fewer, down to a few hundred), then start the full search
+        from its λ (scaled by √(P / presolve_samples)), solution and measured slope. None
+        disables it.
+      refit: after the λ search, re-fit the kept weights on their support under the same
+        constraints at a negligible ℓ1 weight (``refit_lam`` × the λ that prunes everything,
+        ``refit_maxiter`` FISTA iterations): ℓ1 also shrinks the weights it keeps, and this
+        debiasing lowers the discrepancy at the same support (kept only if it does), so the
+        certificate still holds with room to spare. ``LayerSolution.refit`` says what it gave.
+      polish: epsilon mode: rounds of debias-then-threshold after the λ search (`_polish`): the
+        kept weights are re-fit on their support (``polish_maxiter`` FISTA iterations at
+        ``refit_lam``), then the smallest are removed while the measured discrepancy stays
+        ≤ epsilon. Each round costs about ``polish_maxiter`` full-size iterations and removes
+        what ℓ1's shrinkage had made necessary: on MNIST's first layer one round kept 13% (ε =
+        0.05) and 29% (ε = 0.3) fewer weights than the plain search (benchmarks/nettrim_solver.py).
+        Kept-fraction mode (`_trim_to_count`): the loose search's solution is cut to exactly
+        round(kept_fraction × allowed entries) weights by |ũ| over ``polish`` rounds, the kept
+        weights re-fit on their support after each cut, and certified at the discrepancy
+        reached. ``LayerSolution.polish`` says what it gave.
+    """
+
+    maxiter: int = 300
+    tol: float = 1e-4
+    gap_tol: float = 0.05
+    search_tol: float | None = None
+    max_solves: int = 30
+    lam_range: float = 1e-6
+    presolve_samples: int | None = 2000
+    refit: bool = False
+    refit_maxiter: int = 2000
+    refit_lam: float = 1e-6
+    polish: int = 0
+    polish_maxiter: int = 50
+
+    def __post_init__(self):
+        if self.maxiter < 1 or self.max_solves < 1 or self.refit_maxiter < 1 or \
+                self.polish_maxiter < 1:
+            raise ValueError("maxiter, max_solves, refit_maxiter and polish_maxiter must be >= 1.")
+        if self.polish < 0:
+            raise ValueError(f"polish is a number of rounds (>= 0), got {self.polish}.")
+        if not (self.tol > 0 and self.gap_tol > 0 and 0 < self.lam_range < 1):
+            raise ValueError("tol and gap_tol must be > 0 and lam_range in (0, 1).")
+
+
 def solve_layer(x=None, y=None, *, epsilon: float | None = None,
                 kept_fraction: float | None = None, relu: bool = True, v=None,
                 fit_bias: bool = True, offset=None, support=None,
-                gram: GramStats | None = None, form: str = "auto",
-                maxiter: int = 300, tol: float = 1e-4, gap_tol: float = 0.05,
-                search_tol: float | None = None,
-                max_solves: int = 30, lam_range: float = 1e-6, init_kernel=None, init_bias=None,
-                presolve_samples: int | None = 2000, shard: bool = True,
-                progress: bool = False, refit: bool = False, refit_maxiter: int = 2000,
-                refit_lam: float = 1e-6, polish: int = 0,
-                polish_maxiter: int = 50) -> LayerSolution:
+                gram: GramStats | None = None, form: str = "auto", init_kernel=None,
+                init_bias=None, shard: bool = True, progress: bool = False,
+                options: SolverOptions = SolverOptions()) -> LayerSolution:
     """Prunes one layer: the sparsest kernel whose outputs stay within ``epsilon`` of ``y``.
 
     Args:
@@ -255,40 +312,10 @@ def solve_layer(x=None, y=None, *, epsilon: float | None = None,
         `gram`), on its rows (``"rows"``), or ``"auto"``: Gram form when P > 2(N + 1). The
         certificate is measured on the real rows either way (``x``, ``y`` in chunks; from
         ``gram`` alone, by the sums over all rows in float64).
-      maxiter: FISTA iterations per solve (per λ).
-      tol: a neuron's solve stops once a FISTA step moves its (normalized) weights by at most
-        tol × the largest gradient entry at zero.
-      gap_tol: ``converged`` is reported when the layer's relative duality gap at the returned
-        λ is at most this (the objective is then provably within this fraction of optimal).
-      search_tol: the λ search stops once ``(1 − search_tol)·epsilon ≤ discrepancy ≤ epsilon``;
-        default 0.03, or 0.15 with ``polish`` (which removes weights up to epsilon itself, so the
-        search only needs a feasible start: usually its first full-size solve). In kept-fraction
-        mode with ``polish`` the search stops once it keeps between the fraction and
-        (1 + search_tol) times it (the polish cuts to the count); without polish, ±0.005.
-      max_solves: limit of the λ search.
-      lam_range: smallest λ tried, relative to the λ that prunes everything.
       init_kernel, init_bias: warm start for the first solve (e.g. the trained weights).
-      presolve_samples: when P exceeds twice this, first run the λ search on this many random
-        samples (itself presolved on 4x fewer, down to a few hundred), then start the full search
-        from its λ (scaled by √(P / presolve_samples)), solution and measured slope. None
-        disables it.
       shard: spread the neuron axis over all devices when there are several.
       progress: show a progress bar of the λ search (one tick per full-size solve).
-      refit: after the λ search, re-fit the kept weights on their support under the same
-        constraints at a negligible ℓ1 weight (``refit_lam`` × the λ that prunes everything,
-        ``refit_maxiter`` FISTA iterations): ℓ1 also shrinks the weights it keeps, and this
-        debiasing lowers the discrepancy at the same support (kept only if it does), so the
-        certificate still holds with room to spare. ``LayerSolution.refit`` says what it gave.
-      polish: epsilon mode: rounds of debias-then-threshold after the λ search (`_polish`): the
-        kept weights are re-fit on their support (``polish_maxiter`` FISTA iterations at
-        ``refit_lam``), then the smallest are removed while the measured discrepancy stays
-        ≤ epsilon. Each round costs about ``polish_maxiter`` full-size iterations and removes
-        what ℓ1's shrinkage had made necessary: on MNIST's first layer one round kept 13% (ε =
-        0.05) and 29% (ε = 0.3) fewer weights than the plain search (benchmarks/nettrim_solver.py).
-        Kept-fraction mode (`_trim_to_count`): the loose search's solution is cut to exactly
-        round(kept_fraction × allowed entries) weights by |ũ| over ``polish`` rounds, the kept
-        weights re-fit on their support after each cut, and certified at the discrepancy
-        reached. ``LayerSolution.polish`` says what it gave.
+      options: the search's and the refinements' `SolverOptions`.
 
     Returns:
       A `LayerSolution`. If epsilon (or the kept fraction) cannot be met a warning is issued; for
@@ -302,12 +329,12 @@ def solve_layer(x=None, y=None, *, epsilon: float | None = None,
                          f"got {epsilon}.")
     if kept_fraction is not None and not 0 < kept_fraction <= 1:
         raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}.")
-    if polish < 0:
-        raise ValueError(f"polish is a number of rounds (>= 0), got {polish}.")
     if gram is None and (x is None or y is None):
         raise ValueError("Give the layer's rows x and y, or (linear program) gram=GramStats.")
     data = layer_data(x, y, v=v, relu=relu, fit_bias=fit_bias, offset=offset, support=support,
                       gram=gram, form=form)
+    maxiter, tol, polish = options.maxiter, options.tol, options.polish
+    search_tol = options.search_tol
     if search_tol is None:
         search_tol = 0.15 if polish else 0.03
     if epsilon is not None:
@@ -323,22 +350,23 @@ def solve_layer(x=None, y=None, *, epsilon: float | None = None,
     def solve(problem, lam, start):
         return solve_at_lambda(problem, lam, start, maxiter, tol)
 
-    search = dict(solve=solve, max_solves=max_solves, lam_range=lam_range)
+    search = dict(solve=solve, max_solves=options.max_solves, lam_range=options.lam_range)
     # No total: the search stops when it brackets its goal, usually long before max_solves, so
     # a bar out of max_solves would show a false ETA. It counts solves and their rate.
     with tqdm(desc="Net-Trim λ search", unit="solve", leave=False,
               disable=not progress) as bar:
         found, problem, presolve_iterations = _multilevel_search(
-            data, make_goal, presolve_samples, (init_kernel, init_bias), dict(shard=shard),
+            data, make_goal, options.presolve_samples, (init_kernel, init_bias), dict(shard=shard),
             search, bar)
     best, polish_report = found.best, None
     if polish and found.feasible is not None:
-        options = dict(rounds=polish, maxiter=polish_maxiter, tol=tol, lam=refit_lam)
+        refine = dict(rounds=polish, maxiter=options.polish_maxiter, tol=tol,
+                      lam=options.refit_lam)
         if epsilon is not None:
-            best, polish_report = _polish(problem, best, epsilon * data.y_norm, **options)
+            best, polish_report = _polish(problem, best, epsilon * data.y_norm, **refine)
         else:
             keep = round(kept_fraction * int(data.support.sum()))
-            best, polish_report = _trim_to_count(problem, best, keep, **options)
+            best, polish_report = _trim_to_count(problem, best, keep, **refine)
     y_norm = data.y_norm
     discrepancy = best.error / y_norm
     if epsilon is None:
@@ -360,11 +388,11 @@ def solve_layer(x=None, y=None, *, epsilon: float | None = None,
         if epsilon is None:
             certified = discrepancy * (1 + 1e-3)
     kept, violation, refit_report = best.kept_fraction, best.violation, None
-    if refit:
+    if options.refit:
         again, refit_kernel, refit_bias = _refit(
             x, y, data.support & (kernel != 0), kernel, bias,
             dict(relu=relu, v=v, fit_bias=fit_bias, offset=offset, gram=gram, form=form),
-            shard=shard, maxiter=refit_maxiter, tol=tol, lam=refit_lam)
+            shard=shard, maxiter=options.refit_maxiter, tol=tol, lam=options.refit_lam)
         refit_report = {"discrepancy_before": discrepancy, "iterations": again.iterations,
                         "used": bool(again.error < best.error)}
         if refit_report["used"]:
@@ -379,7 +407,7 @@ def solve_layer(x=None, y=None, *, epsilon: float | None = None,
         kernel=kernel, bias=bias, discrepancy=discrepancy, epsilon=certified,
         feasible=discrepancy <= certified, lam=best.lam,
         iterations=sum(r.iterations for r in found.solves) + (polish_report or {}).get(
-            "iterations", 0), converged=best.gap <= gap_tol,
+            "iterations", 0), converged=best.gap <= options.gap_tol,
         duality_gap=best.gap,
         inactive_violation=violation / y_norm, kept_fraction=kept,
         solves=len(found.solves), seconds=time.perf_counter() - started,
@@ -526,16 +554,15 @@ def _refit(x, y, pattern, kernel, bias, common: dict, *, shard: bool, maxiter: i
 def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bias=None,
                    support=None, kept_fraction=None, relu: bool = True, v=None,
                    fit_bias: bool = True, offset=None, gram: GramStats | None = None,
-                   form: str = "auto", maxiter: int = 300, tol: float = 1e-4,
-                   refit_maxiter: int = 2000, refit_lam: float = 1e-6, shard: bool = True,
-                   **options) -> LayerSolution:
+                   form: str = "auto", shard: bool = True,
+                   options: SolverOptions = SolverOptions()) -> LayerSolution:
     """Net-Trim with an N:M pattern: every M consecutive inputs of an output unit keep at most N
     weights (the 2:4 pattern sparse tensor cores run).
 
     Net-Trim at kept fraction N/M (within ``support``) says which weights matter; each group
     keeps its N largest |weights| of that solution (ties broken by the trained weights); then
     the weights on that pattern are re-fit under Net-Trim's constraints (active outputs matched,
-    inactive ones held ≤ v) at a negligible ℓ1 weight (``refit_lam`` × the λ that prunes
+    inactive ones held ≤ v) at a negligible ℓ1 weight (``options.refit_lam`` × the λ that prunes
     everything), which removes the ℓ1 shrinkage of the first solve instead of only masking it.
     Certified at the discrepancy it reaches, like the kept-fraction mode.
 
@@ -545,10 +572,10 @@ def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bi
         solve); `network.prune_network` passes it.
       trained_bias, kept_fraction: ignored (prune_network passes them; the pattern fixes the
         kept fraction).
-      refit_maxiter: FISTA iterations of the re-fit (a least-squares-like problem converges
-        slower than a strongly regularized one).
-      relu, v, fit_bias, offset, gram, form, maxiter, tol, shard, options: as in
-        `solve_layer`.
+      relu, v, fit_bias, offset, gram, form, shard: as in `solve_layer`.
+      options: the first solve's search (``refit`` and ``polish`` are not used: the pattern's
+        re-fit replaces them) and the re-fit's ``refit_maxiter`` FISTA iterations (a
+        least-squares-like problem converges slower than a strongly regularized one).
     """
     n, m = nm
     if not 0 < n <= m:
@@ -562,20 +589,21 @@ def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bi
     allowed = np.ones((num_inputs, num_outputs), bool) if support is None \
         else np.asarray(support, bool)
     common = dict(relu=relu, v=v, fit_bias=fit_bias, offset=offset, gram=gram, form=form)
-    first = solve_layer(x, y, kept_fraction=n / m, support=allowed, maxiter=maxiter, tol=tol,
-                        shard=shard, **common, **options)
+    first = solve_layer(x, y, kept_fraction=n / m, support=allowed, shard=shard, **common,
+                        options=dataclasses.replace(options, refit=False, polish=0))
     scores = np.abs(first.kernel) + 1e-9 * (0 if trained_kernel is None
                                             else np.abs(np.asarray(trained_kernel)))
     pattern = nm_mask(np.where(allowed, scores, -np.inf), n, m) & allowed
     best, kernel, bias = _refit(x, y, pattern, first.kernel, first.bias, common, shard=shard,
-                                maxiter=refit_maxiter, tol=tol, lam=refit_lam)
+                                maxiter=options.refit_maxiter, tol=options.tol,
+                                lam=options.refit_lam)
     y_norm = math.sqrt(float(gram.y_squares.sum())) if gram is not None else float(
         np.linalg.norm(np.asarray(y, np.float32)))
     discrepancy = best.error / y_norm
     return LayerSolution(
         kernel=kernel, bias=bias, discrepancy=discrepancy, epsilon=discrepancy * (1 + 1e-3),
         feasible=True, lam=best.lam, iterations=first.iterations + best.iterations,
-        converged=best.gap <= options.get("gap_tol", 0.05), duality_gap=best.gap,
+        converged=best.gap <= options.gap_tol, duality_gap=best.gap,
         inactive_violation=best.violation / y_norm,
         kept_fraction=float(np.count_nonzero(kernel) / allowed.sum()), solves=first.solves + 1,
         seconds=time.perf_counter() - started, presolve_iterations=first.presolve_iterations,

@@ -37,6 +37,7 @@ import numpy as np
 from hoyertrim.nettrim.gram import GramStats
 from hoyertrim.nettrim.problem import LayerSolution, NormalizedLayer, layer_data, measure, \
     residual
+from hoyertrim.nettrim.search import SolverOptions
 
 __all__ = ["solve_layer_units"]
 
@@ -67,12 +68,15 @@ def _solve(x, y, v, active, u0, lam, groups, allowed, num_groups: int, maxiter: 
     return u, state.iter_num
 
 
+# A group-norm program converges slower than the element-wise one: more, finer iterations.
+UNITS_OPTIONS = SolverOptions(maxiter=500, tol=1e-5, refit_maxiter=1000, max_solves=25)
+
+
 def solve_layer_units(x=None, y=None, *, groups=None, epsilon: float | None = None,
                       kept_fraction: float | None = None, relu: bool = True, v=None,
                       fit_bias: bool = True, offset=None, support=None,
-                      gram: GramStats | None = None, form: str = "auto", maxiter: int = 500,
-                      tol: float = 1e-5, refit_maxiter: int = 1000, max_solves: int = 25,
-                      **unused) -> LayerSolution:
+                      gram: GramStats | None = None, form: str = "auto",
+                      options: SolverOptions = UNITS_OPTIONS) -> LayerSolution:
     """Prunes whole input units of one layer (see the module docstring).
 
     Args:
@@ -83,9 +87,9 @@ def solve_layer_units(x=None, y=None, *, groups=None, epsilon: float | None = No
       epsilon: relative discrepancy in (0, 1) to stay within, with the fewest units.
       kept_fraction: instead, the fraction of the units to keep (exactly round(f·units), at
         least 1); certified at the discrepancy reached.
-      maxiter, tol: FISTA iterations and step tolerance per λ (normalized units).
-      refit_maxiter: iterations of the ReLU program's re-fit on the kept units.
-      max_solves: λ values tried.
+      options: ``maxiter`` and ``tol`` (FISTA iterations and step tolerance per λ, normalized
+        units), ``refit_maxiter`` (the ReLU program's re-fit on the kept units) and
+        ``max_solves`` (λ values tried) of a `search.SolverOptions`; the rest is not used.
 
     Returns:
       A `LayerSolution` whose kernel has whole rows of exact zeros for the removed units and
@@ -94,6 +98,7 @@ def solve_layer_units(x=None, y=None, *, groups=None, epsilon: float | None = No
       after it, so the certificate does not depend on it).
     """
     started = time.perf_counter()
+    maxiter, tol = options.maxiter, options.tol
     if (epsilon is None) == (kept_fraction is None):
         raise ValueError("Give exactly one of epsilon and kept_fraction.")
     if epsilon is not None and not 0 < epsilon < 1:
@@ -133,7 +138,7 @@ def solve_layer_units(x=None, y=None, *, groups=None, epsilon: float | None = No
         mask = allowed * jnp.asarray(rows, jnp.float32)[:, None]
         if data.relu:
             u, _ = _solve(*args, jnp.zeros_like(problem.start), jnp.float32(0.0), groups_d,
-                          mask, num_groups, refit_maxiter, tol)
+                          mask, num_groups, options.refit_maxiter, tol)
         else:  # least squares on the kept columns, per neuron (support may differ by neuron)
             design = np.asarray(problem.design_n, np.float64)
             targets = np.asarray(problem.y_d, np.float64)
@@ -159,7 +164,7 @@ def solve_layer_units(x=None, y=None, *, groups=None, epsilon: float | None = No
     start = problem.start
     path, iterations, solves = [], 0, 0
     chosen_iterations = maxiter  # of the λ solve whose units are kept (none yet)
-    for _ in range(max_solves):
+    for _ in range(options.max_solves):
         lam = math.exp(0.5 * (low + high))
         u, used = at(lam, start)
         iterations += used

@@ -31,11 +31,12 @@ from hoyertrim.pipeline.export import compact, evaluate
 from hoyertrim.pipeline.modelspec import model_of, model_spec, resolve_model
 from hoyertrim.pipeline.network import load, load_data
 from hoyertrim.pipeline.pruning import ONESHOT_METHODS, PRUNE_RULES, nettrim, prune, prune_masks
-from hoyertrim.pipeline.training import adopt, finetune, gradual, regularize, train
+from hoyertrim.pipeline.training import TRAINING_DEFAULTS, Training, adopt, finetune, gradual, \
+    regularize, train, training_kwargs
 
 __all__ = ["FORMAT", "LOCK", "MANIFEST", "ONESHOT_METHODS", "PRUNE_RULES", "StageError",
            "StageConflict", "StageInterrupted", "StageResult", "checked_link", "digest",
            "adopt", "compact", "default_directory", "directory_bytes", "evaluate", "finetune",
            "gradual", "load", "load_data", "model_of", "model_spec", "nettrim", "prune",
            "prune_masks", "read_manifest", "regularize", "resolve_model", "train", "verify",
-           "checksums", "linked"]
+           "checksums", "linked", "TRAINING_DEFAULTS", "Training", "training_kwargs"]

@@ -84,14 +84,14 @@ ONESHOT_METHODS = pruner_names(one_shot=True)
 _LAYERS = "layers"  # an unfinished nettrim stage's solved layers, one .npz each
 
 
-def _save_layer(folder: pathlib.Path, name: str, report: dict, layer) -> None:
+def _save_layer(folder: pathlib.Path, name: str, report: nettrim_lib.PrunedLayer, layer) -> None:
     """One solved layer (its report and ``(kernel matrix, bias)`` or None), written atomically
     so that a run killed at any point leaves whole files only (by process 0 alone)."""
     if not is_writer():
         return
     folder.mkdir(exist_ok=True)
     arrays = {"name": np.array(name),
-              "report": np.array(json.dumps(report, default=json_default))}
+              "report": np.array(json.dumps(report.as_dict(), default=json_default))}
     if layer is not None:
         arrays["kernel"] = np.asarray(layer[0])
         if layer[1] is not None:
@@ -112,8 +112,9 @@ def _solved_layers(folder: pathlib.Path) -> dict:
                 layer = None
                 if "kernel" in arrays.files:
                     layer = (arrays["kernel"], arrays["bias"] if "bias" in arrays.files else None)
-                solved[str(arrays["name"])] = (json.loads(str(arrays["report"])), layer)
-        except (OSError, ValueError, KeyError):
+                solved[str(arrays["name"])] = (
+                    nettrim_lib.PrunedLayer.from_dict(json.loads(str(arrays["report"]))), layer)
+        except (OSError, ValueError, KeyError, TypeError):
             file.unlink()  # damaged: that layer is solved again
     return solved
 
@@ -216,12 +217,9 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         layers = [m.name for m in found.maps if m.num_inputs % nm[1] == 0]
         if not layers:
             raise StageError(f"No layer has an input count that is a multiple of {nm[1]}.")
-    if method == "nettrim" and nm is None and not units:
-        options["maxiter"] = maxiter
-        if refit:
-            options["refit"] = True
-        if polish:
-            options["polish"] = polish
+    if method == "nettrim" and not units:
+        options["options"] = nettrim_lib.SolverOptions(maxiter=maxiter, refit=refit,
+                                                       polish=polish)
     with Stage(out, manifest) as stage:
         if stage.done:
             return stage_result(stage)
@@ -257,7 +255,7 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         save_network(stage.out, pruned.params, pruned.masks, loaded.model_state)
         if stage.writer:
             shutil.rmtree(folder, ignore_errors=True)
-        layers = {name: {k: v for k, v in layer.items()} for name, layer in pruned.layers.items()}
+        layers = {name: layer.as_dict() for name, layer in pruned.layers.items()}
         stage.finish(stage_summary(model, pruned.params, loaded.model_state, data, {
             "layers": layers, "heldout": pruned.heldout, "solve_seconds": seconds}))
     return stage_result(stage)

@@ -4,6 +4,7 @@ masked fine-tune (`finetune`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import time
@@ -32,19 +33,79 @@ from hoyertrim.transforms import REGULARIZERS, gradual_magnitude_pruning, masked
 from hoyertrim.trees import layer_name
 
 
-def _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed,
-                  select):
-    if epochs < 1 or batch_size < 1:
-        raise StageError(f"epochs and batch size must be >= 1 (got {epochs}, {batch_size}).")
-    if not (math.isfinite(learning_rate) and learning_rate > 0):
-        raise StageError(f"The learning rate must be a finite number > 0, got {learning_rate}.")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise StageError(f"The weight decay must be a finite number >= 0, got {weight_decay}.")
-    if select not in ("best", "last"):
-        raise StageError(f"select must be 'best' or 'last', got {select!r}.")
-    return dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                learning_rate=learning_rate, schedule=schedule, weight_decay=weight_decay,
-                seed=seed, select=select)
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """The settings every training stage shares (`train`, `regularize`, `gradual`, `finetune`),
+    declared once: each stage takes one, the command line builds one from its flags, and
+    `training_kwargs` builds one from a flat settings dict (`experiments/run.py`).
+
+    Attributes:
+      epochs: passes over the training examples.
+      batch_size: examples per step.
+      optimizer: ``"adam"``, ``"adamw"``, ``"sgd"`` or ``"momentum"`` (`train.make_optimizer`).
+      learning_rate: the peak learning rate.
+      schedule: ``"cosine"`` (decay to 0 over the run) or ``"constant"``.
+      weight_decay: L2 coefficient added to the gradient.
+      seed: seeds initialization, data order and dropout.
+      train_examples: train on this many training examples (a fixed random subset; None: all).
+    """
+
+    # The metadata is what the command line shows and checks for each flag (``--batch-size``…).
+    epochs: int = dataclasses.field(default=30, metadata={"help": "training epochs",
+                                                          "minimum": 1})
+    batch_size: int = dataclasses.field(default=128, metadata={"help": "examples per step",
+                                                               "minimum": 1})
+    optimizer: str = dataclasses.field(default="adam", metadata={
+        "help": "optimizer", "choices": ("adam", "adamw", "sgd", "momentum")})
+    learning_rate: float = dataclasses.field(default=1e-3, metadata={
+        "help": "peak learning rate", "positive": True})
+    schedule: str = dataclasses.field(default="cosine", metadata={
+        "help": "learning-rate schedule (cosine: decay to 0 over the run)",
+        "choices": ("cosine", "constant")})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={
+        "help": "L2 coefficient added to the gradient", "minimum": 0})
+    seed: int = dataclasses.field(default=0, metadata={
+        "help": "seeds initialization, data order and dropout"})
+    train_examples: int | None = dataclasses.field(default=None, metadata={
+        "help": "train on this many training examples (a fixed random subset; default: all)",
+        "minimum": 1})
+
+    def config(self, select: str) -> dict:
+        """The manifest's record of these settings and the epoch ``select``ed (``"best"`` on
+        validation or ``"last"``); StageError for an impossible setting."""
+        if self.epochs < 1 or self.batch_size < 1:
+            raise StageError(f"epochs and batch size must be >= 1 (got {self.epochs}, "
+                             f"{self.batch_size}).")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise StageError(f"The learning rate must be a finite number > 0, got "
+                             f"{self.learning_rate}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise StageError(f"The weight decay must be a finite number >= 0, got "
+                             f"{self.weight_decay}.")
+        if self.train_examples is not None and self.train_examples < 1:
+            raise StageError(f"train_examples must be >= 1, got {self.train_examples}.")
+        if select not in ("best", "last"):
+            raise StageError(f"select must be 'best' or 'last', got {select!r}.")
+        config = dataclasses.asdict(self)
+        if self.train_examples is None:
+            del config["train_examples"]
+        return {**config, "select": select}
+
+
+# Each training stage's defaults (a fine-tune is shorter and gentler than training).
+TRAINING_DEFAULTS = {"train": Training(), "regularize": Training(), "gradual": Training(),
+                     "finetune": Training(epochs=20, learning_rate=3e-4)}
+
+
+def training_kwargs(stage: str, settings: Mapping) -> dict:
+    """A stage's keyword arguments from one flat settings dict: the `Training` fields gathered
+    into ``training=`` (over the stage's defaults), the rest as they are."""
+    if stage not in TRAINING_DEFAULTS:
+        return dict(settings)
+    names = {field.name for field in dataclasses.fields(Training)}
+    training = dataclasses.replace(TRAINING_DEFAULTS[stage],
+                                   **{k: v for k, v in settings.items() if k in names})
+    return {**{k: v for k, v in settings.items() if k not in names}, "training": training}
 
 
 def _fit_stage(stage: Stage, model, tx, dataset, params, model_state, config, *, masks=None,
@@ -71,29 +132,24 @@ def _fit_stage(stage: Stage, model, tx, dataset, params, model_state, config, *,
 
 
 def train(model: str, out, *, model_kwargs: Mapping | None = None, dataset: str = "mnist",
-          epochs: int = 30, batch_size: int = 128, optimizer: str = "adam",
-          learning_rate: float = 1e-3, schedule: str = "cosine", weight_decay: float = 0.0,
-          seed: int = 0, train_examples: int | None = None, data_dir=None,
+          training: Training = TRAINING_DEFAULTS["train"], data_dir=None,
           progress: bool = True, command=None) -> StageResult:
     """Trains a dense model from scratch; keeps the best-validation epoch.
 
     Args:
       model: zoo name or ``module:Class`` / ``file.py:Class`` (see `resolve_model`).
       out: the stage directory to write (resumed if it holds this run's checkpoints).
-      train_examples: train on this many training examples (a fixed random subset; default
-        all), e.g. a part of the ``python_stdlib`` corpus's 224k windows.
+      training: the `Training` settings (``train_examples``: e.g. a part of the
+        ``python_stdlib`` corpus's 224k windows).
     """
     record = model_spec(model, model_kwargs)
     module = resolve_model(record["spec"], record["kwargs"], search_path=record.get("search_path"))
-    config = _train_config(epochs, batch_size, optimizer, learning_rate, schedule, weight_decay,
-                           seed, "best")
-    if train_examples is not None:
-        config["train_examples"] = int(train_examples)
+    config = training.config("best")
     manifest = new_manifest("train", config, model=record, dataset=dataset, command=command)
     with Stage(out, manifest) as stage:
         if stage.done:
             return stage_result(stage)
-        data = load_data(manifest, data_dir).with_train_examples(train_examples)
+        data = load_data(manifest, data_dir).with_train_examples(training.train_examples)
         check_model(module, data, model)
         stage.manifest["input_shape"] = list(data.image_shape)
         tx = _optimizer(config, len(data.train))
@@ -265,10 +321,9 @@ def penalty_gradient(penalty: str, strength: float | Mapping[str, float]
 
 
 def regularize(parent, out, *, penalty: str = "hoyer_square",
-               strength: float | Mapping[str, float] = 1e-4, epochs: int = 30,
-               batch_size: int = 128, optimizer: str = "adam", learning_rate: float = 1e-3,
-               schedule: str = "cosine", weight_decay: float = 0.0, seed: int = 0,
-               data_dir=None, progress=True, command=None) -> StageResult:
+               strength: float | Mapping[str, float] = 1e-4,
+               training: Training = TRAINING_DEFAULTS["regularize"], data_dir=None,
+               progress=True, command=None) -> StageResult:
     """Trains from the parent's params with a sparsity penalty (`transforms.REGULARIZERS`)
     chained before the optimizer; keeps the last epoch (sparsity is this stage's point; the
     fine-tune selects on validation).
@@ -289,14 +344,13 @@ def regularize(parent, out, *, penalty: str = "hoyer_square",
     if by_layer:
         strength = {name: float(value) for name, value
                     in sorted(_by_known_layer(strength, layer_kernels(loaded.params)).items())}
-    config = {"penalty": penalty, "strength": strength, **_train_config(
-        epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed, "last")}
+    config = {"penalty": penalty, "strength": strength, **training.config("last")}
     manifest = new_manifest("regularize", config, parent=parent_manifest, parent_dir=parent,
                          command=command)
     with Stage(out, manifest) as stage:
         if stage.done:
             return stage_result(stage)
-        data = load_data(manifest, data_dir)
+        data = load_data(manifest, data_dir).with_train_examples(training.train_examples)
         tx = optax.chain(penalty_gradient(penalty, strength),
                          _optimizer(config, len(data.train)))
         _fit_stage(stage, model, tx, data, loaded.params, loaded.model_state, config,
@@ -305,10 +359,9 @@ def regularize(parent, out, *, penalty: str = "hoyer_square",
 
 
 def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None, like=None,
-            epochs: int = 30, end_fraction: float = 0.75, updates_per_epoch: int = 2,
-            batch_size: int = 128, optimizer: str = "adam", learning_rate: float = 1e-3,
-            schedule: str = "cosine", weight_decay: float = 0.0, seed: int = 0, data_dir=None,
-            progress=True, command=None) -> StageResult:
+            end_fraction: float = 0.75, updates_per_epoch: int = 2,
+            training: Training = TRAINING_DEFAULTS["gradual"], data_dir=None, progress=True,
+            command=None) -> StageResult:
     """Zhu & Gupta's gradual magnitude pruning (`transforms.gradual_magnitude_pruning`) while
     training from the parent's params: every kernel's sparsity rises along the cubic schedule
     from 0 at the first step to its target at ``end_fraction`` of the steps, re-masked
@@ -345,23 +398,22 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
     if not all(0 <= value < 1 for value in target.values()):
         raise StageError(f"Sparsity must be in [0, 1) for every layer, got {target}.")
     config = {"sparsity": target, "like": like, "end_fraction": end_fraction,
-              "updates_per_epoch": updates_per_epoch, **_train_config(
-                  epochs, batch_size, optimizer, learning_rate, schedule, weight_decay, seed,
-                  "last")}
+              "updates_per_epoch": updates_per_epoch, **training.config("last")}
     manifest = new_manifest("gradual", config, parent=parent_manifest, parent_dir=parent,
                          command=command)
     with Stage(out, manifest) as stage:
         if stage.done:
             return stage_result(stage)
-        data = load_data(manifest, data_dir)
-        steps_per_epoch = len(data.train) // batch_size
+        data = load_data(manifest, data_dir).with_train_examples(training.train_examples)
+        steps_per_epoch = len(data.train) // training.batch_size
         frequency = max(steps_per_epoch // updates_per_epoch, 1)
         # Masks change only on multiples of the frequency: the window ends on one that a step
         # reaches (steps count from 0), so the last update is at the target sparsity.
-        last_step = epochs * steps_per_epoch - 1
+        last_step = training.epochs * steps_per_epoch - 1
         end_step = frequency * int(min(end_fraction * (last_step + 1), last_step) // frequency)
         if end_step < 1:
-            raise StageError(f"{epochs} epoch(s) of {steps_per_epoch} steps leave no mask update "
+            raise StageError(f"{training.epochs} epoch(s) of {steps_per_epoch} steps leave no "
+                             "mask update "
                              "after the first; give more epochs or updates_per_epoch.")
         tx = optax.chain(_optimizer(config, len(data.train)), gradual_magnitude_pruning(
             target, begin_step=0, end_step=end_step, frequency=frequency))
@@ -370,18 +422,16 @@ def gradual(parent, out, *, sparsity: float | Mapping[str, float] | None = None,
     return stage_result(stage)
 
 
-def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
-             batch_size: int = 128, weight_decay: float = 0.0, distill: bool = False,
-             teacher=None, seed: int = 0, train_examples: int | None = None,
-             data_dir=None, progress=True, command=None) -> StageResult:
-    """Masked fine-tune (`transforms.masked_fine_tuning`: pruned weights stay exactly 0), Adam
-    with a cosine schedule; best validation epoch kept.
+def finetune(parent, out, *, distill: bool = False, teacher=None,
+             training: Training = TRAINING_DEFAULTS["finetune"], data_dir=None, progress=True,
+             command=None) -> StageResult:
+    """Masked fine-tune (`transforms.masked_fine_tuning`: pruned weights stay exactly 0); best
+    validation epoch kept.
 
     Args:
       distill: fine-tune towards a teacher (`train.distillation_loss`) instead of plain
         cross-entropy; ``teacher`` is a stage directory, by default the chain's first stage.
-      train_examples: fine-tune on this many training examples (a fixed random subset, as
-        `train` takes it; default all).
+      training: the `Training` settings (default 20 epochs of Adam at 3e-4, cosine).
     """
     parent_manifest, model, loaded = read_parent(parent)
     teacher_dir = None
@@ -390,10 +440,7 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
                                        or parent).expanduser().absolute())
     elif teacher is not None:
         raise StageError("A teacher is only used with distillation (--distill).")
-    config = {"distill": distill, "teacher": teacher_dir, **_train_config(
-        epochs, batch_size, "adam", learning_rate, "cosine", weight_decay, seed, "best")}
-    if train_examples is not None:
-        config["train_examples"] = int(train_examples)
+    config = {"distill": distill, "teacher": teacher_dir, **training.config("best")}
     manifest = new_manifest("finetune", config, parent=parent_manifest, parent_dir=parent,
                          command=command)
     teacher_fn = None
@@ -404,7 +451,7 @@ def finetune(parent, out, *, epochs: int = 20, learning_rate: float = 3e-4,
     with Stage(out, manifest) as stage:
         if stage.done:
             return stage_result(stage)
-        data = load_data(manifest, data_dir).with_train_examples(train_examples)
+        data = load_data(manifest, data_dir).with_train_examples(training.train_examples)
         masks = kernel_nonzero_masks(loaded.params)
         tx = masked_fine_tuning(_optimizer(config, len(data.train)), masks)
         _fit_stage(stage, model, tx, data, apply_masks(loaded.params, masks),
