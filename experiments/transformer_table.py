@@ -29,6 +29,12 @@ LABELS = {"nettrim": "Net-Trim (cascade, kept fraction)",
           "wanda": "Wanda", "magnitude": "magnitude"}
 
 
+
+def _agreement(evaluation: dict) -> float:
+    """The top-1 agreement with the dense model (evaluations written before 2026-12-06 call it
+    ``agreement``)."""
+    return evaluation.get("top1_agreement", evaluation.get("agreement"))
+
 def _point(results: pathlib.Path, name: str):
     """(dense test result, pruned test result, pruning stage's results) of one pipeline's
     results file, or None when it has not been run."""
@@ -50,7 +56,7 @@ def _rows(results: pathlib.Path) -> tuple[dict, dict]:
             rows[method, point] = {"perplexity": pruned["perplexity"],
                                    "bits_per_byte": pruned["bits_per_byte"],
                                    "accuracy": pruned["accuracy"],
-                                   "agreement": pruned["agreement"],
+                                   "agreement": _agreement(pruned),
                                    "kept_fraction": stage["kept_fraction"],
                                    "seconds": stage["solve_seconds"]}
     return dense, rows
@@ -74,7 +80,7 @@ def _vit_table(results: pathlib.Path) -> str:
             label = "2:4" if point == "2to4" else f"{point}%"
             name = _label(method, point)
             lines.append(f"| {label} | {name} | {100 * pruned['accuracy']:.2f}% | "
-                         f"{100 * pruned['agreement']:.2f}% | {stage['kept_fraction']:.3f} | "
+                         f"{100 * _agreement(pruned):.2f}% | {stage['kept_fraction']:.3f} | "
                          f"{stage['solve_seconds']:.1f} |")
     if dense is None:
         return ""

@@ -139,7 +139,7 @@ class Checkpointer:
              metrics: Mapping[str, float] | None = None, force: bool = False) -> None:
         """Saves asynchronously; call `wait_until_finished` before reading the files.
 
-        Pruning masks, when training uses `transforms.masked`, are part of ``state.opt_state``.
+        Pruning masks, when training uses `transforms.masked_fine_tuning`, are part of ``state.opt_state``.
         """
         items = {"state": ocp.args.StandardSave(state_to_tree(state)),
                  "config": ocp.args.JsonSave(dict(config or {}))}

@@ -517,9 +517,9 @@ def _evaluation_text(result: dict) -> str:
     else:
         lines = [f"{result['directory']} ({result['stage']}): {result['split']} accuracy "
                  f"{100 * result['accuracy']:.2f}% on {result['examples']:,} images"]
-    if "agreement" in result:
+    if "top1_agreement" in result:
         lines.append(f"  vs {result['reference']} ({100 * result['reference_accuracy']:.2f}%): "
-                     f"top-1 agreement {100 * result['agreement']:.2f}%, logits relative error "
+                     f"top-1 agreement {100 * result['top1_agreement']:.2f}%, logits relative error "
                      f"{result['logits_relative_error']:.4f}")
     if "sparsity" in result:
         s = result["sparsity"]

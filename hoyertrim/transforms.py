@@ -10,7 +10,7 @@ Ordering rules (tested in tests/test_transforms.py):
   optimizer sees the gradient of ``loss + strength * R`` — exactly the paper's objective. Chained
   after the optimizer it would bypass Adam's normalization and mean something else.
 
-* Masks wrap the optimizer: ``masked(optax.adam(1e-4), masks)`` zeroes the gradients of pruned
+* Masks wrap the optimizer: ``masked_fine_tuning(optax.adam(1e-4), masks)`` zeroes the gradients of pruned
   weights before the optimizer (its moments of pruned weights stay 0) and sets their update to
   ``-param`` after it, so after `optax.apply_updates` pruned weights are exactly 0 whatever the
   optimizer's momentum or decoupled weight decay produced. The masks live in the transform's
@@ -125,12 +125,15 @@ class MaskedState(NamedTuple):
     inner_state: Any
 
 
-def masked(inner: optax.GradientTransformation, masks: Any) -> optax.GradientTransformation:
+def masked_fine_tuning(inner: optax.GradientTransformation,
+                       masks: Any) -> optax.GradientTransformation:
     """Trains only the kept weights with ``inner``; pruned weights stay exactly 0.
 
     Gradients of pruned weights are zeroed before ``inner`` and their updates set to ``-param``
-    after it. ``masks`` seeds the state at ``init``; from then on the masks travel in
-    `MaskedState` (see `masks_in_state`), so a restored optimizer state brings its masks back.
+    after it. (Not `optax.masked`, which runs ``inner`` on the selected leaves and passes the
+    others' updates through: here the unselected — pruned — leaves are held at zero.) ``masks``
+    seeds the state at ``init``; from then on the masks travel in `MaskedState` (see
+    `masks_in_state`), so a restored optimizer state brings its masks back.
     """
 
     def init(params):
@@ -140,7 +143,8 @@ def masked(inner: optax.GradientTransformation, masks: Any) -> optax.GradientTra
 
     def update(updates, state, params=None):
         if params is None:
-            raise ValueError("masked needs params: call tx.update(grads, state, params).")
+            raise ValueError("masked_fine_tuning needs params: call tx.update(grads, state, "
+                             "params).")
         _check_masks(state.masks, updates)
         updates = jax.tree.map(lambda u, m: jnp.where(m, u, 0), updates, state.masks)
         updates, inner_state = inner.update(updates, state.inner_state, params)
@@ -150,14 +154,8 @@ def masked(inner: optax.GradientTransformation, masks: Any) -> optax.GradientTra
     return optax.GradientTransformation(init, update)
 
 
-def masked_fine_tuning(optimizer: optax.GradientTransformation,
-                       masks: Any) -> optax.GradientTransformation:
-    """Alias of `masked`: fine-tune a pruned network with ``optimizer``."""
-    return masked(optimizer, masks)
-
-
 def masks_in_state(opt_state: Any) -> Any:
-    """The masks held by a `masked` or `gradual_magnitude_pruning` state inside ``opt_state``
+    """The masks held by a `masked_fine_tuning` or `gradual_magnitude_pruning` state inside ``opt_state``
     (e.g. a restored checkpoint's), or None if it holds none."""
     holders = (MaskedState, GradualPruningState)
     for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, holders)):
@@ -181,7 +179,7 @@ def gradual_magnitude_pruning(final_sparsity: float | Mapping[str, float], begin
 
     Every ``frequency`` steps between ``begin_step`` and ``end_step`` each selected leaf is
     re-masked to keep its largest-magnitude weights at the sparsity of `polynomial_sparsity`;
-    in between, pruned weights are held at exactly 0 as by `masked`. The masks live in the
+    in between, pruned weights are held at exactly 0 as by `masked_fine_tuning`. The masks live in the
     state, so the whole schedule runs inside a jitted training loop.
 
     Args:

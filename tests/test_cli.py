@@ -91,7 +91,7 @@ def test_compact_model_loads_in_a_fresh_process_with_the_same_accuracy(chain, ca
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert float(done.stdout.split()[-1]) == pytest.approx(masked["accuracy"], abs=1e-9)
-    assert masked["agreement"] > 0.9 and masked["reference"] == str(chain / "dense")
+    assert masked["top1_agreement"] > 0.9 and masked["reference"] == str(chain / "dense")
 
 
 def test_same_command_reuses_the_stage_and_other_settings_are_refused(chain, capsys,
@@ -861,7 +861,7 @@ def test_evaluate_keeps_results_of_other_references_and_survives_a_read_only_sta
     assert status == 0
     other = list((copy / "trimmed").glob("evaluation-test-vs-*.json"))
     assert len(other) == 1 and str(other[0]) in out
-    assert json.loads(other[0].read_text())["agreement"] == 1.0
+    assert json.loads(other[0].read_text())["top1_agreement"] == 1.0
     assert (copy / "trimmed" / "evaluation-test.json").read_text() == default
     # A stage that cannot be written to: the result is printed, and said not to be saved.
     write_text = type(copy).write_text

@@ -79,12 +79,13 @@ def test_killed_and_resumed_run_is_bit_identical(small_mnist, tmp_path):
 @pytest.mark.slow  # seconds, not milliseconds: keeps the quick tier under 90 s
 def test_checkpoint_restores_types_masks_config_and_keeps_latest_plus_best(tmp_path):
     from hoyertrim.masks import magnitude_masks
-    from hoyertrim.transforms import masked, masks_in_state
+    from hoyertrim.transforms import masked_fine_tuning, masks_in_state
     model = create_model("lenet300100")
     params = create_train_state(model, optax.adam(1e-3), jax.random.PRNGKey(0),
                                 (28, 28, 1)).params
     masks = magnitude_masks(params, 0.5)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), masked(optax.adam(1e-3), masks))
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     masked_fine_tuning(optax.adam(1e-3), masks))
     state = create_train_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1), params=params)
     checkpointer = Checkpointer(tmp_path / "ckpt", max_to_keep=2)
     for step, acc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7)]:
@@ -95,7 +96,8 @@ def test_checkpoint_restores_types_masks_config_and_keeps_latest_plus_best(tmp_p
     assert checkpointer.best_step() == 2
     # The template's masks only give the structure: the saved masks come back.
     template_tx = optax.chain(optax.clip_by_global_norm(1.0),
-                              masked(optax.adam(1e-3), jax.tree.map(jnp.ones_like, masks)))
+                              masked_fine_tuning(optax.adam(1e-3),
+                                                 jax.tree.map(jnp.ones_like, masks)))
     template = create_train_state(model, template_tx, jax.random.PRNGKey(1), (28, 28, 1))
     restored, config = Checkpointer(tmp_path / "ckpt").restore(template, 2)
     assert config == {"lr": 1e-3} and int(restored.step) == 2
@@ -228,14 +230,14 @@ def test_masked_fine_tune_resumes_bit_identically_with_its_masks(tmp_path):
     """The masks travel in the optimizer state: a resumed fine-tune needs only a template of
     the same structure (here all-True masks) and continues exactly as the uninterrupted one."""
     from hoyertrim.masks import magnitude_masks
-    from hoyertrim.transforms import masked, masks_in_state
+    from hoyertrim.transforms import masked_fine_tuning, masks_in_state
 
     model, dataset = small_mlp(), synthetic(2000)
     dense, _ = fit(model, optax.adam(1e-3), dataset, epochs=1, batch_size=64, progress=False)
     masks = magnitude_masks(dense.params, 0.8)
 
     def run(directory, epochs, tx_masks):
-        tx = masked(optax.adam(1e-3), tx_masks)
+        tx = masked_fine_tuning(optax.adam(1e-3), tx_masks)
         state = create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1),
                                    params=dense.params)
         return fit(model, tx, dataset, epochs=epochs, batch_size=64, state=state,

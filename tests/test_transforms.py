@@ -90,7 +90,7 @@ def test_masked_holds_zeros_whatever_the_optimizer_does():
     params = {"kernel": jnp.array([[0.5, 1.0]])}  # the first weight is pruned but not yet zero
     masks = {"kernel": jnp.array([[False, True]])}
     grads = {"kernel": jnp.array([[1.0, 1.0]])}
-    tx = transforms.masked(optax.adamw(0.1, weight_decay=0.5), masks)
+    tx = transforms.masked_fine_tuning(optax.adamw(0.1, weight_decay=0.5), masks)
     p, state = params, tx.init(params)
     for _ in range(3):
         updates, state = tx.update(grads, state, p)
@@ -103,7 +103,7 @@ def test_masked_holds_zeros_whatever_the_optimizer_does():
 
 def test_masks_are_in_the_state_not_baked_into_the_step():
     params = {"kernel": jnp.ones((2, 2))}
-    tx = transforms.masked(optax.sgd(0.1), {"kernel": jnp.ones((2, 2), bool)})
+    tx = transforms.masked_fine_tuning(optax.sgd(0.1), {"kernel": jnp.ones((2, 2), bool)})
     state = tx.init(params)
     update = jax.jit(tx.update)
     grads = {"kernel": jnp.ones((2, 2))}
@@ -121,7 +121,7 @@ def test_masks_are_in_the_state_not_baked_into_the_step():
 
 def test_mask_structure_mismatch_is_a_clear_error():
     params = {"a": {"kernel": jnp.ones((2, 2))}, "b": {"kernel": jnp.ones((2, 2))}}
-    tx = transforms.masked(optax.sgd(0.1), {"a": {"kernel": jnp.ones((2, 2), bool)}})
+    tx = transforms.masked_fine_tuning(optax.sgd(0.1), {"a": {"kernel": jnp.ones((2, 2), bool)}})
     with pytest.raises(ValueError, match="same structure as params"):
         tx.init(params)
     assert jax.tree.structure(full_masks(params)) == jax.tree.structure(params)

@@ -104,7 +104,7 @@ def evaluate(directory, *, reference=None, split: str = "test", data_dir=None) -
         reference_loaded = load(reference)
         reference_logits = reference_loaded.predict(images)
         result.update(reference=str(pathlib.Path(reference).absolute()),
-                      agreement=float(np.mean(np.argmax(logits, -1)
+                      top1_agreement=float(np.mean(np.argmax(logits, -1)
                                               == np.argmax(reference_logits, -1))),
                       logits_relative_error=float(np.linalg.norm(logits - reference_logits)
                                                   / np.linalg.norm(reference_logits)),
@@ -155,7 +155,7 @@ def _text_metrics(loaded, reference, tokens, labels, batch_size: int = 256) -> d
               "bits_per_byte": loss / float(np.log(2)), "accuracy": sums["correct"] / count,
               "examples": int(len(labels)), "positions": int(count)}
     if reference is not None:
-        result.update(agreement=sums["agree"] / count,
+        result.update(top1_agreement=sums["agree"] / count,
                       reference_accuracy=sums["reference_correct"] / count,
                       logits_relative_error=float(np.sqrt(sums["difference"] / sums["norm"])))
     return result
