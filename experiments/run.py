@@ -340,6 +340,11 @@ for _name, _class in (("flax_cnn", "FlaxExampleCNN"), ("conv_bn", "ConvBatchNorm
 NETTRIM_FC_REFIT = ("nettrim", {"epsilon": 0.1, "scheme": "cascade", "refit": True})
 for _name in ("plain", "l1", "hs"):
     CONFIGS[f"regnets_{_name}_refit"] = CONFIGS[f"regnets_{_name}"][:-1] + [NETTRIM_FC_REFIT]
+# Magnitude pruning of the same network to exactly each Net-Trim run's per-layer counts.
+for _name in ("plain", "dropout", "l1", "hs", "plain_refit", "l1_refit", "hs_refit"):
+    _chain = CONFIGS[f"regnets_{_name}"]
+    CONFIGS[f"regnets_{_name}_magnitude"] = _chain[:-1] + [
+        ("nettrim", {"method": "magnitude", "like": _chain, "scheme": "cascade"})]
 
 _STAGES = {"train": pipeline.train, "regularize": pipeline.regularize,
            "gradual": pipeline.gradual, "prune": pipeline.prune, "finetune": pipeline.finetune,
@@ -390,14 +395,14 @@ def run(name: str, *, root="runs/pipeline", data_dir=None, progress=True,
     """Runs pipeline ``name`` (a key of `CONFIGS`) and writes its results file."""
     started = time.perf_counter()
     stages = run_stages(name, CONFIGS[name], root=root, data_dir=data_dir, progress=progress)
-    # The test set, once per reported point: the dense reference and every pruned network (a
-    # compact stage computes its parent's function, checked when it was written).
+    # The test set, once per reported point: the dense reference, a regularized network and
+    # every pruned one (a compact stage computes its parent's function, checked when written).
     # The shared dense stage's evaluation is reused once written (a stage never changes).
     evaluated = [_dense_evaluation(stage["directory"], data_dir) if index == 0
                  else pipeline.evaluate(stage["directory"], data_dir=data_dir)
                  for index, stage in enumerate(stages)
-                 if index == 0 or stage["stage"] in ("prune", "gradual", "nettrim", "oneshot",
-                                                     "finetune")]
+                 if index == 0 or stage["stage"] in ("regularize", "prune", "gradual", "nettrim",
+                                                     "oneshot", "finetune")]
     payload = {"name": name, "command": f"python experiments/run.py {name}",
                "stages": stages, "test": evaluated,
                "seconds_this_run": time.perf_counter() - started}

@@ -65,3 +65,14 @@ def test_a_one_shot_pruner_asks_for_a_kept_fraction_not_an_epsilon():
     with pytest.raises(ValueError, match="sparsegpt fixes a sparsity.*give kept_fraction"):
         nettrim.prune_network(_MLP(), params, images, epsilon=0.1, solver=peers.sparsegpt_layer,
                               progress=False)
+
+
+def test_a_pruned_layer_record_round_trips_and_refuses_a_foreign_one():
+    record = nettrim.PrunedLayer(
+        program="relu", reason="a ReLU follows", bounds="…", mode="epsilon",
+        epsilon_requested=0.1, epsilon_certified=0.1, discrepancy=0.09, feasible=True,
+        weights=12, kept_weights=3, kept_fraction=0.25, samples=40, measured=0.0899,
+        lam_path=({"lam": 1.0, "discrepancy": 0.09, "kept_fraction": 0.25},))
+    assert nettrim.PrunedLayer.from_dict(record.as_dict()) == record
+    with pytest.raises(ValueError, match="unknown fields epsilon"):
+        nettrim.PrunedLayer.from_dict({**record.as_dict(), "epsilon": 0.1})

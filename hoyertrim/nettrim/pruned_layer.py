@@ -81,7 +81,8 @@ class PrunedLayer:
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"Not a PrunedLayer record: unknown fields {', '.join(unknown)}.")
+            raise ValueError(f"Not a PrunedLayer record (written by another version of "
+                             f"hoyertrim?): unknown fields {', '.join(unknown)}.")
         record = cls(**values)
         record.lam_path = tuple(record.lam_path)
         return record
