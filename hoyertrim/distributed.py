@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 __all__ = ["concatenate_over_processes", "initialize", "is_writer", "process_share",
-           "sum_over_processes"]
+           "sum_over_processes", "writers_text"]
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -75,3 +75,15 @@ def concatenate_over_processes(rows: np.ndarray) -> np.ndarray:
     padded[:len(rows)] = rows
     parts = _gathered(padded)
     return np.concatenate([part[:length] for part, length in zip(parts, lengths)])
+
+
+def writers_text(text: str) -> str:
+    """Process 0's ``text`` on every process (e.g. which files it found, so that all processes
+    act on the same list)."""
+    if jax.process_count() == 1:
+        return text
+    sent = np.frombuffer(text.encode(), np.uint8)
+    lengths = _gathered(np.asarray([len(sent)], np.int32))[:, 0]
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:len(sent)] = sent
+    return _gathered(padded)[0][:lengths[0]].tobytes().decode()

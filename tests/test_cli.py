@@ -824,6 +824,7 @@ def test_an_interrupted_nettrim_resumes_from_its_solved_layers(chain, tmp_path, 
     monkeypatch.setattr(hoyertrim.nettrim, "prune_network", spy)
     result = pipeline.nettrim(chain / "dense", out, **arguments)
     assert given == [calls] and not (out / "layers").exists()
+    assert result.results["resumed_layers"] == calls
     # The resumed stage equals the uninterrupted one made with the same settings.
     ours, theirs = hoyertrim.load(out), hoyertrim.load(chain / "trimmed")
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours.params),
@@ -970,3 +971,79 @@ def test_training_settings_are_declared_once_and_reach_every_training_command():
     assert kwargs == {"distill": True, "training": pipeline.Training(epochs=3,
                                                                      learning_rate=3e-4)}
     assert pipeline.training_kwargs("prune", {"rule": "std"}) == {"rule": "std"}
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_like_one(chain, tmp_path, tiny_data_root):
+    """`hoyertrim --coordinator … finetune` as two processes on this machine (loopback, gloo):
+    each process takes half of every batch, the gradients are summed across them, process 0
+    writes; the fine-tuned weights equal a one-process run's up to the reduction order and the
+    masks (pruned weights exactly 0) are the same."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = ["finetune", str(chain / "trimmed"), "--epochs", "1", "--batch-size", "100",
+                "--train-examples", "400", "--data-dir", str(tiny_data_root), "--no-progress"]
+    out = tmp_path / "two"
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", "import sys; from hoyertrim import cli, data; "
+         "data._verify = lambda *a: None; sys.exit(cli.main())",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+         *settings, "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}) for i in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    assert f"wrote {out}" in outputs[0][0] and "wrote" not in outputs[1][0]
+    assert cli.main([*settings, "--out", str(tmp_path / "one")]) == 0
+    two, one = (hoyertrim.load(d) for d in (out, tmp_path / "one"))
+    assert pipeline.verify(out) == len(pipeline.read_manifest(out)["files"]) > 0
+    for a, b in zip(jax.tree.leaves(two.masks), jax.tree.leaves(one.masks)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_an_interrupted_nettrim_from_its_solved_layers(
+        chain, tmp_path, monkeypatch, tiny_data_root):
+    """A nettrim stage interrupted after its first layer, resumed by `hoyertrim --coordinator …`
+    as two processes: both keep the solved layer (the stage records it) and the stage equals the
+    uninterrupted one."""
+    import socket
+    from hoyertrim.pipeline import pruning
+    out = tmp_path / "trimmed"
+    save = pruning._save_layer
+
+    def save_then_interrupt(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pruning, "_save_layer", save_then_interrupt)
+    with pytest.raises(pipeline.StageInterrupted):
+        pipeline.nettrim(chain / "dense", out, epsilon=0.1, samples=600, heldout=200,
+                         data_dir=tiny_data_root, progress=False)
+    kept = [str(np.load(f)["name"]) for f in (out / "layers").glob("*.npz")]
+    assert len(kept) == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", "import sys; from hoyertrim import cli, data; "
+         "data._verify = lambda *a: None; sys.exit(cli.main())",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+         "nettrim", str(chain / "dense"), "--epsilon", "0.1", "--samples", "600", "--heldout",
+         "200", "--out", str(out), "--data-dir", str(tiny_data_root), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}) for i in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    manifest = pipeline.read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["results"]["resumed_layers"] == kept
+    assert not (out / "layers").exists()
+    ours, theirs = hoyertrim.load(out), hoyertrim.load(chain / "trimmed")
+    for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(theirs.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

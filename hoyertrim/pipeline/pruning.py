@@ -15,7 +15,7 @@ import numpy as np
 
 from hoyertrim import masks as masks_lib
 from hoyertrim import nettrim as nettrim_lib
-from hoyertrim.distributed import is_writer
+from hoyertrim.distributed import is_writer, writers_text
 from hoyertrim.inspection import inspect_model
 from hoyertrim.masks import kernel_nonzero_masks
 from hoyertrim.pipeline.directory import (
@@ -104,9 +104,13 @@ def _save_layer(folder: pathlib.Path, name: str, report: nettrim_lib.PrunedLayer
 
 
 def _solved_layers(folder: pathlib.Path) -> dict:
-    """``{layer: (report, layer)}`` of the layers an interrupted run of this stage solved."""
+    """``{layer: (report, layer)}`` of the layers an interrupted run of this stage solved.
+
+    A damaged file is removed (by process 0) and its layer solved again. With several processes
+    every one reads the files (stage folders sit on a file system they share, as the parent's
+    network does) and all keep process 0's list, so they agree on what is left to solve."""
     solved = {}
-    for file in sorted(folder.glob("*.npz")):
+    for file in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
         try:
             with np.load(file, allow_pickle=False) as arrays:
                 layer = None
@@ -115,8 +119,15 @@ def _solved_layers(folder: pathlib.Path) -> dict:
                 solved[str(arrays["name"])] = (
                     nettrim_lib.PrunedLayer.from_dict(json.loads(str(arrays["report"]))), layer)
         except (OSError, ValueError, KeyError, TypeError):
-            file.unlink()  # damaged: that layer is solved again
-    return solved
+            if is_writer():
+                file.unlink()  # damaged: that layer is solved again
+    agreed = [name for name in writers_text("\n".join(sorted(solved))).split("\n") if name]
+    missing = sorted(set(agreed) - set(solved))
+    if missing:
+        raise StageError(f"Process {jax.process_index()} cannot read the solved layers "
+                         f"{', '.join(missing)} that process 0 found in {folder}; the stage "
+                         "folder must be on a file system every process shares.")
+    return {name: solved[name] for name in agreed}
 
 
 def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float | None = None,
@@ -233,11 +244,9 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
         held = data.validation.images[np.sort(rng.choice(
             len(data.validation), min(heldout, len(data.validation)), replace=False))]
         started = time.perf_counter()
-        # Each solved layer is kept as it finishes: an interrupted run resumes from them (one
-        # process only: processes reading the folder while process 0 writes it could disagree
-        # on which layers are left, and each layer's calibration pass is a collective).
+        # Each solved layer is kept as it finishes: an interrupted run resumes from them.
         folder = stage.out / _LAYERS
-        solved = _solved_layers(folder) if folder.is_dir() and jax.process_count() == 1 else {}
+        solved = _solved_layers(folder)
         try:
             pruned = nettrim_lib.prune_network(
                 model, variables, calibration, epsilon=epsilon,
@@ -257,5 +266,6 @@ def nettrim(parent, out, *, epsilon: float | None = None, kept_fraction: float |
             shutil.rmtree(folder, ignore_errors=True)
         layers = {name: layer.as_dict() for name, layer in pruned.layers.items()}
         stage.finish(stage_summary(model, pruned.params, loaded.model_state, data, {
-            "layers": layers, "heldout": pruned.heldout, "solve_seconds": seconds}))
+            "layers": layers, "heldout": pruned.heldout, "solve_seconds": seconds,
+            "resumed_layers": sorted(solved)}))
     return stage_result(stage)
