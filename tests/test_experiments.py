@@ -180,3 +180,18 @@ def test_mnist_tables_fill_their_markers_from_the_results_files(tmp_path):
     (results / "user_conv_bn_cascade.json").unlink()  # a table with no results is an error
     with pytest.raises(SystemExit, match="No results for the user table"):
         mnist_tables.main(["--results", str(results), "--out", str(page)])
+
+
+def test_regnets_table_reads_the_pipelines_results(tmp_path):
+    """The committed regnets results: each row from its Net-Trim pipeline and the magnitude
+    pipeline that matched its per-layer counts (`--like`), which keeps exactly as many weights."""
+    import regnets_table
+
+    rows = regnets_table.main(["--results", str(REPO / "results" / "pipelines"),
+                               "--out", str(tmp_path / "regnets.json")])
+    assert set(rows) == set(regnets_table.NAMES)
+    for row in rows.values():
+        assert row["magnitude_kept_fraction"] == pytest.approx(row["kept_fraction"], abs=1e-12)
+        assert 0.9 < row["nettrim_test"] <= 1 and 0.9 < row["magnitude_same_counts_test"] <= 1
+    assert json.loads((tmp_path / "regnets.json").read_text()) == json.loads(json.dumps(rows))
+    assert "| + L1; Net-Trim + re-fit | 98.46 | 3.84 (" in regnets_table.table(rows)
