@@ -84,6 +84,6 @@ def writers_text(text: str) -> str:
         return text
     sent = np.frombuffer(text.encode(), np.uint8)
     lengths = _gathered(np.asarray([len(sent)], np.int32))[:, 0]
-    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded = np.zeros(max(int(lengths.max()), 1), np.uint8)  # an empty text still sends a byte
     padded[:len(sent)] = sent
     return _gathered(padded)[0][:lengths[0]].tobytes().decode()

@@ -907,29 +907,37 @@ def test_debug_shows_the_traceback_and_warnings_are_hidden(capsys, tmp_path):
                                           "does not exist."
 
 
-@pytest.mark.slow
-def test_two_processes_run_one_nettrim_stage_and_one_writes_it(chain, tmp_path, tiny_data_root):
-    """`hoyertrim --coordinator … nettrim` as two processes on this machine (loopback, gloo):
-    each runs the forward passes of half the calibration images, process 0 alone writes and
-    prints; the stage equals the one-process stage with the same settings."""
+def _two_processes(*arguments) -> list[str]:
+    """Runs ``hoyertrim ARGUMENTS`` as two processes joined by a loopback coordinator (gloo CPU
+    collectives), each checked to exit 0; their standard outputs."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "two"
     processes = [subprocess.Popen(
         [sys.executable, "-c", "import sys; from hoyertrim import cli, data; "
          "data._verify = lambda *a: None; sys.exit(cli.main())",
          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-         "nettrim", str(chain / "dense"), "--epsilon", "0.1", "--samples", "600", "--heldout",
-         "200", "--out", str(out), "--data-dir", str(tiny_data_root), "--no-progress"],
+         *arguments],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}) for i in range(2)]
     outputs = [process.communicate(timeout=600) for process in processes]
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
+@pytest.mark.slow
+def test_two_processes_run_one_nettrim_stage_and_one_writes_it(chain, tmp_path, tiny_data_root):
+    """`hoyertrim --coordinator … nettrim` as two processes on this machine (loopback, gloo):
+    each runs the forward passes of half the calibration images, process 0 alone writes and
+    prints; the stage equals the one-process stage with the same settings."""
+    out = tmp_path / "two"
+    outputs = _two_processes(
+        "nettrim", str(chain / "dense"), "--epsilon", "0.1", "--samples", "600", "--heldout",
+        "200", "--out", str(out), "--data-dir", str(tiny_data_root), "--no-progress")
     # (gloo's own C++ prints a line per process; hoyertrim's lines come from process 0 only)
-    assert f"wrote {out}" in outputs[0][0] and "wrote" not in outputs[1][0]
+    assert f"wrote {out}" in outputs[0] and "wrote" not in outputs[1]
     two, one = pipeline.read_manifest(out), pipeline.read_manifest(chain / "trimmed")
     assert pipeline.verify(out) == len(two["files"]) > 0
     for name, layer in one["results"]["layers"].items():
@@ -979,24 +987,11 @@ def test_two_processes_fine_tune_like_one(chain, tmp_path, tiny_data_root):
     each process takes half of every batch, the gradients are summed across them, process 0
     writes; the fine-tuned weights equal a one-process run's up to the reduction order and the
     masks (pruned weights exactly 0) are the same."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     settings = ["finetune", str(chain / "trimmed"), "--epochs", "1", "--batch-size", "100",
                 "--train-examples", "400", "--data-dir", str(tiny_data_root), "--no-progress"]
     out = tmp_path / "two"
-    processes = [subprocess.Popen(
-        [sys.executable, "-c", "import sys; from hoyertrim import cli, data; "
-         "data._verify = lambda *a: None; sys.exit(cli.main())",
-         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-         *settings, "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}) for i in range(2)]
-    outputs = [process.communicate(timeout=600) for process in processes]
-    for process, (_, err) in zip(processes, outputs):
-        assert process.returncode == 0, err[-3000:]
-    assert f"wrote {out}" in outputs[0][0] and "wrote" not in outputs[1][0]
+    outputs = _two_processes(*settings, "--out", str(out))
+    assert f"wrote {out}" in outputs[0] and "wrote" not in outputs[1]
     assert cli.main([*settings, "--out", str(tmp_path / "one")]) == 0
     two, one = (hoyertrim.load(d) for d in (out, tmp_path / "one"))
     assert pipeline.verify(out) == len(pipeline.read_manifest(out)["files"]) > 0
@@ -1012,7 +1007,6 @@ def test_two_processes_resume_an_interrupted_nettrim_from_its_solved_layers(
     """A nettrim stage interrupted after its first layer, resumed by `hoyertrim --coordinator …`
     as two processes: both keep the solved layer (the stage records it) and the stage equals the
     uninterrupted one."""
-    import socket
     from hoyertrim.pipeline import pruning
     out = tmp_path / "trimmed"
     save = pruning._save_layer
@@ -1027,20 +1021,9 @@ def test_two_processes_resume_an_interrupted_nettrim_from_its_solved_layers(
                          data_dir=tiny_data_root, progress=False)
     kept = [str(np.load(f)["name"]) for f in (out / "layers").glob("*.npz")]
     assert len(kept) == 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    processes = [subprocess.Popen(
-        [sys.executable, "-c", "import sys; from hoyertrim import cli, data; "
-         "data._verify = lambda *a: None; sys.exit(cli.main())",
-         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-         "nettrim", str(chain / "dense"), "--epsilon", "0.1", "--samples", "600", "--heldout",
-         "200", "--out", str(out), "--data-dir", str(tiny_data_root), "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}) for i in range(2)]
-    outputs = [process.communicate(timeout=600) for process in processes]
-    for process, (_, err) in zip(processes, outputs):
-        assert process.returncode == 0, err[-3000:]
+    _two_processes("nettrim", str(chain / "dense"), "--epsilon", "0.1", "--samples", "600",
+                   "--heldout", "200", "--out", str(out), "--data-dir", str(tiny_data_root),
+                   "--no-progress")
     manifest = pipeline.read_manifest(out)
     assert manifest["status"] == "complete" and manifest["results"]["resumed_layers"] == kept
     assert not (out / "layers").exists()
