@@ -48,8 +48,8 @@ class LayerSolution:
       presolve_iterations: iterations spent on the subsampled presolves.
       lam_path: the full-size solves of the λ search in the order made, each
         ``{"lam", "discrepancy", "kept_fraction"}``.
-      refit: with ``solve_layer(refit=True)``: ``{"discrepancy_before", "iterations", "used"}``.
-      polish: with ``solve_layer(polish=k)``: ``{"kept_before", "discrepancy_before",
+      refit: with ``SolverOptions(refit=True)``: ``{"discrepancy_before", "iterations", "used"}``.
+      polish: with ``SolverOptions(polish=k)``: ``{"kept_before", "discrepancy_before",
         "iterations", "removed"}`` (weights removed per round).
     """
 
