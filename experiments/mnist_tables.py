@@ -22,6 +22,8 @@ import argparse
 import json
 import pathlib
 
+from hoyertrim.nettrim import certified_epsilon
+
 PEERS = {"nettrim_parallel": "Net-Trim parallel", "nettrim_cascade": "Net-Trim cascade",
          "sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "magnitude"}
 SPARSITIES = ("50", "70", "80", "90", "95", "2to4")
@@ -29,11 +31,6 @@ EPSILONS = ("0.05", "0.1", "0.2", "0.3", "0.4")
 USER_MODELS = {"flax_cnn": "The Flax examples' MNIST CNN (`FlaxExampleCNN`)",
                "conv_bn": "Conv → BatchNorm → ReLU CNN (`ConvBNNet`)"}
 
-
-
-def _certified(layer: dict) -> float:
-    """A layer's certified ε (results files written before 2026-12-06 call it ``epsilon``)."""
-    return layer["epsilon_certified"] if "epsilon_certified" in layer else layer["epsilon"]
 
 def _load(results: pathlib.Path, name: str) -> dict | None:
     path = results / f"{name}.json"
@@ -103,7 +100,7 @@ def user_table(results: pathlib.Path) -> str:
             pruned = _pruned(run)
             layers = "<br>".join(
                 f"{name}: {layer['program']}, {100 * layer['kept_fraction']:.1f}%, "
-                f"{_certified(layer):.4f} / {layer['measured']:.4f} / {layer['heldout_measured']:.4f}"
+                f"{certified_epsilon(layer):.4f} / {layer['measured']:.4f} / {layer['heldout_measured']:.4f}"
                 for name, layer in pruned["layers"].items())
             rows.append(
                 f"| {scheme} | {run['stages'][1]['settings']['epsilon']} | "

@@ -64,17 +64,23 @@ def sum_over_processes(value):
     return total.item() if np.ndim(value) == 0 and not isinstance(value, np.ndarray) else total
 
 
+def _per_process(rows: np.ndarray) -> list[np.ndarray]:
+    """Every process's ``rows`` (n_p, ...), in process order (n_p may differ, even be 0; the
+    trailing shape and dtype must not)."""
+    rows = np.asarray(rows)
+    lengths = _gathered(np.asarray([len(rows)], np.int32))[:, 0]
+    # At least one row is sent: an all-empty exchange has no size to reshape by.
+    padded = np.zeros((max(int(lengths.max()), 1), *rows.shape[1:]), rows.dtype)
+    padded[:len(rows)] = rows
+    return [part[:length] for part, length in zip(_gathered(padded), lengths)]
+
+
 def concatenate_over_processes(rows: np.ndarray) -> np.ndarray:
     """Every process's ``rows`` (n_p, ...) concatenated in process order (n_p may differ; the
     trailing shape and dtype must not)."""
     if jax.process_count() == 1:
         return rows
-    rows = np.asarray(rows)
-    lengths = _gathered(np.asarray([len(rows)], np.int32))[:, 0]
-    padded = np.zeros((int(lengths.max()), *rows.shape[1:]), rows.dtype)
-    padded[:len(rows)] = rows
-    parts = _gathered(padded)
-    return np.concatenate([part[:length] for part, length in zip(parts, lengths)])
+    return np.concatenate(_per_process(rows))
 
 
 def writers_text(text: str) -> str:
@@ -82,8 +88,4 @@ def writers_text(text: str) -> str:
     act on the same list)."""
     if jax.process_count() == 1:
         return text
-    sent = np.frombuffer(text.encode(), np.uint8)
-    lengths = _gathered(np.asarray([len(sent)], np.int32))[:, 0]
-    padded = np.zeros(max(int(lengths.max()), 1), np.uint8)  # an empty text still sends a byte
-    padded[:len(sent)] = sent
-    return _gathered(padded)[0][:lengths[0]].tobytes().decode()
+    return _per_process(np.frombuffer(text.encode(), np.uint8))[0].tobytes().decode()

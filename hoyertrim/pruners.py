@@ -27,6 +27,7 @@ from hoyertrim.nettrim.units import solve_layer_units
 
 __all__ = ["PRUNERS", "get_pruner", "pruner_names"]
 
+
 def _named(solver, name: str, description: str) -> LayerPruner:
     """A Net-Trim solver as a pruner: what it takes read off its signature (`as_pruner`)."""
     return dataclasses.replace(as_pruner(solver), name=name, description=description)

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from hoyertrim.nettrim import certified_epsilon
 from hoyertrim.pipeline import StageError, directory_bytes, linked, load, read_manifest
 
 # (test error %, compression) of published element-wise methods (design.md).
@@ -38,12 +39,6 @@ PUBLISHED = {
 MAX_SERIES = 6
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 
-
-
-def _certified(layer: dict) -> float:
-    """A layer's certified ε from a stage's results (stages written before 2026-12-06 call it
-    ``epsilon``)."""
-    return layer["epsilon_certified"] if "epsilon_certified" in layer else layer["epsilon"]
 
 def stage_label(manifest: dict) -> str:
     """A human name for a stage: the method and its setting."""
@@ -293,7 +288,7 @@ def _figures(paths, manifests, out) -> dict[str, str]:
             layers = manifests[path]["results"]["layers"]
             names = list(layers)
             # A one-shot peer certifies nothing: its bars are only what was measured.
-            series = ([("certified ε", [_certified(layers[n]) for n in names])]
+            series = ([("certified ε", [certified_epsilon(layers[n]) for n in names])]
                       if manifests[path]["stage"] == "nettrim" else []) + [
                 ("measured, calibration", [layers[n].get("measured", np.nan) for n in names]),
                 ("measured, held-out", [layers[n].get("heldout_measured", np.nan)
@@ -324,7 +319,7 @@ def _figures(paths, manifests, out) -> dict[str, str]:
                         color=_COLORS[i], label=name, ms=4)
                 ax.scatter([steps[0]["lam"]], [steps[0]["discrepancy"]], color=_COLORS[i],
                            marker="x", s=40)
-                ax.axhline(_certified(layers[name]), color=_COLORS[i], lw=0.6, ls=":")
+                ax.axhline(certified_epsilon(layers[name]), color=_COLORS[i], lw=0.6, ls=":")
             ax.set_xscale("log")
             ax.set_xlabel("λ (normalized problem)")
             ax.set_ylabel("discrepancy of the solve")
@@ -415,7 +410,7 @@ def _markdown(paths, manifests, figures) -> str:
             gap = layer.get("duality_gap")
             lines.append(
                 f"| {name} | {layer['program']} | {100 * layer['kept_fraction']:.2f} | "
-                f"{_certified(layer):.4f} | {_number(layer.get('measured'))} | "
+                f"{certified_epsilon(layer):.4f} | {_number(layer.get('measured'))} | "
                 f"{_number(layer.get('heldout_measured'))} | {_number(layer.get('lam'), '.3g')} | "
                 f"{layer.get('solves', 0)} | {layer.get('converged')} "
                 f"({'–' if gap is None else f'{100 * gap:.1f}%'}) | "

@@ -22,7 +22,7 @@ import numpy as np
 from hoyertrim.penalties import default_groupings, group_norms, is_kernel, selected_leaves
 from hoyertrim.trees import layer_name, leaf_name
 
-__all__ = ["LeafFilter", "apply_masks", "count_masks", "full_masks", "group_masks",
+__all__ = ["LeafFilter", "apply_masks", "check_nm", "count_masks", "full_masks", "group_masks",
            "input_unit_masks", "kernel_nonzero_masks", "magnitude_masks", "nm_mask",
            "nonzero_masks", "std_threshold_masks", "threshold_masks", "top_k_mask"]
 
@@ -55,6 +55,17 @@ def top_k_mask(scores: jax.Array, keep) -> jax.Array:
     return (ranks < keep).reshape(scores.shape)
 
 
+def check_nm(nm: tuple[int, int], num_inputs: int) -> None:
+    """Raises ValueError unless ``nm`` = (N, M) with 0 < N ≤ M is a pattern for a layer of
+    ``num_inputs`` inputs (groups of M consecutive inputs: a multiple of M)."""
+    n, m = nm
+    if not 0 < n <= m:
+        raise ValueError(f"N:M needs 0 < N ≤ M, got {n}:{m}.")
+    if num_inputs % m:
+        raise ValueError(f"N:M groups M consecutive inputs; this layer has {num_inputs} inputs, "
+                         f"not a multiple of M = {m}.")
+
+
 def nm_mask(scores, n: int, m: int) -> np.ndarray:
     """Keeps the ``n`` highest ``scores`` of every ``m`` consecutive rows, per column (the N:M
     pattern sparse tensor cores run; 2:4 keeps 2 of every 4 inputs of an output unit).
@@ -67,11 +78,7 @@ def nm_mask(scores, n: int, m: int) -> np.ndarray:
     """
     scores = np.asarray(scores)
     rows, cols = scores.shape
-    if not 0 < n <= m:
-        raise ValueError(f"N:M needs 0 < N ≤ M, got {n}:{m}.")
-    if rows % m:
-        raise ValueError(f"N:M groups M consecutive inputs; these scores have {rows} rows, not a "
-                         f"multiple of M = {m}.")
+    check_nm((n, m), rows)
     groups = scores.reshape(rows // m, m, cols)
     order = np.argsort(-groups, axis=1, kind="stable")
     mask = np.zeros_like(groups, bool)

@@ -27,7 +27,7 @@ from hoyertrim.inspection.graph import Follower
 from hoyertrim.nettrim.network import CertificateError, PrunedNetwork, load_pruned, \
     prune_network, save_pruned
 from hoyertrim.nettrim.problem import LayerSolution
-from hoyertrim.nettrim.pruned_layer import PrunedLayer
+from hoyertrim.nettrim.pruned_layer import PrunedLayer, certified_epsilon
 from hoyertrim.nettrim.pruner import LayerPruner, as_pruner
 from hoyertrim.nettrim.search import KEPT_FRACTION_TOLERANCE, SolverOptions, solve_layer, \
     solve_layer_nm
@@ -35,5 +35,5 @@ from hoyertrim.nettrim.units import solve_layer_units
 
 __all__ = ["CertificateError", "Follower", "KEPT_FRACTION_TOLERANCE", "LayerPruner",
            "LayerSolution", "PrunedLayer", "PrunedNetwork", "SolverOptions", "as_pruner",
-           "load_pruned", "prune_network", "save_pruned", "solve_layer", "solve_layer_admm",
-           "solve_layer_nm", "solve_layer_units"]
+           "certified_epsilon", "load_pruned", "prune_network", "save_pruned", "solve_layer",
+           "solve_layer_admm", "solve_layer_nm", "solve_layer_units"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-__all__ = ["PrunedLayer"]
+__all__ = ["PrunedLayer", "certified_epsilon"]
 
 
 @dataclasses.dataclass
@@ -86,3 +86,9 @@ class PrunedLayer:
         record = cls(**values)
         record.lam_path = tuple(record.lam_path)
         return record
+
+
+def certified_epsilon(record: Mapping[str, Any]) -> float:
+    """The certified ε of a layer record as written to JSON (`PrunedLayer.as_dict`); records
+    written before 2026-12-06 call it ``epsilon``."""
+    return record["epsilon_certified"] if "epsilon_certified" in record else record["epsilon"]

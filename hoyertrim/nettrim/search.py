@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hoyertrim.masks import nm_mask
+from hoyertrim.masks import check_nm, nm_mask
 from hoyertrim.nettrim import gram as gram_lib
 from hoyertrim.nettrim.fista import solve_at
 from hoyertrim.nettrim.gram import GramStats
@@ -578,13 +578,9 @@ def solve_layer_nm(x, y, *, nm: tuple[int, int], trained_kernel=None, trained_bi
         least-squares-like problem converges slower than a strongly regularized one).
     """
     n, m = nm
-    if not 0 < n <= m:
-        raise ValueError(f"N:M needs 0 < N ≤ M, got {n}:{m}.")
     num_inputs, num_outputs = (gram.num_inputs, gram.num_outputs) if gram is not None else (
         np.shape(x)[1], np.shape(y)[1])
-    if num_inputs % m:
-        raise ValueError(f"N:M groups M consecutive inputs; this layer has {num_inputs} inputs, "
-                         f"not a multiple of M = {m}.")
+    check_nm(nm, num_inputs)
     started = time.perf_counter()
     allowed = np.ones((num_inputs, num_outputs), bool) if support is None \
         else np.asarray(support, bool)

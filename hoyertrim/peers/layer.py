@@ -10,7 +10,7 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from hoyertrim.masks import top_k_mask
+from hoyertrim.masks import check_nm, top_k_mask
 from hoyertrim.nettrim.gram import GramStats
 from hoyertrim.nettrim.problem import LayerSolution
 from hoyertrim.nettrim.pruner import LayerPruner
@@ -26,12 +26,7 @@ def check_pattern(num_inputs: int, kernel, kept_fraction, nm) -> None:
     if kept_fraction is not None and not 0 < kept_fraction <= 1:
         raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}.")
     if nm is not None:
-        n, m = nm
-        if not 0 < n <= m:
-            raise ValueError(f"N:M needs 0 < N ≤ M, got {n}:{m}.")
-        if kernel.shape[0] % m:
-            raise ValueError(f"N:M groups M consecutive inputs; this layer has {kernel.shape[0]}"
-                             f" inputs, not a multiple of M = {m}.")
+        check_nm(nm, kernel.shape[0])
     if num_inputs != kernel.shape[0]:
         raise ValueError(f"x has {num_inputs} inputs, the kernel {kernel.shape[0]}.")
 
