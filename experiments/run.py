@@ -329,6 +329,16 @@ for _scheme in ("parallel", "cascade"):
             DENSE_LENET300100, ("nettrim", {"like": _pruned, "method": "magnitude",
                                             "scheme": "parallel"}), _finetune]
 
+# ResNet-20 on Fashion-MNIST (issue 26, DeepHoyer's RQ4 at ResNet scale): the dense network
+# (Adam, cosine, 10 epochs); Group-HS over every conv's filters and input channels — a block's
+# inner channels are one producer's filters and one consumer's inputs, while a channel of the
+# residual stream goes only when dead in every conv writing it (compaction's coupled groups) —
+# then DeepHoyer's rule on whole groups, a short distilled fine-tune and compaction.
+DENSE_RESNET20 = ("train", {"model": "resnet20", "model_kwargs": {"input_shape": [28, 28, 1]},
+                            "dataset": "fashion_mnist", "epochs": 10})
+CONFIGS["dense_resnet20"] = [DENSE_RESNET20]
+
+
 # Models written the ordinary Flax way (examples/user_models.py), trained by the same stage,
 # then Net-Trim ε = 0.1 without fine-tune.
 for _name, _class in (("flax_cnn", "FlaxExampleCNN"), ("conv_bn", "ConvBatchNormCNN")):

@@ -30,6 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from hoyertrim.data import Dataset
+from hoyertrim.inspection.linear_maps import locate
+from hoyertrim.inspection.program import Program
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -197,8 +199,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_size: int,
                      loss_fn: Callable[..., jax.Array] | None = None,
                      teacher: Callable[[jax.Array], jax.Array] | None = None,
-                     mesh: Mesh | None = None):
-    """Returns jitted ``train_epoch(state, images, labels) -> (state, metrics)``.
+                     mesh: Mesh | None = None, loop: str = "auto"):
+    """Returns ``train_epoch(state, images, labels) -> (state, metrics)``.
 
     ``loss_fn`` and ``teacher`` are as in `make_train_step`. With a ``mesh`` (one axis,
     ``"data"``; see `data_mesh`) every batch is split along its examples over the mesh's devices
@@ -206,41 +208,92 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
     partitions (the gradients' sum over the batch becomes an all-reduce). It computes what one
     device computes, up to the order of the reductions.
 
-    One epoch is one `lax.scan` over ``len(images) // batch_size`` batches of a fresh permutation
+    One epoch is ``len(images) // batch_size`` steps over the batches of a fresh permutation
     drawn from ``fold_in(state.key, state.epoch)``; the last partial batch is dropped (a different
     one every epoch). ``images``/``labels`` should already be on the device. ``metrics`` holds the
     mean training ``loss`` and ``accuracy`` over the epoch, and ``first_nonfinite_step``: the
     index within the epoch of the first step whose loss was NaN or inf (-1 if none).
+
+    ``loop`` says how the steps run — the same steps on the same batches either way:
+    ``"scan"``: the epoch is one jitted `lax.scan` (no per-step dispatch: fastest for small
+    models); ``"host"``: a Python loop calling one jitted step per batch; ``"auto"`` (default):
+    ``"host"`` when a convolution of the model has a parameter kernel and the mesh's (or the
+    default) devices are CPUs, else ``"scan"``. XLA:CPU runs the gradient's convolutions 10-30x slower inside a loop body
+    (jax-ml/jax#12868: the transposed convolutions lose their fast channels-last path there),
+    so a scanned ResNet-20 epoch trains at ~10 images/s where the same steps dispatched one by
+    one reach ~200 (`benchmarks/train_throughput.py`); a step that long hides its dispatch.
     """
+    if loop not in ("auto", "scan", "host"):
+        raise ValueError(f"loop must be 'auto', 'scan' or 'host', not {loop!r}.")
     train_step = make_train_step(model, tx, loss_fn, teacher)
 
-    @jax.jit
-    def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array):
-        num_examples = images.shape[0]
+    def batch_step(state, images, labels, batch_indices):
+        batch_images, batch_labels = images[batch_indices], labels[batch_indices]
+        if mesh is not None:
+            batch_images, batch_labels = (jax.lax.with_sharding_constraint(
+                a, NamedSharding(mesh, PartitionSpec("data"))) for a in (batch_images,
+                                                                        batch_labels))
+        return train_step(state, batch_images, batch_labels)
+
+    def batch_order(state, num_examples):
         num_batches = num_examples // batch_size
         if num_batches == 0:
             raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} examples.")
         shuffle_key = jax.random.fold_in(jax.random.fold_in(state.key, 0x5EED), state.epoch)
         order = jax.random.permutation(shuffle_key, num_examples)
-        order = order[: num_batches * batch_size].reshape(num_batches, batch_size)
+        return order[: num_batches * batch_size].reshape(num_batches, batch_size)
 
-        def body(state, batch_indices):
-            batch_images, batch_labels = images[batch_indices], labels[batch_indices]
-            if mesh is not None:
-                batch_images, batch_labels = (jax.lax.with_sharding_constraint(
-                    a, NamedSharding(mesh, PartitionSpec("data"))) for a in (batch_images,
-                                                                            batch_labels))
-            return train_step(state, batch_images, batch_labels)
+    def summary(state, losses, corrects, labels):
+        bad = ~jnp.isfinite(losses)
+        return state.replace(epoch=state.epoch + 1), {
+            "loss": losses.mean(),
+            "accuracy": corrects.sum() / (losses.shape[0] * batch_size
+                                          * math.prod(labels.shape[1:])),
+            "first_nonfinite_step": jnp.where(jnp.any(bad), jnp.argmax(bad), -1)}
 
-        state, metrics = jax.lax.scan(body, state, order)
-        state = state.replace(epoch=state.epoch + 1)
-        bad = ~jnp.isfinite(metrics["loss"])
-        return state, {"loss": metrics["loss"].mean(),
-                       "accuracy": metrics["correct"].sum() / (
-                           num_batches * batch_size * math.prod(labels.shape[1:])),
-                       "first_nonfinite_step": jnp.where(jnp.any(bad), jnp.argmax(bad), -1)}
+    @jax.jit
+    def scan_epoch(state: TrainState, images: jax.Array, labels: jax.Array):
+        order = batch_order(state, images.shape[0])
+        state, metrics = jax.lax.scan(
+            lambda state, batch_indices: batch_step(state, images, labels, batch_indices),
+            state, order)
+        return summary(state, metrics["loss"], metrics["correct"], labels)
+
+    jit_order = jax.jit(batch_order, static_argnums=1)
+    jit_step = jax.jit(lambda state, images, labels, order, i: batch_step(
+        state, images, labels, order[i]))
+    jit_summary = jax.jit(summary)
+
+    def host_epoch(state: TrainState, images: jax.Array, labels: jax.Array):
+        order = jit_order(state, images.shape[0])
+        losses, corrects = [], []
+        for i in range(order.shape[0]):
+            state, metrics = jit_step(state, images, labels, order, i)
+            losses.append(metrics["loss"])
+            corrects.append(metrics["correct"])
+        return jit_summary(state, jnp.stack(losses), jnp.stack(corrects), labels)
+
+    chosen = {"scan": scan_epoch, "host": host_epoch}
+
+    def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array):
+        if loop not in chosen:  # "auto", decided once from the step's own computation
+            devices = mesh.devices.flat if mesh is not None else jax.devices()[:1]
+            on_cpu = all(d.platform == "cpu" for d in devices)
+            sample = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
+            chosen[loop] = chosen["host" if on_cpu and _has_weight_convolution(
+                model, state, sample) else "scan"]
+        return chosen[loop](state, images, labels)
 
     return train_epoch
+
+
+def _has_weight_convolution(model, state: TrainState, images) -> bool:
+    """Whether a convolution of the model takes a parameter as its kernel (a conv written as
+    patches and a matmul, like the zoo's `PatchConv`, does not: its gradient is matmuls)."""
+    closed = jax.make_jaxpr(lambda params, x: _forward(
+        model, params, state.model_state, x, False, None)[0])(state.params, images)
+    located, _ = locate(Program(closed), len(jax.tree.leaves(state.params)))
+    return any(where.op.name == "conv_general_dilated" for where in located.values())
 
 
 def data_mesh(batch_size: int, devices=None) -> Mesh | None:

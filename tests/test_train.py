@@ -4,6 +4,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 
@@ -304,3 +305,53 @@ def test_a_sequential_model_trains_and_predicts_without_a_train_argument():
     accuracy = predict_accuracy(model, state.params, state.model_state, images, labels)
     logits = model.apply({"params": state.params}, images)
     assert accuracy == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)))
+
+
+class _SmallConvNet(nn.Module):
+    """nn.Conv with BatchNorm and a stride: the operations whose gradient XLA:CPU runs slowly
+    inside a loop body, so `make_train_epoch` dispatches its steps from the host."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        # No bias before BatchNorm: its gradient is 0 up to rounding, which Adam would amplify
+        # into steps of size lr that differ between two programs.
+        x = nn.Conv(4, (3, 3), strides=2, use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+def test_host_loop_epoch_is_the_scanned_epoch():
+    model = _SmallConvNet()
+    tx = optax.adam(1e-2)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (20, 8, 8, 1))
+    y = jnp.arange(20) % 10
+    runs = {loop: make_train_epoch(model, tx, batch_size=6, loop=loop)(state, x, y)
+            for loop in ("scan", "host", "auto")}
+    scan_state, scan_metrics = runs["scan"]
+    assert not _leaves_equal(state.params, scan_state.params)
+    for loop in ("host", "auto"):
+        loop_state, loop_metrics = runs[loop]
+        # The same 3 steps on the same batches; XLA may fuse the two programs differently.
+        for a, b in zip(jax.tree.leaves(scan_state), jax.tree.leaves(loop_state)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for key in scan_metrics:
+            np.testing.assert_allclose(scan_metrics[key], loop_metrics[key], rtol=1e-5)
+        assert int(loop_state.epoch) == 1 and int(loop_state.step) == 3
+
+
+def test_auto_loop_dispatches_from_the_host_only_for_weight_convolutions(monkeypatch):
+    # The scanned epoch calls lax.scan when it is traced; the host loop never does.
+    x, y = jnp.zeros((8, 28, 28, 1)), jnp.zeros((8,), jnp.int32)
+    for model, host in ((_SmallConvNet(), True), (create_model("lenet5"), False),
+                        (create_model("lenet300100"), False)):
+        tx = optax.sgd(0.1)
+        state = create_train_state(model, tx, jax.random.PRNGKey(0), (28, 28, 1))
+        calls = []
+        original = jax.lax.scan
+        monkeypatch.setattr(jax.lax, "scan", lambda *a, **k: calls.append(1) or original(*a, **k))
+        make_train_epoch(model, tx, batch_size=4)(state, x, y)
+        monkeypatch.setattr(jax.lax, "scan", original)
+        assert (not calls) is host, type(model).__name__
+    with pytest.raises(ValueError, match="loop must be"):
+        make_train_epoch(create_model("lenet5"), optax.sgd(0.1), 8, loop="while")
