@@ -339,6 +339,20 @@ DENSE_RESNET20 = ("train", {"model": "resnet20", "model_kwargs": {"input_shape":
 CONFIGS["dense_resnet20"] = [DENSE_RESNET20]
 
 
+def structured_resnet20(penalty: str, strength: float) -> list[tuple[str, dict]]:
+    """Dense ResNet-20, ``penalty`` over every conv's groups for 3 epochs, whole groups below
+    5% of their layer's largest norm removed, 2 distilled epochs, compaction."""
+    return [DENSE_RESNET20,
+            ("regularize", {"penalty": penalty, "strength": strength, "epochs": 3}),
+            ("prune", {"rule": "group", "value": 0.05}),
+            ("finetune", {"epochs": 2, "learning_rate": 3e-4, "distill": True}),
+            ("compact", {})]
+
+
+CONFIGS["ghs_resnet20_a0.01"] = structured_resnet20("group_hoyer_square", 1e-2)
+CONFIGS["glasso_resnet20_a0.0001"] = structured_resnet20("group_lasso", 1e-4)
+
+
 # Models written the ordinary Flax way (examples/user_models.py), trained by the same stage,
 # then Net-Trim ε = 0.1 without fine-tune.
 for _name, _class in (("flax_cnn", "FlaxExampleCNN"), ("conv_bn", "ConvBatchNormCNN")):

@@ -169,7 +169,7 @@ def _conv_op(module, x):
     (1, 7, (5, 5), (28, 28)), (3, 4, (3, 3), (9, 13)), (8, 2, (1, 4), (6, 7)), (2, 5, (4, 2), (5, 5))])
 def test_small_channel_conv_as_row_matmul_equals_xla_conv(padding, cin, cout, kernel_size,
                                                           shape):
-    from hoyertrim.compact import _conv_as_row_matmul, _row_matmul_applies
+    from hoyertrim.compact.engine import _conv_as_row_matmul, _row_matmul_applies
     rng = np.random.default_rng(cin + cout)
     module = nn.Conv(cout, kernel_size, padding=padding, use_bias=False)
     x = jnp.asarray(rng.normal(size=(3, *shape, cin)), jnp.float32)
@@ -182,7 +182,7 @@ def test_small_channel_conv_as_row_matmul_equals_xla_conv(padding, cin, cout, ke
 
 
 def test_row_matmul_is_only_used_where_it_is_exact():
-    from hoyertrim.compact import _row_matmul_applies
+    from hoyertrim.compact.engine import _row_matmul_applies
     x = jnp.zeros((1, 8, 8, 2))
     kernel = np.zeros((3, 3, 2, 4), np.float32)
     for module in (nn.Conv(4, (3, 3), strides=2), nn.Conv(4, (3, 3), kernel_dilation=2),
@@ -254,3 +254,69 @@ def test_a_channel_alive_in_one_member_of_its_group_stays():
     assert compacted.layers["_ResidualBlock_2/Conv_0"].kernel.shape[-2] == 16
     assert compacted.layers["_ResidualBlock_0/Conv_0"].kernel.shape[-2] == 15
     assert compacted.layers["_ResidualBlock_1/Conv_1"].output_index is None
+
+
+# -- attention heads: q/k/v/out of one head are one group ---------------------------------------
+
+def _vit_block_with_dead_heads(causal: bool):
+    from hoyertrim.models import TransformerBlock
+    model = TransformerBlock(heads=4, mlp=32, causal=causal)
+    tokens = jax.random.normal(jax.random.PRNGKey(1), (6, 5, 16))
+    params = jax.tree.map(np.array, model.init(jax.random.PRNGKey(0), tokens[:1])["params"])
+    params["attn"]["out"]["kernel"][[1, 3]] = 0  # heads 1 and 3 are read by no one
+    params["mlp_in"]["kernel"][:, [0, 5, 7]] = 0  # three dead MLP hidden units
+    params["mlp_in"]["bias"][[0, 5, 7]] = 0.3  # ... whose constant gelu(0.3) is carried
+    return model, params, tokens
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_vit_block_dead_heads_leave_q_k_v_and_out_with_the_mlp_units(causal):
+    model, params, tokens = _vit_block_with_dead_heads(causal)
+    compacted = _check(model, params, tokens)
+    layers = compacted.layers
+    for name in ("attn/query", "attn/key", "attn/value"):
+        assert layers[name].kernel.shape == (16, 2, 4)  # (D, heads kept, head dim)
+        np.testing.assert_array_equal(layers[name].heads, [0, 2])
+    assert layers["attn/out"].kernel.shape == (2, 4, 16)
+    assert layers["mlp_in"].kernel.shape == (16, 29) and layers["mlp_out"].kernel.shape == (29, 16)
+
+
+def test_compact_heads_save_and_load(tmp_path):
+    model, params, tokens = _vit_block_with_dead_heads(causal=False)
+    compacted = compact_lib.compact(model, params, tokens[:1])
+    loaded = compact_lib.load_compact(compact_lib.save_compact(tmp_path / "c", compacted), model)
+    np.testing.assert_array_equal(loaded.layers["attn/value"].heads, [0, 2])
+    np.testing.assert_allclose(loaded.apply(tokens), model.apply({"params": params}, tokens),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_read_outside_the_output_projection_stays():
+    """Head 0's output kernel slab is zero, but its queries are also summed into the output:
+    removing the head would change the result, so every head is kept."""
+
+    def apply(params, x):
+        q = jnp.einsum("bld,dhk->blhk", x, params["query"])
+        return jnp.einsum("blhk,hkd->bld", q, params["out"]) + q.sum(axis=(2, 3))[..., None]
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"query": np.array(jax.random.normal(keys[0], (8, 3, 4))),
+              "out": np.array(jax.random.normal(keys[1], (3, 4, 8)))}
+    params["out"][0] = 0
+    x = jax.random.normal(keys[2], (2, 5, 8))
+    compacted = compact_lib.compact(apply, params, x[:1])
+    np.testing.assert_allclose(compacted.apply(x), apply(params, x), rtol=1e-5, atol=1e-5)
+    assert all(layer.heads is None for layer in compacted.layers.values())
+    assert compacted.layers["query"].kernel.shape == (8, 3, 4)
+
+
+def test_nnx_attention_heads_are_removed_too():
+    from flax import nnx
+    attention = nnx.MultiHeadAttention(num_heads=4, in_features=16, qkv_features=16,
+                                       decode=False, rngs=nnx.Rngs(0))
+    attention.out.kernel.value = attention.out.kernel.value.at[2].set(0.0)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 16))
+    expected = attention(x)
+    compacted = compact_lib.compact(attention, None, x[:1])
+    np.testing.assert_allclose(compacted.apply(x), expected, rtol=1e-5, atol=1e-5)
+    kept = [layer.heads for layer in compacted.layers.values() if layer.heads is not None]
+    assert len(kept) == 4 and all(np.array_equal(k, [0, 1, 3]) for k in kept)

@@ -30,8 +30,10 @@ added as a (H', W', M') shift.
 
 Only the kernels change: every other parameter is stored and used as it is. A map's input axis
 must be the data's last axis and its output units the output's last axis for the map to shrink
-(Dense, ``nnx.Linear``, channels-last convolutions, single-axis ``Einsum``); multi-axis
-projections (attention's (heads, head_dim)) keep their shape — the heads stay whole.
+(Dense, ``nnx.Linear``, channels-last convolutions, single-axis ``Einsum``). Multi-axis
+projections shrink by whole attention heads (`hoyertrim.compact.heads`): a head no output
+projection reads is not computed by its q/k/v projections, and the attention between runs on
+the kept heads only.
 """
 
 from __future__ import annotations
@@ -50,22 +52,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hoyertrim.compact.heads import ELEMENTWISE, Heads, head_groups, heads_op
 from hoyertrim.inspection.computation import as_computation, split_variables
 from hoyertrim.inspection.linear_maps import locate
 from hoyertrim.inspection.program import Const, Op, Program, bind_op
 from hoyertrim.trees import layer_name, path_keys
 
 __all__ = ["CompactLayer", "CompactModel", "compact", "load_compact", "save_compact"]
-
-# Operations that act on each element independently (all operands of the output's shape, or
-# scalars): they run on the kept features, and on the removed features' constants.
-_ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "max", "min", "tanh", "logistic", "exp",
-                "exp2", "expm1", "log", "log1p", "integer_pow", "pow", "sqrt", "rsqrt", "cbrt",
-                "erf", "erfc", "erf_inv", "abs", "sign", "square", "select_n", "ge", "gt", "le",
-                "lt", "eq", "ne", "and", "or", "not", "convert_element_type", "clamp", "tan",
-                "atan", "sin", "cos", "floor", "ceil", "round", "is_finite", "copy", "copy_p",
-                "stop_gradient", "reduce_precision", "nextafter", "atan2", "rem"}
-
 
 @dataclasses.dataclass
 class CompactLayer:
@@ -82,6 +75,9 @@ class CompactLayer:
       output_fill: (M,) what a removed output unit holds before the bias (0.0; NaN where no one
         reads it).
       width: M, the map's original number of output units (or of features of a full input).
+      heads: the attention heads the kernel keeps along ``head_axis`` (`heads.head_groups`: a
+        q/k/v projection's first free axis, an output projection's first contracted axis);
+        None: all.
     """
 
     kernel: np.ndarray
@@ -90,6 +86,8 @@ class CompactLayer:
     output_index: np.ndarray | None
     output_fill: np.ndarray | None
     width: int
+    heads: np.ndarray | None = None
+    head_axis: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +122,7 @@ class _Events:
 
     widened: set = dataclasses.field(default_factory=set)  # sources brought back to full width
     unread: dict = dataclasses.field(default_factory=dict)  # source -> units no consumer reads
+    heads_failed: bool = False  # a value with removed heads met what needs them
 
 
 def _is_float(dtype) -> bool:
@@ -150,10 +149,14 @@ class _Interpreter:
 
     def __init__(self, program: Program, names: list[str], data_inputs: set[int],
                  plans: dict[str, CompactLayer], planning: dict | None = None,
-                 probe: bool = False):
+                 probe: bool = False, heads: dict | None = None):
         self.program = program
         self.plans = plans
         self.planning = planning  # {layer: (removed units, unknown units)} while planning
+        # {layer: (kept heads, kernel's head axis)}: planned, or read from the plans.
+        self.heads = dict(heads or {}) if planning is not None else {
+            path: (plan.heads, plan.head_axis) for path, plan in plans.items()
+            if plan.heads is not None}
         # Every map's output tracked as a narrow value keeping all its units, so that what its
         # consumers never read is seen even of a producer with no dead unit.
         self.probe = probe
@@ -179,6 +182,8 @@ class _Interpreter:
                 results = [self._map(op, values)]
             elif any(v is _ABSENT for v in values):
                 results = [_ABSENT] * len(op.outputs)  # a compacted kernel's layout ops
+            elif any(isinstance(v, Heads) for v in values):
+                results = self._heads_op(op, values)
             elif any(isinstance(v, _Narrow) for v in values):
                 results = self._narrow_op(op, values)
             else:
@@ -192,11 +197,26 @@ class _Interpreter:
         if isinstance(value, _Narrow):
             self.events.widened.update(value.sources)
             return _widen(value)
+        if isinstance(value, Heads):
+            # The removed heads were never computed: the plan that removed them is rejected
+            # (`compact` plans again keeping every head); zeros keep the shapes going.
+            self.events.heads_failed = True
+            full = list(np.shape(value.array))
+            full[value.axis] = value.width
+            return jnp.zeros(full, value.array.dtype).at[
+                (slice(None),) * value.axis + (value.keep,)].set(value.array)
         return value
+
+    def _heads_op(self, op: Op, values: list) -> list:
+        if not any(isinstance(v, _Narrow) for v in values):
+            result = heads_op(self.program, op, values)
+            if result is not None:
+                return result
+        return self._narrow_op(op, [self._full(v) for v in values])
 
     def _narrow_op(self, op: Op, values: list) -> list:
         rule = getattr(self, f"_rule_{op.name}", None)
-        if op.name in _ELEMENTWISE:
+        if op.name in ELEMENTWISE:
             result = self._elementwise(op, values)
         elif rule is not None:
             result = rule(op, values)
@@ -275,7 +295,7 @@ class _Interpreter:
                     getattr(op.inputs[0], "value", 0)))
                 answer = all(source[i] == 1 or (d == len(shape) - 1 and shape[d] == source[i])
                              for i, d in enumerate(dims))
-            elif op.name in _ELEMENTWISE:
+            elif op.name in ELEMENTWISE:
                 answer = all(not isinstance(a, int) and np.ndim(a.value) == 0
                              or self.program.shapes.get(a) == () or self._varies_by_feature(a)
                              for a in op.inputs)
@@ -429,6 +449,12 @@ class _Interpreter:
         path, where = self.maps[op]
         position = 0 if op.inputs[0] != where.data else 1  # the kernel's operand
         data, operand = values[1 - position], values[position]
+        if path in self.heads:
+            result = self._head_map(op, path, position, data, operand)
+            if result is not None:
+                return result
+        if isinstance(data, Heads):
+            data = self._full(data)
         if self.planning is not None and path not in self.plans:
             self.plans[path] = self._decide(op, path, where, position, data, np.asarray(operand))
         plan = self.plans[path]
@@ -461,6 +487,43 @@ class _Interpreter:
         unknown = np.isnan(plan.output_fill)
         return _Narrow(out, plan.output_index, np.nan_to_num(plan.output_fill), unknown,
                        frozenset([path]), np.arange(plan.width))
+
+    def _head_map(self, op: Op, path: str, position: int, data, operand):
+        """A q/k/v projection computing the kept heads only (as `Heads`), or an output
+        projection reading them; None (and the plan rejected) when the value is not what the
+        head group expects."""
+        keep, axis = self.heads[path]
+        kernel_c, data_c = ((op.params["dimension_numbers"][0][1], op.params[
+            "dimension_numbers"][0][0]) if position == 1 else op.params["dimension_numbers"][0])
+        consumer = axis in tuple(kernel_c)
+        if self.planning is not None and path not in self.plans:
+            operand = np.asarray(operand)
+            if consumer:
+                removed = np.setdiff1d(np.arange(operand.shape[axis]), keep)
+                if np.any(np.take(operand, removed, axis) != 0):
+                    self.events.heads_failed = True
+                    return None
+            self.plans[path] = CompactLayer(
+                kernel=np.take(operand, keep, axis), shift=None, input_index=None,
+                output_index=None, output_fill=None, width=_num_outputs(op, position, operand),
+                heads=keep, head_axis=axis)
+        plan = self.plans[path]
+        kernel = jnp.asarray(plan.kernel)
+        if consumer:
+            data_axis = tuple(data_c)[tuple(kernel_c).index(axis)]
+            if not (isinstance(data, Heads) and data.axis == data_axis
+                    and np.array_equal(data.keep, keep)):
+                self.events.heads_failed = True
+                return None
+            return bind_op(op, [kernel, data.array] if position == 0 else [data.array, kernel])[0]
+        data = self._full(data)
+        free = [a for a in range(np.ndim(kernel)) if a not in tuple(kernel_c)]
+        data_free = np.ndim(data) - len(tuple(data_c))
+        out_axis = (data_free if position == 1 else 0) + free.index(axis)
+        out = bind_op(op, [kernel, data] if position == 0 else [data, kernel])[0]
+        atom = op.inputs[position]
+        full = self.program.shapes[atom] if isinstance(atom, int) else np.shape(atom.value)
+        return Heads(out, out_axis, keep, int(full[axis]))
 
     def _patch_source(self, op: Op, position: int, plan: CompactLayer):
         """(source, (kh, kw)) when the map's data operand is the stride-1 VALID image patches
@@ -820,11 +883,24 @@ def compact(model, variables=None, sample=None, *, apply_kwargs: Mapping | None 
     located, _ = locate(program, len(leaves))
     kernels = {names[leaf]: (leaf, where) for leaf, where in located.items()}
 
+    # Whole attention heads read by no output projection, with their q/k/v (`heads`).
+    dots = {}
+    for path, (leaf, where) in kernels.items():
+        if where.op.name == "dot_general":
+            position = 0 if where.op.inputs[0] != where.data else 1
+            dots[path] = (where.op, position, where.data)
+    heads = head_groups(program, dots, {p: _operand(program, kernels[p][1], position_, leaves)
+                                        for p, (_, position_, _) in dots.items()})
+
     def plan(removals, probe=False):
+        nonlocal heads
         plans: dict[str, CompactLayer] = {}
-        interpreter = _Interpreter(program, names, data, plans, removals, probe)
+        interpreter = _Interpreter(program, names, data, plans, removals, probe, heads)
         with jax.default_matmul_precision("highest"):
             interpreter.run([*leaves, sample])
+        if heads and interpreter.events.heads_failed:
+            heads = {}  # a removed head was needed: every head stays
+            return plan(removals, probe)
         return plans, interpreter.events
 
     # First the dead units (a zero kernel column: exact constants); then, where a producer's
@@ -913,9 +989,11 @@ def save_compact(directory, compacted: CompactModel) -> pathlib.Path:
             value = getattr(layer, field)
             if value is not None:
                 arrays[f"{key}|{field}"] = np.asarray(value)
+        if layer.heads is not None:
+            arrays[f"{key}|heads"] = np.asarray(layer.heads)
         meta["layers"][name] = {"number": number, "shape": list(kernel.shape),
                                 "dtype": str(kernel.dtype), "sparse": bool(sparse),
-                                "width": layer.width}
+                                "width": layer.width, "head_axis": layer.head_axis}
     np.savez_compressed(path / "compact.npz", **arrays)
     (path / "compact.json").write_text(json.dumps(meta, indent=1))
     return path
@@ -988,7 +1066,8 @@ def _rebuild(meta, arrays, model, variables) -> CompactModel:
                                     input_index=arrays.get(f"{key}|input_index"),
                                     output_index=arrays.get(f"{key}|output_index"),
                                     output_fill=arrays.get(f"{key}|output_fill"),
-                                    width=info["width"])
+                                    width=info["width"], heads=arrays.get(f"{key}|heads"),
+                                    head_axis=info.get("head_axis"))
     return CompactModel(model=model, layers=layers, stored=stored, structure=structure,
                         shapes=shapes, apply_kwargs=apply_kwargs)
 
