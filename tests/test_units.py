@@ -107,3 +107,26 @@ def test_pruned_units_are_compacted_away_with_the_same_outputs():
     np.testing.assert_allclose(compacted.apply(images),
                                model.apply({"params": network.params}, images),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_attention_output_projection_loses_whole_heads_and_compaction_drops_their_q_k_v():
+    from hoyertrim.models import TransformerBlock
+    model = TransformerBlock(heads=4, mlp=16)
+    tokens = jax.random.normal(jax.random.PRNGKey(0), (60, 5, 16))
+    params = model.init(jax.random.PRNGKey(1), tokens[:1])["params"]
+    network = nettrim.prune_network(model, params, tokens, kept_fraction=0.5,
+                                    layers=["attn/out"], solver=solve_layer_units,
+                                    heldout=0.0, progress=False)
+    report = network.layers["attn/out"]
+    assert report.measured <= report.epsilon_certified
+    kernel = np.asarray(network.params["attn"]["out"]["kernel"])  # (heads, head dim, D)
+    heads = np.any(kernel != 0, axis=(1, 2))
+    assert heads.sum() == 2  # whole heads, every (dim, output) weight of a kept head
+    assert np.all(kernel[heads] != 0)
+    compacted = compact_lib.compact(model, network.params, tokens[:1])
+    for name in ("attn/query", "attn/key", "attn/value"):
+        assert compacted.layers[name].kernel.shape == (16, 2, 4)
+    np.testing.assert_allclose(compacted.apply(tokens),
+                               model.apply({"params": network.params}, tokens),
+                               rtol=1e-5, atol=1e-5)

@@ -297,15 +297,20 @@ class LinearMap:
         return out.transpose(self._out_axes).reshape(-1, self.num_inputs)
 
 
-def _input_units(index: np.ndarray, leaf_shape: tuple, contracted_axes: int) -> np.ndarray:
+def _input_units(index: np.ndarray, leaf_shape: tuple, contracted: tuple[int, ...]
+                 ) -> np.ndarray:
     """(N,) the input unit of each matrix row. A kernel of ndim ≥ 3 reshaped into one contracted
     axis with its last axis as the outputs is a convolution written as patches @ kernel (Flax's
-    (…window, I, O) layout): its units are the input channels (axis -2), one per window tap.
-    Otherwise every row (a feature, a (head, dim) pair) is its own unit."""
+    (…window, I, O) layout): its units are the input channels (axis -2), one per window tap. A
+    map contracting several axes (attention's output projection: (heads, head dim)) has the
+    first as its units — a head is removed whole, with its q/k/v (`compact`). Otherwise every
+    row (a feature) is its own unit."""
     n, m = index.shape
-    if (len(leaf_shape) >= 3 and contracted_axes == 1 and m == leaf_shape[-1]
+    if (len(leaf_shape) >= 3 and len(contracted) == 1 and m == leaf_shape[-1]
             and np.array_equal(index, np.arange(n * m).reshape(n, m))):
         return np.arange(n) % leaf_shape[-2]
+    if len(contracted) >= 2:
+        return np.arange(n) // (n // contracted[0])
     return np.arange(n)
 
 
@@ -327,7 +332,8 @@ def _dot_map(program: Program, located: Located, param_position: int, index_op: 
         k = len(param_free)
         out_axes, trailing = tuple(range(k, out_ndim)) + tuple(range(k)), False
     leaf_shape = program.shapes[program.inputs[_leaf_of(program, located)]]
-    return dict(index=index, input_units=_input_units(index, leaf_shape, len(param_c)),
+    contracted = tuple(index_op.shape[a] for a in param_c)
+    return dict(index=index, input_units=_input_units(index, leaf_shape, contracted),
                 units_trailing=trailing,
                 _data_axes=data_free + data_c, _out_axes=out_axes, _conv=None)
 
