@@ -141,6 +141,14 @@ CONFIGS["vit_nettrim_2to4"] = [DENSE_VIT, ("nettrim", {"nm": (2, 4), "scheme": "
                                                        **_CALIBRATION_VIT})]
 CONFIGS["vit_sparsegpt_2to4"] = [DENSE_VIT, ("nettrim", {"nm": (2, 4), "method": "sparsegpt",
                                                          **_CALIBRATION_VIT})]
+# Certified structured Net-Trim on the ViT (issue 26): half the input units of every layer —
+# whole heads of each attention output projection, half the MLP's hidden units, half the
+# features each q/k/v/MLP/classifier reads — then compaction (the compaction benchmark's ViT).
+CONFIGS["vit_units_50"] = [DENSE_VIT, ("nettrim", {"units": True, "kept_fraction": 0.5,
+                                                   "scheme": "cascade", **_CALIBRATION_VIT}),
+                           ("compact", {})]
+CONFIGS["vit_units_norm_50"] = [DENSE_VIT, ("prune", {"rule": "units", "value": 0.5}),
+                                ("compact", {})]
 
 # The same short fine-tune after each method (masked: pruned weights stay 0, plain cross-entropy):
 # one epoch of the GPT's 20,000 training windows, two epochs of the ViT's MNIST.
@@ -350,6 +358,17 @@ def structured_resnet20(penalty: str, strength: float) -> list[tuple[str, dict]]
 
 
 CONFIGS["ghs_resnet20_a0.01"] = structured_resnet20("group_hoyer_square", 1e-2)
+# Certified structured Net-Trim on the dense ResNet-20 (half the input channels of every conv,
+# cascade, 1,000 calibration images) against group-norm pruning of the same channels; each
+# without fine-tune and with one masked epoch; compacted.
+_CALIBRATION_RESNET = {"samples": 1000, "heldout": 200}
+for _name, _stage in (("nettrim", ("nettrim", {"units": True, "kept_fraction": 0.5,
+                                               "scheme": "cascade", **_CALIBRATION_RESNET})),
+                      ("norm", ("prune", {"rule": "units", "value": 0.5}))):
+    CONFIGS[f"units_{_name}_resnet20_50"] = [DENSE_RESNET20, _stage, ("compact", {})]
+    CONFIGS[f"units_{_name}_ft_resnet20_50"] = [
+        DENSE_RESNET20, _stage, ("finetune", {"epochs": 1, "learning_rate": 3e-4}),
+        ("compact", {})]
 CONFIGS["glasso_resnet20_a0.0001"] = structured_resnet20("group_lasso", 1e-4)
 
 
