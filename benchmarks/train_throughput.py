@@ -73,6 +73,8 @@ def measure(model_name, dataset, batch_size, epochs, peak, num_images=None):
     model = create_model(model_name, **kwargs)
     tx = optax.adam(1e-3)
     state = create_train_state(model, tx, jax.random.PRNGKey(0), dataset.image_shape)
+    forward = masks.sparsity_report(state.params, model, dataset.image_shape,
+                                    model_state=state.model_state).flops("dense")
     images, labels = dataset.train.images[:num_images], dataset.train.labels[:num_images]
     rate = epoch_rate(make_train_epoch(model, tx, batch_size), state, images, labels,
                       batch_size, epochs)
@@ -90,7 +92,6 @@ def measure(model_name, dataset, batch_size, epochs, peak, num_images=None):
     jax.block_until_ready(naive)
     naive_rate = epochs * (len(labels) // batch_size) * batch_size / (
         time.perf_counter() - started)
-    forward = masks.sparsity_report(state.params, model, dataset.image_shape).flops("dense")
     achieved = 3 * forward * rate
     return {"model": model_name, "dataset": dataset.name, "batch_size": batch_size,
             "images_per_s": rate, "scan_images_per_s": scan_rate,
