@@ -195,3 +195,32 @@ def test_regnets_table_reads_the_pipelines_results(tmp_path):
         assert 0.9 < row["nettrim_test"] <= 1 and 0.9 < row["magnitude_same_counts_test"] <= 1
     assert json.loads((tmp_path / "regnets.json").read_text()) == json.loads(json.dumps(rows))
     assert "| + L1; Net-Trim + re-fit | 98.46 | 3.84 (" in regnets_table.table(rows)
+
+
+def test_resnet_table_reads_stages_flops_and_compact_weights(tmp_path):
+    import resnet_table
+
+    def entry(stage, accuracy, structured, architecture):
+        layers = [{"dense_flops": 100, "structured_flops": s} for s in structured]
+        return {"stage": stage, "accuracy": accuracy,
+                "sparsity": {"layers": layers, "architecture": architecture, "weights": 1000}}
+
+    results = tmp_path / "pipelines"
+    results.mkdir()
+    run = {"test": [entry("train", 0.93, (100, 100), "16-16"),
+                    entry("prune", 0.80, (40, 40), "6-16"),
+                    entry("finetune", 0.925, (40, 40), "6-16")],
+           "stages": [{"stage": "train", "results": {}},
+                      {"stage": "compact", "results": {"weights_stored": 321}}]}
+    (results / "ghs_resnet20_a0.01.json").write_text(json.dumps(run))
+    page = tmp_path / "page.md"
+    page.write_text("# structured\n")
+    assert resnet_table.main(["--results", str(results), "--out", str(page),
+                              "--plot", str(tmp_path / "frontier.png")]) == 0
+    text = page.read_text()
+    assert text.startswith("# structured\n") and "<!-- resnet20 table end -->" in text
+    assert "| dense ResNet-20 (10 epochs) | 93.00% | – | 1.00x | 16-16 | 1,000 |" in text
+    assert "80.00% (prune) → 92.50% (finetune) | -0.50 | 2.50x | 6-16 | 321 |" in text
+    assert (tmp_path / "frontier.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="No ResNet-20 results"):
+        resnet_table.main(["--results", str(tmp_path / "none"), "--out", str(page)])
