@@ -177,6 +177,10 @@ def _training_args(parser, defaults) -> None:
     for field in dataclasses.fields(defaults):
         meta = field.metadata
         number = field.type.split("|")[0].strip()
+        if number == "bool":
+            group.add_argument(f"--{field.name.replace('_', '-')}", action="store_true",
+                               default=getattr(defaults, field.name), help=meta["help"])
+            continue
         kind = {"int": _integer, "float": _number}.get(number)
         if meta.get("minimum") == 1:
             kind = _positive_int

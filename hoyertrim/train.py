@@ -199,14 +199,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_size: int,
                      loss_fn: Callable[..., jax.Array] | None = None,
                      teacher: Callable[[jax.Array], jax.Array] | None = None,
-                     mesh: Mesh | None = None, loop: str = "auto"):
+                     mesh: Mesh | None = None, loop: str = "auto", state_sharding=None):
     """Returns ``train_epoch(state, images, labels) -> (state, metrics)``.
 
     ``loss_fn`` and ``teacher`` are as in `make_train_step`. With a ``mesh`` (one axis,
     ``"data"``; see `data_mesh`) every batch is split along its examples over the mesh's devices
     and the state is replicated: data-parallel training, written as one program that XLA
     partitions (the gradients' sum over the batch becomes an all-reduce). It computes what one
-    device computes, up to the order of the reductions.
+    device computes, up to the order of the reductions. ``state_sharding`` (a pytree of
+    shardings shaped like the state, `state_shardings`) keeps the state so laid out after every
+    step: the largest params and optimizer leaves split over the mesh (FSDP-style) instead of
+    replicated; XLA gathers what each step needs.
 
     One epoch is ``len(images) // batch_size`` steps over the batches of a fresh permutation
     drawn from ``fold_in(state.key, state.epoch)``; the last partial batch is dropped (a different
@@ -233,7 +236,10 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
             batch_images, batch_labels = (jax.lax.with_sharding_constraint(
                 a, NamedSharding(mesh, PartitionSpec("data"))) for a in (batch_images,
                                                                         batch_labels))
-        return train_step(state, batch_images, batch_labels)
+        state, metrics = train_step(state, batch_images, batch_labels)
+        if state_sharding is not None:
+            state = jax.lax.with_sharding_constraint(state, state_sharding)
+        return state, metrics
 
     def batch_order(state, num_examples):
         num_batches = num_examples // batch_size
@@ -319,6 +325,51 @@ def _replicated(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
+# Leaves smaller than this stay replicated under ``shard_params``: gathering them would cost
+# more than storing them (64 KiB of float32).
+SHARD_MIN_ELEMENTS = 1 << 14
+
+
+def state_shardings(state: TrainState, mesh: Mesh, shard_params: bool = True,
+                    min_elements: int | None = None):
+    """Shardings of a `TrainState` over a one-axis data mesh: everything replicated, except —
+    with ``shard_params`` — every params and optimizer-state leaf of at least ``min_elements``
+    entries (default `SHARD_MIN_ELEMENTS`), split over the mesh along its largest axis that the
+    device count divides (the optimizer's moments mirror the params, so each is split like its
+    parameter)."""
+    min_elements = SHARD_MIN_ELEMENTS if min_elements is None else min_elements
+    devices = mesh.devices.size
+    axis_name = mesh.axis_names[0]
+
+    def spec(leaf):
+        shape = np.shape(leaf)
+        if not shard_params or math.prod(shape) < min_elements:
+            return NamedSharding(mesh, PartitionSpec())
+        axes = [a for a in np.argsort(shape)[::-1] if shape[a] % devices == 0]
+        if not axes:
+            return NamedSharding(mesh, PartitionSpec())
+        parts = [None] * len(shape)
+        parts[int(axes[0])] = axis_name
+        return NamedSharding(mesh, PartitionSpec(*parts))
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return state.replace(
+        step=replicated, epoch=replicated, key=replicated,
+        params=jax.tree.map(spec, state.params),
+        model_state=jax.tree.map(lambda _: replicated, state.model_state),
+        opt_state=jax.tree.map(spec, state.opt_state))
+
+
+def _placed(tree, shardings):
+    """``tree``'s leaves laid out by ``shardings`` (also across processes, whose hosts hold the
+    same values)."""
+    def put(leaf, sharding):
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def make_evaluate(model: nn.Module, batch_size: int = 1000):
     """Returns jitted ``evaluate(params, model_state, images, labels) -> {"loss", "accuracy"}``.
 
@@ -373,7 +424,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
         on_epoch_end: Callable[[int, dict], None] | None = None,
         loss_fn: Callable[..., jax.Array] | None = None,
         teacher: Callable[[jax.Array], jax.Array] | None = None,
-        devices: Sequence[jax.Device] | None = None) -> tuple[TrainState, list[dict]]:
+        devices: Sequence[jax.Device] | None = None,
+        shard_params: bool = False) -> tuple[TrainState, list[dict]]:
     """Trains for ``epochs`` epochs, evaluating on the validation split after each.
 
     Args:
@@ -396,6 +448,10 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
       devices: the devices to train on, data-parallel (`data_mesh`; default: every device —
         of every process after `jax.distributed.initialize` — when the batch splits evenly over
         them; ``jax.local_devices()[:1]`` for one).
+      shard_params: with several devices, split the largest params and optimizer-state leaves
+        over them instead of replicating them (`state_shardings`): for a model whose state does
+        not fit one device. The same results up to the order of the reductions; nothing
+        changes on one device.
 
     Returns:
       The final state and the list of per-epoch metric dicts of this call.
@@ -415,12 +471,15 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, *,
         if checkpointer.latest_step() is not None:
             state, _ = checkpointer.restore_latest(state)
     mesh = data_mesh(batch_size, devices)
-    train_epoch = make_train_epoch(model, tx, batch_size, loss_fn, teacher, mesh=mesh)
+    sharding = None if mesh is None else state_shardings(state, mesh, shard_params)
+    train_epoch = make_train_epoch(model, tx, batch_size, loss_fn, teacher, mesh=mesh,
+                                   state_sharding=sharding if shard_params else None)
     evaluate = make_evaluate(model)
     # With a mesh the data and the state are replicated on its devices (every process holds
-    # the same values); each step's batch is split over them inside the epoch's program.
+    # the same values) — or the state's largest leaves split over them (``shard_params``);
+    # each step's batch is split over them inside the epoch's program.
     place = jax.device_put if mesh is None else functools.partial(_replicated, mesh=mesh)
-    state = place(state)
+    state = jax.device_put(state) if mesh is None else _placed(state, sharding)
     train_x, train_y = place(dataset.train.images), place(dataset.train.labels)
     val_x, val_y = place(dataset.validation.images), place(dataset.validation.labels)
 

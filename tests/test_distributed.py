@@ -24,6 +24,19 @@ many, history = fit(model, optax.adam(1e-3), data, epochs=2, batch_size=64, prog
 assert all(len(a.sharding.device_set) == 4 for a in jax.tree.leaves(many.params))
 difference = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)))
+# The same run with the largest params and optimizer leaves split over the devices (FSDP-style):
+# they stay split after every step, and the results are the replicated run's.
+import hoyertrim.train
+hoyertrim.train.SHARD_MIN_ELEMENTS = 1000  # this small CNN's two largest kernels
+sharded, _ = fit(model, optax.adam(1e-3), data, epochs=2, batch_size=64, progress=False,
+                 shard_params=True)
+split = [a for a in jax.tree.leaves(sharded.params) + jax.tree.leaves(sharded.opt_state)
+         if not a.sharding.is_fully_replicated]
+assert len(split) == 6, [a.shape for a in split]  # two kernels and their two Adam moments
+for a in split:
+    assert a.addressable_shards[0].data.size * 4 == a.size
+difference = max(difference, max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                                 for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(sharded))))
 print("DIFFERENCE", difference, history[-1]["val_accuracy"])
 """
 

@@ -48,6 +48,8 @@ class Training:
       weight_decay: L2 coefficient added to the gradient.
       seed: seeds initialization, data order and dropout.
       train_examples: train on this many training examples (a fixed random subset; None: all).
+      shard_params: with several devices, the largest params and optimizer-state leaves split
+        over them (`train.state_shardings`) instead of replicated.
     """
 
     # The metadata is what the command line shows and checks for each flag (``--batch-size``…).
@@ -69,6 +71,9 @@ class Training:
     train_examples: int | None = dataclasses.field(default=None, metadata={
         "help": "train on this many training examples (a fixed random subset; default: all)",
         "minimum": 1})
+    shard_params: bool = dataclasses.field(default=False, metadata={
+        "help": "with several devices, split the largest params and optimizer-state arrays "
+                "over them instead of replicating them (FSDP-style)"})
 
     def config(self, select: str) -> dict:
         """The manifest's record of these settings and the epoch ``select``ed (``"best"`` on
@@ -87,8 +92,11 @@ class Training:
         if select not in ("best", "last"):
             raise StageError(f"select must be 'best' or 'last', got {select!r}.")
         config = dataclasses.asdict(self)
+        # Absent at their defaults: the records of stages written before they existed match.
         if self.train_examples is None:
             del config["train_examples"]
+        if not self.shard_params:
+            del config["shard_params"]
         return {**config, "select": select}
 
 
@@ -120,7 +128,7 @@ def _fit_stage(stage: Stage, model, tx, dataset, params, model_state, config, *,
         _, history = fit(model, tx, dataset, epochs=config["epochs"],
                          batch_size=config["batch_size"], state=state, checkpointer=checkpointer,
                          config=config, teacher=teacher, metrics_log=stage.out / "metrics.jsonl",
-                         progress=progress)
+                         progress=progress, shard_params=config.get("shard_params", False))
         step = checkpointer.best_step() if config["select"] == "best" else \
             checkpointer.latest_step()
         selected, _ = checkpointer.restore(state, step)
