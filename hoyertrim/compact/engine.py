@@ -52,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hoyertrim.compact.heads import ELEMENTWISE, Heads, head_groups, heads_op
+from hoyertrim.compact.heads import (ELEMENTWISE, Heads, contraction_axes, head_groups,
+                                     heads_op)
 from hoyertrim.inspection.computation import as_computation, split_variables
 from hoyertrim.inspection.linear_maps import locate
 from hoyertrim.inspection.program import Const, Op, Program, bind_op
@@ -493,9 +494,8 @@ class _Interpreter:
         projection reading them; None (and the plan rejected) when the value is not what the
         head group expects."""
         keep, axis = self.heads[path]
-        kernel_c, data_c = ((op.params["dimension_numbers"][0][1], op.params[
-            "dimension_numbers"][0][0]) if position == 1 else op.params["dimension_numbers"][0])
-        consumer = axis in tuple(kernel_c)
+        kernel_c, data_c = contraction_axes(op, position)
+        consumer = axis in kernel_c
         if self.planning is not None and path not in self.plans:
             operand = np.asarray(operand)
             if consumer:
@@ -510,15 +510,15 @@ class _Interpreter:
         plan = self.plans[path]
         kernel = jnp.asarray(plan.kernel)
         if consumer:
-            data_axis = tuple(data_c)[tuple(kernel_c).index(axis)]
+            data_axis = data_c[kernel_c.index(axis)]
             if not (isinstance(data, Heads) and data.axis == data_axis
                     and np.array_equal(data.keep, keep)):
                 self.events.heads_failed = True
                 return None
             return bind_op(op, [kernel, data.array] if position == 0 else [data.array, kernel])[0]
         data = self._full(data)
-        free = [a for a in range(np.ndim(kernel)) if a not in tuple(kernel_c)]
-        data_free = np.ndim(data) - len(tuple(data_c))
+        free = [a for a in range(np.ndim(kernel)) if a not in kernel_c]
+        data_free = np.ndim(data) - len(data_c)
         out_axis = (data_free if position == 1 else 0) + free.index(axis)
         out = bind_op(op, [kernel, data] if position == 0 else [data, kernel])[0]
         atom = op.inputs[position]

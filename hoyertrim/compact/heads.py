@@ -30,7 +30,7 @@ import numpy as np
 
 from hoyertrim.inspection.program import Op, Program, bind_op
 
-__all__ = ["ELEMENTWISE", "Heads", "head_groups", "heads_op"]
+__all__ = ["ELEMENTWISE", "Heads", "contraction_axes", "head_groups", "heads_op"]
 
 # Operations that act on each element independently (all operands of the output's shape, or
 # scalars, or of size 1 along an axis, which they broadcast).
@@ -55,7 +55,7 @@ class Heads:
         return Heads(array, axis, self.keep, self.width)
 
 
-def _contraction_axes(op: Op, position: int):
+def contraction_axes(op: Op, position: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(kernel's contracted axes, data's contracted axes) of a map whose kernel is operand
     ``position``."""
     (lhs_c, rhs_c), _ = op.params["dimension_numbers"]
@@ -74,7 +74,7 @@ def head_groups(program: Program, maps: dict, operands: dict) -> dict[str, tuple
     plans: dict[str, tuple[np.ndarray, int]] = {}
     taken: set[str] = set()
     for name, (op, position, data) in maps.items():
-        kernel_c, data_c = _contraction_axes(op, position)
+        kernel_c, data_c = contraction_axes(op, position)
         if len(data_c) < 2:
             continue
         kernel = operands[name]
@@ -108,7 +108,7 @@ def _producers(program: Program, data: int, by_op: dict, maps: dict, operands: d
         if op in by_op:
             name = by_op[op]
             _, position, _ = maps[name]
-            kernel_c, _ = _contraction_axes(op, position)
+            kernel_c, _ = contraction_axes(op, position)
             kernel = operands[name]
             free = [a for a in range(kernel.ndim) if a not in kernel_c]
             if len(free) >= 2 and kernel.shape[free[0]] == width:
