@@ -22,12 +22,12 @@ but `trees` (leaf names alike in linen params, NNX ``State`` and plain pytrees).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from hoyertrim.trees import leaf_name, path_string
+from hoyertrim.trees import layer_name, leaf_name, path_string
 
 Grouping = tuple[int, ...]
 Penalty = Callable[[jax.Array], jax.Array]
@@ -156,14 +156,18 @@ def selected_leaves(params, where: Callable[[tuple, jax.Array], bool], what: str
     return selected
 
 
-def tree_penalty(penalty: Penalty, params, where: Callable[[tuple, jax.Array], bool] = is_kernel
-                 ) -> jax.Array:
+def tree_penalty(penalty: Penalty, params, where: Callable[[tuple, jax.Array], bool] = is_kernel,
+                 per_layer: Mapping[str, Penalty] | None = None) -> jax.Array:
     """Σ penalty(leaf) over the leaves of ``params`` selected by ``where(path, leaf)``.
 
     As in DeepHoyer, each layer is penalized on its own and the layer penalties are added.
-    ``params`` may be linen params, an NNX ``State`` or any pytree.
+    ``params`` may be linen params, an NNX ``State`` or any pytree. ``per_layer``: {layer name
+    (`trees.layer_name`): penalty} used instead of ``penalty`` for those layers (Group-HS with
+    each layer's own unit axes, `inspection.LinearMap.unit_groupings`).
 
     Raises:
       ValueError: ``where`` selects no leaf (the penalty would silently be 0).
     """
-    return sum(penalty(leaf) for _, leaf in selected_leaves(params, where, "tree_penalty"))
+    per_layer = per_layer or {}
+    return sum(per_layer.get(layer_name(path), penalty)(leaf)
+               for path, leaf in selected_leaves(params, where, "tree_penalty"))

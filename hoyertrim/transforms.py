@@ -41,13 +41,16 @@ class PenaltyState(NamedTuple):
 
 
 def add_penalty_gradient(penalty: Penalty, strength: float | optax.Schedule,
-                         where: LeafFilter = is_kernel) -> optax.GradientTransformation:
+                         where: LeafFilter = is_kernel,
+                         per_layer: Mapping[str, Penalty] | None = None
+                         ) -> optax.GradientTransformation:
     """Adds ``strength * ∇_params Σ_leaves penalty(leaf)`` to the updates.
 
     Args:
       penalty: a function of one array returning a scalar (see `hoyertrim.penalties`).
       strength: the coefficient α, a float or an optax schedule of the step count.
       where: ``where(path, leaf)`` selects the regularized leaves (default: Dense/Conv kernels).
+      per_layer: {layer name: penalty} instead of ``penalty`` for those layers.
 
     Returns:
       A `GradientTransformation` whose ``update`` requires ``params``.
@@ -62,7 +65,7 @@ def add_penalty_gradient(penalty: Penalty, strength: float | optax.Schedule,
             raise ValueError("add_penalty_gradient needs params: call tx.update(grads, state, "
                              "params).")
         alpha = strength(state.count) if callable(strength) else strength
-        penalty_grads = jax.grad(lambda p: tree_penalty(penalty, p, where))(params)
+        penalty_grads = jax.grad(lambda p: tree_penalty(penalty, p, where, per_layer))(params)
         updates = jax.tree.map(lambda u, g: u + alpha * g.astype(u.dtype), updates, penalty_grads)
         return updates, PenaltyState(count=optax.safe_increment(state.count))
 
@@ -74,10 +77,21 @@ def hoyer_square_regularization(strength, where: LeafFilter = is_kernel):
     return add_penalty_gradient(penalties.hoyer_square, strength, where)
 
 
+def _grouped(penalty, groupings):
+    """(penalty, per_layer) of a group penalty: ``groupings`` is one list of groupings for
+    every kernel, or {layer: groupings} (layers not named get the default groupings)."""
+    if isinstance(groupings, Mapping):
+        return (penalty, {name: (lambda w, g=tuple(g): penalty(w, g))
+                          for name, g in groupings.items()})
+    return (lambda w: penalty(w, groupings)), None
+
+
 def group_hoyer_square_regularization(strength, where: LeafFilter = is_kernel, groupings=None):
-    """DeepHoyer's Group-HS penalty gradient (output + input groups of each kernel by default)."""
-    return add_penalty_gradient(lambda w: penalties.group_hoyer_square(w, groupings), strength,
-                                where)
+    """DeepHoyer's Group-HS penalty gradient (output + input groups of each kernel by default;
+    ``groupings``: one list for every kernel, or {layer: groupings} — e.g. each layer's units
+    found from the computation, `inspection.unit_groupings`: an attention's heads)."""
+    penalty, per_layer = _grouped(penalties.group_hoyer_square, groupings)
+    return add_penalty_gradient(penalty, strength, where, per_layer)
 
 
 def hoyer_regularization(strength, where: LeafFilter = is_kernel):
@@ -91,8 +105,9 @@ def l1_regularization(strength, where: LeafFilter = is_kernel):
 
 
 def group_lasso_regularization(strength, where: LeafFilter = is_kernel, groupings=None):
-    """Group lasso penalty gradient (output + input groups of each kernel by default)."""
-    return add_penalty_gradient(lambda w: penalties.group_lasso(w, groupings), strength, where)
+    """Group lasso penalty gradient (groups as in `group_hoyer_square_regularization`)."""
+    penalty, per_layer = _grouped(penalties.group_lasso, groupings)
+    return add_penalty_gradient(penalty, strength, where, per_layer)
 
 
 def transformed_l1_regularization(strength, where: LeafFilter = is_kernel, a: float = 1.0):

@@ -424,3 +424,25 @@ def test_compaction_removes_dead_and_unread_units_with_equal_outputs(name, tmp_p
                                       model, None if isinstance(model, nnx.Module) else
                                       variables)
     np.testing.assert_allclose(loaded.apply(inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unit_groupings_are_each_maps_units_as_kernel_axes():
+    """Dense and conv kernels: DeepHoyer's default groupings (a 1-channel conv's input unit is
+    its single channel, not a window axis); attention: q/k/v grouped by head and input feature,
+    the output projection by output feature and head."""
+    from hoyertrim.inspection import unit_groupings
+    from hoyertrim.models import TransformerBlock, create_model
+    tokens = jnp.ones((1, 5, 16))
+    block = TransformerBlock(heads=4, mlp=32)
+    found = inspect_model(block, block.init(jax.random.PRNGKey(0), tokens), tokens)
+    groupings = unit_groupings(found.maps)
+    for name in ("attn/query", "attn/key", "attn/value"):  # kernel (D, heads, head dim)
+        assert groupings[name] == ((0, 2), (1, 2))
+    assert groupings["attn/out"] == ((0, 1), (1, 2))  # kernel (heads, head dim, D)
+    assert groupings["mlp_in"] == penalties.default_groupings(2)
+    lenet = create_model("lenet5")
+    images = jnp.ones((1, 28, 28, 1))
+    groupings = unit_groupings(inspect_model(lenet, lenet.init(jax.random.PRNGKey(0), images),
+                                             images).maps)
+    assert groupings == {name: penalties.default_groupings(4 if name.startswith("conv") else 2)
+                         for name in ("conv0", "conv1", "dense0", "dense1")}

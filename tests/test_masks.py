@@ -149,3 +149,18 @@ def test_input_unit_masks_keep_the_largest_units_to_the_count():
     assert np.asarray(masks["dense0"]["bias"]).all()
     np.testing.assert_array_equal(np.asarray(prune_masks(params, "units", 0.5)["conv0"]["kernel"]),
                                   kept)
+
+
+def test_group_masks_take_each_layers_own_groupings():
+    """An attention output kernel (heads, head dim, D) grouped by head: a weak head goes whole,
+    where the default groupings would cut along the head dimension."""
+    from hoyertrim.masks import group_masks
+    kernel = np.ones((4, 2, 8), np.float32)
+    kernel[1] *= 0.01  # head 1
+    params = {"out": {"kernel": kernel}}
+    by_head = group_masks(params, fraction_of_max=0.1, grouping="input",
+                          groupings={"out": ((0, 1), (1, 2))})["out"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(by_head).all(axis=(1, 2)), [True, False, True, True])
+    assert np.asarray(by_head)[[0, 2, 3]].all()
+    default = group_masks(params, fraction_of_max=0.1, grouping="input")["out"]["kernel"]
+    assert np.asarray(default).all()  # per head dimension, no group is weak

@@ -164,3 +164,23 @@ def test_gradual_magnitude_pruning_refuses_a_layer_it_would_never_prune():
     with pytest.raises(ValueError, match="names dense9.*selected layers are dense0"):
         tx.init(params)
     transforms.gradual_magnitude_pruning({"dense0": 0.5}, 0, 10).init(params)
+
+
+def test_group_penalties_take_each_layers_own_groupings():
+    """{layer: groupings}: the named layer's groups are its own (an attention kernel's heads),
+    the others keep DeepHoyer's default groupings."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    params = {"query": {"kernel": jax.random.normal(keys[0], (8, 4, 2))},
+              "dense": {"kernel": jax.random.normal(keys[1], (8, 3))}}
+    heads = ((0, 2), (1, 2))
+    for name, penalty in (("group_hoyer_square", penalties.group_hoyer_square),
+                          ("group_lasso", penalties.group_lasso)):
+        tx = transforms.REGULARIZERS[name](0.5, groupings={"query": heads})
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        expected = jax.grad(lambda p: penalty(p["query"]["kernel"], heads)
+                            + penalty(p["dense"]["kernel"]))(params)
+        for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(u, 0.5 * e, rtol=1e-5, atol=1e-7)
+        default, _ = transforms.REGULARIZERS[name](0.5).update(zeros, tx.init(params), params)
+        assert not np.allclose(default["query"]["kernel"], updates["query"]["kernel"])

@@ -34,7 +34,8 @@ import numpy as np
 from hoyertrim.inspection.program import Const, Op, Program, bind_op
 from hoyertrim.trees import layer_name, path_string, replace_leaves
 
-__all__ = ["LinearMap", "Located", "Refusal", "find_linear_maps", "locate", "select_maps"]
+__all__ = ["LinearMap", "Located", "Refusal", "find_linear_maps", "locate", "select_maps",
+           "unit_groupings"]
 
 # Operations that only move, relabel or retype a parameter's entries on its way to a use.
 _CHAIN = {"reshape", "transpose", "convert_element_type", "copy", "copy_p", "rev", "squeeze",
@@ -219,6 +220,36 @@ class LinearMap:
     def support(self) -> np.ndarray | None:
         """(N, M) bool of the matrix entries that exist (None: all)."""
         return None if np.all(self.index >= 0) else self.index >= 0
+
+    def unit_groupings(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(per output unit, per input unit): the kernel leaf's axes each group norm reduces,
+        in the leaf's own layout — the `penalties` groupings whose groups are this map's units
+        (a Dense's columns and rows; a conv's filters and input channels; an attention q/k/v
+        projection's heads and input features; an output projection's output features and
+        heads). None when the units are not whole axes of the leaf."""
+        valid = self.index >= 0
+        if not valid.all():
+            return None
+        coords = np.unravel_index(self.index, self.shape)
+        # Axes of length 1 are constant along both; they name units only when nothing else does.
+        axes = sorted(range(len(self.shape)), key=lambda a: self.shape[a] == 1)
+        by_row = [a for a in axes if np.all(coords[a] == coords[a][:, :1])]
+        by_column = [a for a in axes if np.all(coords[a] == coords[a][:1, :])]
+        if not by_row or not by_column:
+            return None
+        # The output units: the first axis the columns run along (a head before its dims).
+        output = by_column[0]
+        # The input units: the axis whose coordinate names each row's unit, one to one.
+        def names_units(axis):
+            pairs = np.unique(np.stack([coords[axis][:, 0], self.input_units]), axis=1)
+            return pairs.shape[1] == len(np.unique(self.input_units)) == len(
+                np.unique(coords[axis][:, 0]))
+
+        inputs = [a for a in by_row if names_units(a)]
+        if not inputs:
+            return None
+        axes = tuple(range(len(self.shape)))
+        return (tuple(a for a in axes if a != output), tuple(a for a in axes if a != inputs[0]))
 
     def matrix(self, params) -> np.ndarray:
         """(N, M) the kernel as a matrix (rows: input features, columns: output units)."""
@@ -450,3 +481,16 @@ def select_maps(maps: Sequence[LinearMap], refusals: Sequence[Refusal],
             raise ValueError(f"Unknown layers [{name!r}]; prunable layers are {list(by_name)}.")
     wanted = set(names)
     return [m for m in maps if m.name in wanted]
+
+
+def unit_groupings(maps: Sequence[LinearMap]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """{layer: (per output unit, per input unit) groupings} of the maps whose units are whole
+    axes of their kernel (`LinearMap.unit_groupings`): the groups DeepHoyer's Group-HS and group
+    lasso penalize, read off the computation — an attention projection's heads rather than the
+    default groupings' last two axes."""
+    found = {}
+    for lmap in maps:
+        groupings = lmap.unit_groupings()
+        if groupings is not None:
+            found[lmap.name] = groupings
+    return found

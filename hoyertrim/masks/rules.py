@@ -189,7 +189,8 @@ def count_masks(params, counts: Mapping[str, int], where: LeafFilter = is_kernel
 
 def group_masks(params, *, threshold: float | None = None,
                 fraction_of_max: float | None = None, std_scale: float | None = None,
-                grouping: str = "both", where: LeafFilter = is_kernel):
+                grouping: str = "both", where: LeafFilter = is_kernel,
+                groupings: Mapping[str, tuple] | None = None):
     """Structured pruning: removes whole output and/or input units with a small group norm.
 
     Exactly one rule, per tensor and grouping: a unit is removed if its group norm is below
@@ -200,6 +201,9 @@ def group_masks(params, *, threshold: float | None = None,
     Args:
       grouping: ``"output"`` (neurons / filters: columns of a Dense kernel, last axis of a Conv
         kernel), ``"input"`` (rows / input channels) or ``"both"``.
+      groupings: {layer: (per output unit, per input unit)} axes to reduce, for layers whose
+        units are other axes (`inspection.unit_groupings`: an attention kernel's heads);
+        default `penalties.default_groupings`.
     """
     if grouping not in ("output", "input", "both"):
         raise ValueError(f"grouping must be 'output', 'input' or 'both', got {grouping!r}.")
@@ -217,15 +221,13 @@ def group_masks(params, *, threshold: float | None = None,
         return value * (jnp.max(norms) if rule == "fraction_of_max" else jnp.std(norms))
 
     def per_layer(name, w):
-        output_axes, input_axes = default_groupings(w.ndim)
+        output_axes, input_axes = (groupings or {}).get(name) or default_groupings(w.ndim)
         mask = jnp.ones(w.shape, bool)
-        for kind, axes, kept_axis in (("output", output_axes, -1), ("input", input_axes, -2)):
+        for kind, axes in (("output", output_axes), ("input", input_axes)):
             if grouping in (kind, "both"):
                 norms = group_norms(w, axes)
                 alive = norms >= limit(norms)
-                shape = [1] * w.ndim
-                shape[kept_axis] = w.shape[kept_axis]
-                mask = mask & alive.reshape(shape)
+                mask = mask & jnp.expand_dims(alive, tuple(axes))
         return _never_empty(name, w, mask)
 
     return _map_selected(per_layer, params, where)

@@ -16,7 +16,7 @@ import numpy as np
 from hoyertrim import masks as masks_lib
 from hoyertrim import nettrim as nettrim_lib
 from hoyertrim.distributed import is_writer, writers_text
-from hoyertrim.inspection import inspect_model
+from hoyertrim.inspection import inspect_model, unit_groupings
 from hoyertrim.masks import kernel_nonzero_masks
 from hoyertrim.pipeline.directory import (
     Stage, StageResult, json_default, new_manifest, stage_result)
@@ -31,7 +31,7 @@ PRUNE_RULES = ("threshold", "std", "magnitude", "global_magnitude", "group", "gr
                "units")
 
 
-def prune_masks(params, rule: str, value: float):
+def prune_masks(params, rule: str, value: float, groupings=None):
     """Masks of one pruning rule (`PRUNE_RULES`) at ``value``.
 
     ``threshold``: |w| < value; ``std``: |w| < value·std(w) per tensor (DeepHoyer's rule);
@@ -39,6 +39,8 @@ def prune_masks(params, rule: str, value: float):
     over all layers; ``group``: whole units with group norm < value·max; ``group_std``: units
     with group norm < value·std of the group norms; ``units``: the fraction ``value`` of each
     layer's input units with the smallest group norms (`masks.input_unit_masks`).
+    ``groupings``: each layer's units as kernel axes for the group rules
+    (`inspection.unit_groupings`; default: DeepHoyer's output and input axes).
     """
     if rule not in PRUNE_RULES:
         raise StageError(f"Unknown prune rule {rule!r}; choose one of {', '.join(PRUNE_RULES)}.")
@@ -54,10 +56,10 @@ def prune_masks(params, rule: str, value: float):
         return masks_lib.magnitude_masks(params, value,
                                          scope="global" if rule == "global_magnitude" else "layer")
     if rule == "group":
-        return masks_lib.group_masks(params, fraction_of_max=value)
+        return masks_lib.group_masks(params, fraction_of_max=value, groupings=groupings)
     if rule == "units":
         return masks_lib.input_unit_masks(params, 1 - value)
-    return masks_lib.group_masks(params, std_scale=value)
+    return masks_lib.group_masks(params, std_scale=value, groupings=groupings)
 
 
 def prune(parent, out, *, rule: str = "std", value: float = 0.1, data_dir=None,
@@ -71,6 +73,10 @@ def prune(parent, out, *, rule: str = "std", value: float = 0.1, data_dir=None,
         if stage.done:
             return stage_result(stage)
         data = load_data(manifest, data_dir)
+        if rule in ("group", "group_std"):  # the groups are the units the computation shows
+            found = inspect_model(model, {"params": loaded.params, **loaded.model_state},
+                                  data.train.images[:1], apply_kwargs=mode_kwargs(model, False))
+            masks = prune_masks(loaded.params, rule, value, unit_groupings(found.maps))
         # Kernel masks from the rule, and whatever the parent had pruned stays pruned.
         masks = jax.tree.map(lambda m, old: np.asarray(m) & np.asarray(old), masks,
                              kernel_nonzero_masks(loaded.params))

@@ -19,6 +19,7 @@ from flax import nnx
 from flax.nnx import variablelib
 
 from hoyertrim.checkpoint import CheckpointMismatchError, Checkpointer, check_structure
+from hoyertrim.inspection import inspect_model, unit_groupings
 from hoyertrim.masks import apply_masks, kernel_nonzero_masks
 from hoyertrim.nnx_bridge import NnxModel
 from hoyertrim.penalties import is_kernel
@@ -312,19 +313,25 @@ def _by_known_layer(values: Mapping[str, float], kernels: Mapping) -> Mapping[st
     return values
 
 
-def penalty_gradient(penalty: str, strength: float | Mapping[str, float]
-                     ) -> optax.GradientTransformation:
+# The penalties over groups of weights: their groups are each layer's units (`unit_groupings`).
+GROUP_PENALTIES = ("group_hoyer_square", "group_lasso")
+
+
+def penalty_gradient(penalty: str, strength: float | Mapping[str, float],
+                     groupings: Mapping | None = None) -> optax.GradientTransformation:
     """``REGULARIZERS[penalty]`` at ``strength`` on every Dense/Conv kernel, or at
     ``{layer: α}``: one term per distinct α over the kernels of the layers that have it, so the
-    updates gain Σ_layers α_layer ∇R(W_layer) and layers not named gain nothing."""
+    updates gain Σ_layers α_layer ∇R(W_layer) and layers not named gain nothing. ``groupings``
+    ({layer: groupings}, a group penalty's only) sets each layer's groups."""
+    extra = {"groupings": groupings} if penalty in GROUP_PENALTIES and groupings else {}
     if not isinstance(strength, Mapping):
-        return REGULARIZERS[penalty](strength)
+        return REGULARIZERS[penalty](strength, **extra)
 
     def kernels_of(layers):
         return lambda path, leaf: is_kernel(path, leaf) and layer_name(path) in layers
 
     return optax.chain(*(REGULARIZERS[penalty](alpha, where=kernels_of(frozenset(
-        name for name, value in strength.items() if value == alpha)))
+        name for name, value in strength.items() if value == alpha)), **extra)
         for alpha in sorted(set(strength.values()))))
 
 
@@ -359,7 +366,12 @@ def regularize(parent, out, *, penalty: str = "hoyer_square",
         if stage.done:
             return stage_result(stage)
         data = load_data(manifest, data_dir).with_train_examples(training.train_examples)
-        tx = optax.chain(penalty_gradient(penalty, strength),
+        groupings = None
+        if penalty in GROUP_PENALTIES:  # the groups are the units the computation shows
+            found = inspect_model(model, {"params": loaded.params, **loaded.model_state},
+                                  data.train.images[:1], apply_kwargs=mode_kwargs(model, False))
+            groupings = unit_groupings(found.maps)
+        tx = optax.chain(penalty_gradient(penalty, strength, groupings),
                          _optimizer(config, len(data.train)))
         _fit_stage(stage, model, tx, data, loaded.params, loaded.model_state, config,
                    progress=progress)
