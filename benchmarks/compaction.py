@@ -93,7 +93,8 @@ def main(argv=None):
         path = compact_lib.save_compact(tmp, compacted)
         compact_bytes = (path / "compact.npz").stat().st_size + (path / "compact.json").stat(
         ).st_size
-    report = sparsity_report(pruned, model, test.images.shape[1:])
+    report = sparsity_report(pruned, model, test.images.shape[1:],
+                             model_state=pruned_loaded.model_state)
     flops_ratio = report.flops("dense") / report.flops("structured")
     dense_apply = jax.jit(lambda x: model.apply(dense_vars, x))
     print(f"{type(model).__name__}: pruned checkpoint {args.pruned}")
