@@ -503,10 +503,18 @@ class _Interpreter:
                 if np.any(np.take(operand, removed, axis) != 0):
                     self.events.heads_failed = True
                     return None
+            kernel, input_index = np.take(operand, keep, axis), None
+            in_axis = None if consumer else _axes(op, position, self.program)[0]
+            if in_axis is not None:  # the features a q/k/v projection never reads
+                rows = np.any(np.moveaxis(kernel, in_axis, 0).reshape(
+                    kernel.shape[in_axis], -1) != 0, axis=1)
+                if not rows.all():
+                    input_index = _read_rows(rows)
+                    kernel = np.take(kernel, input_index, in_axis)
             self.plans[path] = CompactLayer(
-                kernel=np.take(operand, keep, axis), shift=None, input_index=None,
-                output_index=None, output_fill=None, width=_num_outputs(op, position, operand),
-                heads=keep, head_axis=axis)
+                kernel=kernel, shift=None, input_index=input_index, output_index=None,
+                output_fill=None, width=_num_outputs(op, position, operand), heads=keep,
+                head_axis=axis)
         plan = self.plans[path]
         kernel = jnp.asarray(plan.kernel)
         if consumer:
@@ -517,6 +525,8 @@ class _Interpreter:
                 return None
             return bind_op(op, [kernel, data.array] if position == 0 else [data.array, kernel])[0]
         data = self._full(data)
+        if plan.input_index is not None:
+            data = jnp.take(data, plan.input_index, axis=-1)
         free = [a for a in range(np.ndim(kernel)) if a not in kernel_c]
         data_free = np.ndim(data) - len(data_c)
         out_axis = (data_free if position == 1 else 0) + free.index(axis)
@@ -568,11 +578,14 @@ class _Interpreter:
         width_in = self.program.shapes[where.data][-1]
         if in_axis is not None:
             rows = np.any(np.moveaxis(operand, in_axis, 0).reshape(width_in, -1) != 0, axis=1)
-            if isinstance(data, _Narrow):
+            if isinstance(data, _Narrow) and out_axis is not None:
                 input_index, shift = self._consume(op, data, operand, in_axis, out_axis,
                                                    rows)
-            elif not rows.all():
-                input_index = np.flatnonzero(rows) if rows.any() else np.array([0])
+            else:
+                if isinstance(data, _Narrow):  # a folded bias needs the units last: filled in
+                    self.events.widened.update(data.sources)
+                if not rows.all():
+                    input_index = _read_rows(rows)
         elif isinstance(data, _Narrow):
             self.events.widened.update(data.sources)
         kernel = operand if input_index is None else np.take(operand, input_index, in_axis)
@@ -633,6 +646,11 @@ class _Interpreter:
         return data.keep, shift
 
 
+def _read_rows(rows: np.ndarray) -> np.ndarray:
+    """The input features a kernel reads (one, when it reads none: the contraction needs one)."""
+    return np.flatnonzero(rows) if rows.any() else np.array([0])
+
+
 def _channels_last(op: Op) -> bool:
     numbers = op.params["dimension_numbers"]
     ndim = len(numbers.lhs_spec)
@@ -653,8 +671,6 @@ def _axes(op: Op, position: int, program: Program) -> tuple[int | None, int | No
             return None, None
         in_axis = param_c[0] if tuple(data_c) == (data_ndim - 1,) and len(param_c) == 1 else None
         out_axis = free[0] if len(free) == 1 else None
-        if in_axis is not None and out_axis is None:
-            in_axis = None  # a folded bias needs the units last
         return in_axis, out_axis
     dn = op.params["dimension_numbers"]
     if op.params.get("feature_group_count", 1) != 1 or position != 1:

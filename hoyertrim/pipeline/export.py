@@ -52,7 +52,9 @@ def compact(parent, out, *, data_dir=None, command=None) -> StageResult:
                               else int(np.size(layer.input_index)),
                               "outputs_kept": layer.width if layer.output_index is None
                               else int(np.size(layer.output_index)),
-                              "outputs": layer.width}
+                              "outputs": layer.width,
+                              **({} if layer.heads is None
+                                 else {"heads_kept": int(np.size(layer.heads))})}
                        for name, layer in compacted.layers.items()},
             "bytes_on_disk": directory_bytes(stage.out / "compact"),
             "parent_bytes_on_disk": directory_bytes(pathlib.Path(parent).expanduser().absolute()
