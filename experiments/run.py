@@ -147,6 +147,8 @@ CONFIGS["vit_sparsegpt_2to4"] = [DENSE_VIT, ("nettrim", {"nm": (2, 4), "method":
 CONFIGS["vit_units_50"] = [DENSE_VIT, ("nettrim", {"units": True, "kept_fraction": 0.5,
                                                    "scheme": "cascade", **_CALIBRATION_VIT}),
                            ("compact", {})]
+CONFIGS["vit_units_norm_50"] = [DENSE_VIT, ("prune", {"rule": "units", "value": 0.5}),
+                                ("compact", {})]
 
 # The same short fine-tune after each method (masked: pruned weights stay 0, plain cross-entropy):
 # one epoch of the GPT's 20,000 training windows, two epochs of the ViT's MNIST.

@@ -164,3 +164,13 @@ def test_group_masks_take_each_layers_own_groupings():
     assert np.asarray(by_head)[[0, 2, 3]].all()
     default = group_masks(params, fraction_of_max=0.1, grouping="input")["out"]["kernel"]
     assert np.asarray(default).all()  # per head dimension, no group is weak
+
+
+def test_input_unit_masks_keep_whole_heads_given_the_groupings():
+    from hoyertrim.masks import input_unit_masks
+    kernel = np.ones((4, 2, 8), np.float32) * np.array([3.0, 1.0, 2.0, 0.5])[:, None, None]
+    params = {"out": {"kernel": kernel}}
+    mask = np.asarray(input_unit_masks(params, 0.5, groupings={"out": ((0, 1), (1, 2))})[
+        "out"]["kernel"])
+    np.testing.assert_array_equal(mask.all(axis=(1, 2)), [True, False, True, False])
+    np.testing.assert_array_equal(mask.any(axis=(1, 2)), mask.all(axis=(1, 2)))  # whole heads

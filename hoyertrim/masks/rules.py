@@ -233,9 +233,11 @@ def group_masks(params, *, threshold: float | None = None,
     return _map_selected(per_layer, params, where)
 
 
-def input_unit_masks(params, kept_fraction: float, *, where: LeafFilter = is_kernel):
+def input_unit_masks(params, kept_fraction: float, *, where: LeafFilter = is_kernel,
+                     groupings: Mapping[str, tuple] | None = None):
     """Structured pruning to a count: each kernel keeps the ``kept_fraction`` of its input units
-    (rows of a Dense kernel, input channels of a Conv kernel; at least one) with the largest
+    (rows of a Dense kernel, input channels of a Conv kernel, heads of an attention output
+    projection given its ``groupings`` as in `group_masks`; at least one) with the largest
     group norms — group-norm (magnitude-of-groups) pruning of the units `nettrim --units`
     removes, at the same count."""
     if not 0 < kept_fraction <= 1:
@@ -244,13 +246,12 @@ def input_unit_masks(params, kept_fraction: float, *, where: LeafFilter = is_ker
     def per_layer(name, w):
         if w.ndim < 2:
             return jnp.ones(w.shape, bool)
-        norms = group_norms(w, default_groupings(w.ndim)[1])
-        keep = max(1, int(round(kept_fraction * norms.shape[0])))
-        order = jnp.argsort(-norms, stable=True)
-        alive = jnp.zeros(norms.shape, bool).at[order[:keep]].set(True)
-        shape = [1] * w.ndim
-        shape[-2] = w.shape[-2]
-        return jnp.broadcast_to(alive.reshape(shape), w.shape)
+        axes = ((groupings or {}).get(name) or default_groupings(w.ndim))[1]
+        norms = group_norms(w, axes)
+        keep = max(1, int(round(kept_fraction * norms.size)))
+        order = jnp.argsort(-norms.reshape(-1), stable=True)
+        alive = jnp.zeros(norms.size, bool).at[order[:keep]].set(True).reshape(norms.shape)
+        return jnp.broadcast_to(jnp.expand_dims(alive, tuple(axes)), w.shape)
 
     return _map_selected(per_layer, params, where)
 

@@ -58,7 +58,7 @@ def prune_masks(params, rule: str, value: float, groupings=None):
     if rule == "group":
         return masks_lib.group_masks(params, fraction_of_max=value, groupings=groupings)
     if rule == "units":
-        return masks_lib.input_unit_masks(params, 1 - value)
+        return masks_lib.input_unit_masks(params, 1 - value, groupings=groupings)
     return masks_lib.group_masks(params, std_scale=value, groupings=groupings)
 
 
@@ -73,7 +73,7 @@ def prune(parent, out, *, rule: str = "std", value: float = 0.1, data_dir=None,
         if stage.done:
             return stage_result(stage)
         data = load_data(manifest, data_dir)
-        if rule in ("group", "group_std"):  # the groups are the units the computation shows
+        if rule in ("group", "group_std", "units"):  # the units the computation shows
             found = inspect_model(model, {"params": loaded.params, **loaded.model_state},
                                   data.train.images[:1], apply_kwargs=mode_kwargs(model, False))
             masks = prune_masks(loaded.params, rule, value, unit_groupings(found.maps))
