@@ -52,3 +52,15 @@ def dense_stage(settings: dict, *, root="runs/pipeline", data_dir=None,
                                                 if k != "model"})
     return pipeline.train(settings["model"], out, data_dir=data_dir, progress=progress,
                           **kwargs).directory
+
+
+def fill_table(text: str, marker: str, table: str, append: bool = False) -> str:
+    """``text`` with ``table`` between its ``<!-- marker table start/end -->`` lines (appended
+    at the end first when ``append`` and the page has no such markers)."""
+    start, end = f"<!-- {marker} table start -->", f"<!-- {marker} table end -->"
+    if append and start not in text:
+        text += f"\n{start}\n{end}\n"
+    if start not in text or end not in text:
+        raise SystemExit(f"The page has no '{start}' … '{end}' markers for the {marker} table.")
+    head, rest = text.split(start, 1)
+    return head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1]

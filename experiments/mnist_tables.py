@@ -22,6 +22,7 @@ import argparse
 import json
 import pathlib
 
+import common
 from hoyertrim.nettrim import certified_epsilon
 
 PEERS = {"nettrim_parallel": "Net-Trim parallel", "nettrim_cascade": "Net-Trim cascade",
@@ -119,14 +120,6 @@ def user_table(results: pathlib.Path) -> str:
 TABLES = {"peers": peers_table, "epsilon": epsilon_table, "user": user_table}
 
 
-def _replace(text: str, marker: str, table: str) -> str:
-    start, end = f"<!-- {marker} table start -->", f"<!-- {marker} table end -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"The page has no '{start}' … '{end}' markers for the {marker} table.")
-    head, rest = text.split(start, 1)
-    return head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results/pipelines")
@@ -139,7 +132,7 @@ def main(argv=None) -> int:
         if table.count("\n") < 2:
             raise SystemExit(f"No results for the {marker} table under {results}: "
                              "run experiments/run.py first (see this script's docstring).")
-        text = _replace(text, marker, table)
+        text = common.fill_table(text, marker, table)
         print(table, end="\n\n")
     out.write_text(text)
     print(f"wrote {out}")

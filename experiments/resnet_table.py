@@ -17,6 +17,7 @@ import argparse
 import json
 import pathlib
 
+import common
 import matplotlib
 
 matplotlib.use("Agg")
@@ -104,12 +105,7 @@ def main(argv=None) -> int:
     text = table(dense, found)
     plot(dense, found, pathlib.Path(args.plot))
     out = pathlib.Path(args.out)
-    start, end = "<!-- resnet20 table start -->", "<!-- resnet20 table end -->"
-    current = out.read_text()
-    if start not in current:
-        current += f"\n{start}\n{end}\n"
-    head, rest = current.split(start, 1)
-    out.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+    out.write_text(common.fill_table(out.read_text(), "resnet20", text, append=True))
     print(text)
     print(f"wrote {out} and {args.plot}")
     return 0

@@ -15,6 +15,8 @@ import argparse
 import json
 import pathlib
 
+import common
+
 METHODS = {"nettrim": "Net-Trim `--units` (cascade, certified)",
            "norm": "group-norm pruning of the same units (`prune --rule units`)"}
 
@@ -68,10 +70,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     text = table(pathlib.Path(args.results))
     out = pathlib.Path(args.out)
-    start, end = "<!-- units table start -->", "<!-- units table end -->"
-    current = out.read_text() if out.is_file() else f"{start}\n{end}\n"
-    head, rest = current.split(start, 1)
-    out.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+    out.write_text(common.fill_table(out.read_text() if out.is_file() else "", "units", text,
+                                     append=True))
     print(text)
     print(f"wrote {out}")
     return 0
