@@ -320,3 +320,19 @@ def test_nnx_attention_heads_are_removed_too():
     np.testing.assert_allclose(compacted.apply(x), expected, rtol=1e-5, atol=1e-5)
     kept = [layer.heads for layer in compacted.layers.values() if layer.heads is not None]
     assert len(kept) == 4 and all(np.array_equal(k, [0, 1, 3]) for k in kept)
+
+
+def test_attention_projections_gather_only_the_features_they_read():
+    """No head is dead, but q/k/v read only half the features (and heads 1 and 3 are dead in
+    another variant): the projections gather what they read, with equal outputs."""
+    model, params, tokens = _vit_block_with_dead_heads(causal=False)
+    params["attn"]["out"]["kernel"][[1, 3]] = 1.0  # every head read again
+    for name in ("query", "key", "value"):
+        params["attn"][name]["kernel"][::2] = 0.0  # features 0, 2, 4, … read by no projection
+    compacted = _check(model, params, tokens)
+    for name in ("attn/query", "attn/key", "attn/value"):
+        assert compacted.layers[name].kernel.shape == (8, 4, 4)
+        np.testing.assert_array_equal(compacted.layers[name].input_index, np.arange(1, 16, 2))
+    params["attn"]["out"]["kernel"][[1, 3]] = 0.0  # and with dead heads: both at once
+    compacted = _check(model, params, tokens)
+    assert compacted.layers["attn/value"].kernel.shape == (8, 2, 4)
