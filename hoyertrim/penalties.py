@@ -171,3 +171,51 @@ def tree_penalty(penalty: Penalty, params, where: Callable[[tuple, jax.Array], b
     per_layer = per_layer or {}
     return sum(per_layer.get(layer_name(path), penalty)(leaf)
                for path, leaf in selected_leaves(params, where, "tree_penalty"))
+
+
+def coupled_group_squares(params, groups: Sequence, output_axes: Mapping[str, int]) -> jax.Array:
+    """(G,) Σ of squared weights of each coupled group: every member's output slab (layer
+    ``l``'s unit ``u``: its kernel's entries at index ``u`` of axis ``output_axes[l]``) added
+    together — the group DeepHoyer's Group-HS sees when units of several layers go only together
+    (`inspection.coupled_groups`: a residual stream's channel).
+
+    Args:
+      params: the params tree (kernels found by `trees.layer_name` and the leaf name ``kernel``).
+      groups: `inspection.CoupledGroup` s (their ``members``: (layer, unit) pairs).
+    """
+    members: dict[str, tuple[list, list]] = {}
+    for number, group in enumerate(groups):
+        for layer, unit in group.members:
+            units, ids = members.setdefault(layer, ([], []))
+            units.append(unit)
+            ids.append(number)
+    squares = jnp.zeros(len(groups))
+    found = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        layer = layer_name(path)
+        if layer not in members or leaf_name(path) != "kernel":
+            continue
+        axis = output_axes[layer] % leaf.ndim
+        columns = jnp.sum(jnp.square(leaf), axis=tuple(a for a in range(leaf.ndim) if a != axis))
+        units, ids = members[layer]
+        squares = squares.at[jnp.asarray(ids)].add(columns[jnp.asarray(units)])
+        found.add(layer)
+    if found != set(members):
+        raise ValueError(f"coupled groups name layers with no kernel in params: "
+                         f"{sorted(set(members) - found)}")
+    return squares
+
+
+def coupled_group_penalty(params, groups: Sequence, output_axes: Mapping[str, int],
+                          kind: str = "group_hoyer_square") -> jax.Array:
+    """Group-HS ``(Σ_g ‖w_g‖)² / Σ_g ‖w_g‖²`` or group lasso ``Σ_g ‖w_g‖`` over the coupled
+    groups (`coupled_group_squares`): one term for all of them, as DeepHoyer applies Group-HS
+    to one layer's groups."""
+    if kind not in ("group_hoyer_square", "group_lasso"):
+        raise ValueError(f"kind must be 'group_hoyer_square' or 'group_lasso', got {kind!r}.")
+    squares = coupled_group_squares(params, groups, output_axes)
+    positive = squares > 0
+    norms = jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+    if kind == "group_lasso":
+        return jnp.sum(norms)
+    return _safe_ratio(jnp.square(jnp.sum(norms)), jnp.sum(squares))

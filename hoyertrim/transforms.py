@@ -115,6 +115,37 @@ def transformed_l1_regularization(strength, where: LeafFilter = is_kernel, a: fl
     return add_penalty_gradient(lambda w: penalties.transformed_l1(w, a), strength, where)
 
 
+def coupled_group_regularization(strength, groups, output_axes: Mapping[str, int],
+                                 kind: str = "group_hoyer_square"
+                                 ) -> optax.GradientTransformation:
+    """Adds ``strength * ∇ penalties.coupled_group_penalty`` to the updates (chain before the
+    optimizer, beside the per-layer group penalty): the units of several layers that go only
+    together (`inspection.coupled_groups`: a residual stream's channel, written by the stem and
+    every block) are penalized as one group each, so they die together.
+
+    Args:
+      groups: `inspection.CoupledGroup` s.
+      output_axes: {layer: its kernel's output-unit axis}.
+      kind: ``"group_hoyer_square"`` or ``"group_lasso"``.
+    """
+
+    def init(params):
+        del params
+        return PenaltyState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("coupled_group_regularization needs params: call tx.update(grads, "
+                             "state, params).")
+        alpha = strength(state.count) if callable(strength) else strength
+        grads = jax.grad(lambda p: penalties.coupled_group_penalty(p, groups, output_axes,
+                                                                   kind))(params)
+        updates = jax.tree.map(lambda u, g: u + alpha * g.astype(u.dtype), updates, grads)
+        return updates, PenaltyState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 REGULARIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "hoyer_square": hoyer_square_regularization,
     "group_hoyer_square": group_hoyer_square_regularization,

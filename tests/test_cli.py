@@ -1030,3 +1030,46 @@ def test_two_processes_resume_an_interrupted_nettrim_from_its_solved_layers(
     ours, theirs = hoyertrim.load(out), hoyertrim.load(chain / "trimmed")
     for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(theirs.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_group_hs_on_a_resnet_penalizes_and_prunes_its_stream_channels_as_groups(
+        tmp_path, capsys, tiny_data_root):
+    """ResNet-8 (one block per stage): regularize with Group-HS adds the coupled groups' term
+    (the stream channels found from the computation) and `prune --rule group` removes the
+    stream channels whose joint norm is below 0.9 of the largest from every conv that writes
+    them, so `compact` drops them everywhere."""
+    data = ["--data-dir", str(tiny_data_root), "--no-progress"]
+    kwargs = json.dumps({"blocks_per_stage": 1, "input_shape": [28, 28, 1]})
+    spec = "hoyertrim.models:CifarResNet"
+    assert cli.main(["train", "--model", spec, "--model-kwargs", kwargs, "--epochs", "1",
+                     "--out", str(tmp_path / "dense"), *data]) == 0
+    assert cli.main(["regularize", str(tmp_path / "dense"), "--penalty", "group_hoyer_square",
+                     "--strength", "1e-2", "--epochs", "1", "--out", str(tmp_path / "ghs"),
+                     *data]) == 0
+    assert cli.main(["prune", str(tmp_path / "ghs"), "--rule", "group", "--value", "0.9",
+                     "--out", str(tmp_path / "pruned"), *data]) == 0
+    pruned = hoyertrim.load(tmp_path / "pruned")
+    from hoyertrim.inspection import inspect_model
+    found = inspect_model(pruned.model, {"params": pruned.params, **pruned.model_state},
+                          jnp.zeros((1, 28, 28, 1)))
+    # The stage-3 stream's channels written by two or more convs (its 32 zero-padded channels
+    # have one writer each, the stage's only block).
+    assert len(found.coupled) == 32
+
+    def kernel(layer):
+        node = pruned.params
+        for key in layer.split("/"):
+            node = node[key]
+        return np.asarray(node["kernel"])
+
+    dead = [g for g in found.coupled
+            if all(not kernel(layer)[..., unit].any() for layer, unit in g.members)]
+    assert dead  # whole stream channels went, in every conv that writes them
+    assert cli.main(["compact", str(tmp_path / "pruned"), "--out", str(tmp_path / "compact"),
+                     *data]) == 0
+    capsys.readouterr()
+    stem_dead = sum(("Conv_0", u) in g.members for g in dead for u in range(16))
+    compact_layers = json.loads((tmp_path / "compact" / "hoyertrim.json").read_text())[
+        "results"]["layers"]
+    assert compact_layers["Conv_0"]["outputs_kept"] <= 16 - stem_dead

@@ -336,3 +336,33 @@ def test_attention_projections_gather_only_the_features_they_read():
     params["attn"]["out"]["kernel"][[1, 3]] = 0.0  # and with dead heads: both at once
     compacted = _check(model, params, tokens)
     assert compacted.layers["attn/value"].kernel.shape == (8, 2, 4)
+
+
+def _kernel(params, layer: str) -> np.ndarray:
+    node = params
+    for key in layer.split("/"):
+        node = node[key]
+    return node["kernel"]
+
+
+@pytest.mark.slow
+def test_a_coupled_group_masked_in_every_writer_is_compacted_away():
+    """The coupled groups found from the computation, masked below a fraction of the largest
+    group's norm (the `prune --rule group` step), leave a ResNet whose stream channel compaction
+    removes from every member in every stage — equal outputs."""
+    from hoyertrim.inspection import inspect_model, output_axes, unit_groupings
+    from hoyertrim.masks import apply_masks, coupled_group_masks
+    model, variables, images = _resnet_with_coupled_dead_channels(zero=(), positive=())
+    found = inspect_model(model, variables, images[:1])
+    (group,) = [g for g in found.coupled if ("Conv_0", 3) in g.members]
+    params = jax.tree.map(np.array, variables["params"])
+    for layer, unit in group.members:  # one weak coupled group, across the three stages
+        _kernel(params, layer)[..., unit] *= 1e-3
+    masks = coupled_group_masks(params, found.coupled, output_axes(unit_groupings(found.maps)),
+                                fraction_of_max=0.05)
+    pruned = {**variables, "params": jax.tree.map(np.asarray, apply_masks(params, masks))}
+    assert sum(int(np.sum(~np.asarray(m))) for m in jax.tree.leaves(masks)) == sum(
+        _kernel(params, layer)[..., unit].size for layer, unit in group.members)
+    compacted = _check(model, pruned, images)
+    for layer, unit in group.members:
+        assert compacted.layers[layer].kernel.shape[-1] == _kernel(params, layer).shape[-1] - 1

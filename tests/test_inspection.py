@@ -446,3 +446,26 @@ def test_unit_groupings_are_each_maps_units_as_kernel_axes():
                                              images).maps)
     assert groupings == {name: penalties.default_groupings(4 if name.startswith("conv") else 2)
                          for name in ("conv0", "conv1", "dense0", "dense1")}
+
+
+def test_coupled_groups_are_a_resnets_stream_channels_and_nothing_else():
+    """ResNet-20: each channel of the residual stream is written by the stem or a stage's
+    padded shortcut and every block's second conv — one group across the stages, channel c of
+    stage 1 becoming c + 8 of stage 2 and c + 24 of stage 3 (option-A zero padding); the blocks'
+    inner channels are alone. A transformer's stream meets LayerNorm (every feature mixed):
+    nothing is removable together. LeNet-5 has no coupling."""
+    from hoyertrim.models import TransformerBlock, create_model
+    model = create_model("resnet20", input_shape=(12, 12, 1))
+    images = jnp.ones((1, 12, 12, 1))
+    groups = inspect_model(model, model.init(jax.random.PRNGKey(0), images), images).coupled
+    assert len(groups) == 64  # the stage-3 stream's 64 channels
+    stem = [g for g in groups if ("Conv_0", 5) in g.members]
+    assert len(stem) == 1 and stem[0].members == (
+        ("Conv_0", 5), *((f"_ResidualBlock_{b}/Conv_1", 5) for b in range(3)),
+        *((f"_ResidualBlock_{b}/Conv_1", 13) for b in range(3, 6)),
+        *((f"_ResidualBlock_{b}/Conv_1", 29) for b in range(6, 9)))
+    assert all(not name.endswith("Conv_0") or name == "Conv_0"
+               for g in groups for name, _ in g.members)
+    block = TransformerBlock(heads=4, mlp=32)
+    tokens = jnp.ones((1, 5, 16))
+    assert inspect_model(block, block.init(jax.random.PRNGKey(0), tokens), tokens).coupled == []

@@ -105,3 +105,34 @@ def test_tree_penalty_selects_kernels_only():
 def test_bad_grouping_axis():
     with pytest.raises(ValueError, match="out of range"):
         penalties.group_hoyer_square(jnp.ones((2, 2)), groupings=[(5,)])
+
+
+def test_coupled_groups_are_penalized_as_one_group_across_layers():
+    from hoyertrim.inspection import CoupledGroup
+    from hoyertrim.transforms import coupled_group_regularization
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    params = {"a": {"kernel": jax.random.normal(keys[0], (3, 3, 2, 4))},  # conv: units last
+              "b": {"kernel": jax.random.normal(keys[1], (5, 4))}}
+    groups = [CoupledGroup((("a", 0), ("b", 1))), CoupledGroup((("a", 2), ("b", 2)))]
+    axes = {"a": 3, "b": 1}
+    squares = penalties.coupled_group_squares(params, groups, axes)
+    a, b = np.asarray(params["a"]["kernel"]), np.asarray(params["b"]["kernel"])
+    expected = [np.sum(a[..., 0] ** 2) + np.sum(b[:, 1] ** 2),
+                np.sum(a[..., 2] ** 2) + np.sum(b[:, 2] ** 2)]
+    np.testing.assert_allclose(squares, expected, rtol=1e-5)
+    norms = np.sqrt(expected)
+    np.testing.assert_allclose(penalties.coupled_group_penalty(params, groups, axes),
+                               norms.sum() ** 2 / np.sum(expected), rtol=1e-5)
+    np.testing.assert_allclose(penalties.coupled_group_penalty(params, groups, axes,
+                                                               "group_lasso"), norms.sum(),
+                               rtol=1e-5)
+    tx = coupled_group_regularization(0.5, groups, axes)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    grads = jax.grad(lambda p: penalties.coupled_group_penalty(p, groups, axes))(params)
+    for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(u, 0.5 * g, rtol=1e-6)
+    assert np.all(np.asarray(updates["a"]["kernel"])[..., 1] == 0)  # not in any group
+    with pytest.raises(ValueError, match="no kernel"):
+        penalties.coupled_group_squares(params, [CoupledGroup((("c", 0), ("a", 0)))],
+                                        {"a": 3, "c": 0})

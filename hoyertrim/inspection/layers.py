@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from hoyertrim.distributed import process_share
 from hoyertrim.inspection import graph
 from hoyertrim.inspection.computation import Computation, as_computation
+from hoyertrim.inspection.coupling import CoupledGroup, coupled_groups
 from hoyertrim.inspection.linear_maps import LinearMap, Refusal, find_linear_maps, locate
 from hoyertrim.inspection.program import Program
 from hoyertrim.trees import path_string
@@ -35,12 +36,15 @@ class Inspection:
       maps: the linear maps, in the order the computation runs them.
       refusals: parameters of ndim ≥ 2 that are not prunable maps, with the reason.
       followers: ``{map name: Follower}``: what follows each map's output.
+      coupled: the groups of output units of several maps removable only together
+        (`coupling.coupled_groups`: a residual stream's channels).
     """
 
     computation: Computation
     maps: list[LinearMap]
     refusals: list[Refusal]
     followers: dict[str, graph.Follower]
+    coupled: list[CoupledGroup] = dataclasses.field(default_factory=list)
 
     def by_name(self) -> dict[str, LinearMap]:
         return {m.name: m for m in self.maps}
@@ -65,7 +69,13 @@ def inspect_model(model=None, variables=None, sample=None, *, apply_kwargs: Mapp
     maps, refusals, located = find_linear_maps(program, params, batch)
     followers = {m.name: graph.follow(program, located[m.kernel_leaf].output, m.num_outputs,
                                       m.units_trailing) for m in maps}
-    return Inspection(computation, maps, refusals, followers)
+    outputs = {}
+    for m in maps:
+        contraction = located[m.kernel_leaf].op.outputs[0]
+        shape = program.shapes[contraction]
+        if m.units_trailing and shape and shape[-1] == m.num_outputs:
+            outputs[m.name] = (contraction, m.num_outputs)
+    return Inspection(computation, maps, refusals, followers, coupled_groups(program, outputs))
 
 
 def contraction_filter(model, variables=None, sample=None, *,

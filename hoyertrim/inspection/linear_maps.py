@@ -35,7 +35,7 @@ from hoyertrim.inspection.program import Const, Op, Program, bind_op
 from hoyertrim.trees import layer_name, path_string, replace_leaves
 
 __all__ = ["LinearMap", "Located", "Refusal", "find_linear_maps", "locate", "select_maps",
-           "unit_groupings"]
+           "output_axes", "unit_groupings"]
 
 # Operations that only move, relabel or retype a parameter's entries on its way to a use.
 _CHAIN = {"reshape", "transpose", "convert_element_type", "copy", "copy_p", "rev", "squeeze",
@@ -494,3 +494,10 @@ def unit_groupings(maps: Sequence[LinearMap]) -> dict[str, tuple[tuple[int, ...]
         if groupings is not None:
             found[lmap.name] = groupings
     return found
+
+
+def output_axes(groupings: dict) -> dict[str, int]:
+    """{layer: its kernel's output-unit axis}: the axis the output grouping of `unit_groupings`
+    keeps."""
+    return {name: next(a for a in range(len(out) + 1) if a not in out)
+            for name, (out, _) in groupings.items()}

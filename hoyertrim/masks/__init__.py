@@ -6,12 +6,13 @@
 """
 
 from hoyertrim.masks.report import LayerReport, SparsityReport, sparsity_report
-from hoyertrim.masks.rules import LeafFilter, apply_masks, check_nm, count_masks, full_masks, \
+from hoyertrim.masks.rules import LeafFilter, apply_masks, check_nm, count_masks, \
+    coupled_group_masks, full_masks, \
     group_masks, input_unit_masks, kernel_nonzero_masks, magnitude_masks, nm_mask, \
     nonzero_masks, std_threshold_masks, threshold_masks, top_k_mask
 from hoyertrim.masks.schedule import polynomial_sparsity
 
 __all__ = ["LayerReport", "LeafFilter", "SparsityReport", "apply_masks", "check_nm",
-           "count_masks", "full_masks", "group_masks", "input_unit_masks", "kernel_nonzero_masks",
+           "count_masks", "coupled_group_masks", "full_masks", "group_masks", "input_unit_masks", "kernel_nonzero_masks",
            "magnitude_masks", "nm_mask", "nonzero_masks", "polynomial_sparsity",
            "sparsity_report", "std_threshold_masks", "threshold_masks", "top_k_mask"]

@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hoyertrim.penalties import default_groupings, group_norms, is_kernel, selected_leaves
+from hoyertrim.penalties import (coupled_group_squares, default_groupings, group_norms, is_kernel,
+                                 selected_leaves)
 from hoyertrim.trees import layer_name, leaf_name
 
-__all__ = ["LeafFilter", "apply_masks", "check_nm", "count_masks", "full_masks", "group_masks",
+__all__ = ["LeafFilter", "apply_masks", "check_nm", "count_masks", "coupled_group_masks",
+           "full_masks", "group_masks",
            "input_unit_masks", "kernel_nonzero_masks", "magnitude_masks", "nm_mask",
            "nonzero_masks", "std_threshold_masks", "threshold_masks", "top_k_mask"]
 
@@ -231,6 +233,33 @@ def group_masks(params, *, threshold: float | None = None,
         return _never_empty(name, w, mask)
 
     return _map_selected(per_layer, params, where)
+
+
+def coupled_group_masks(params, groups, output_axes: Mapping[str, int], *,
+                        fraction_of_max: float):
+    """Removes whole coupled groups (`inspection.coupled_groups`: a residual stream's channel in
+    every layer that writes it) whose joint norm (`penalties.coupled_group_squares`) is below
+    ``fraction_of_max`` × the largest group's: each member's output slab is masked. All-True
+    masks elsewhere."""
+    if fraction_of_max < 0:
+        raise ValueError(f"fraction_of_max must be >= 0, got {fraction_of_max}.")
+    norms = np.sqrt(np.asarray(coupled_group_squares(params, groups, output_axes)))
+    dead = {}
+    for group, norm in zip(groups, norms):
+        if norms.size and norm < fraction_of_max * norms.max():
+            for layer, unit in group.members:
+                dead.setdefault(layer, []).append(unit)
+
+    def leaf_mask(path, leaf):
+        mask = np.ones(np.shape(leaf), bool)
+        layer = layer_name(path)
+        if layer in dead and leaf_name(path) == "kernel":
+            index = [slice(None)] * mask.ndim
+            index[output_axes[layer] % mask.ndim] = dead[layer]
+            mask[tuple(index)] = False
+        return jnp.asarray(mask)
+
+    return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
 def input_unit_masks(params, kept_fraction: float, *, where: LeafFilter = is_kernel,

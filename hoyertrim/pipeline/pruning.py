@@ -16,7 +16,7 @@ import numpy as np
 from hoyertrim import masks as masks_lib
 from hoyertrim import nettrim as nettrim_lib
 from hoyertrim.distributed import is_writer, writers_text
-from hoyertrim.inspection import inspect_model, unit_groupings
+from hoyertrim.inspection import inspect_model, output_axes, unit_groupings
 from hoyertrim.masks import kernel_nonzero_masks
 from hoyertrim.pipeline.directory import (
     Stage, StageResult, json_default, new_manifest, stage_result)
@@ -76,7 +76,12 @@ def prune(parent, out, *, rule: str = "std", value: float = 0.1, data_dir=None,
         if rule in ("group", "group_std", "units"):  # the units the computation shows
             found = inspect_model(model, {"params": loaded.params, **loaded.model_state},
                                   data.train.images[:1], apply_kwargs=mode_kwargs(model, False))
-            masks = prune_masks(loaded.params, rule, value, unit_groupings(found.maps))
+            groupings = unit_groupings(found.maps)
+            masks = prune_masks(loaded.params, rule, value, groupings)
+            if rule == "group" and found.coupled:  # a stream channel in all its writers at once
+                coupled = masks_lib.coupled_group_masks(
+                    loaded.params, found.coupled, output_axes(groupings), fraction_of_max=value)
+                masks = jax.tree.map(lambda a, b: np.asarray(a) & np.asarray(b), masks, coupled)
         # Kernel masks from the rule, and whatever the parent had pruned stays pruned.
         masks = jax.tree.map(lambda m, old: np.asarray(m) & np.asarray(old), masks,
                              kernel_nonzero_masks(loaded.params))

@@ -19,7 +19,7 @@ from flax import nnx
 from flax.nnx import variablelib
 
 from hoyertrim.checkpoint import CheckpointMismatchError, Checkpointer, check_structure
-from hoyertrim.inspection import inspect_model, unit_groupings
+from hoyertrim.inspection import inspect_model, output_axes, unit_groupings
 from hoyertrim.masks import apply_masks, kernel_nonzero_masks
 from hoyertrim.nnx_bridge import NnxModel
 from hoyertrim.penalties import is_kernel
@@ -30,7 +30,8 @@ from hoyertrim.pipeline.modelspec import check_model, model_spec, resolve_model
 from hoyertrim.pipeline.network import (
     layer_kernels, load_data, nonzero_counts_like, read_parent, save_network, stage_summary)
 from hoyertrim.train import create_train_state, fit, frozen_teacher, make_optimizer, mode_kwargs
-from hoyertrim.transforms import REGULARIZERS, gradual_magnitude_pruning, masked_fine_tuning
+from hoyertrim.transforms import (REGULARIZERS, coupled_group_regularization,
+                                  gradual_magnitude_pruning, masked_fine_tuning)
 from hoyertrim.trees import layer_name
 
 
@@ -366,12 +367,17 @@ def regularize(parent, out, *, penalty: str = "hoyer_square",
         if stage.done:
             return stage_result(stage)
         data = load_data(manifest, data_dir).with_train_examples(training.train_examples)
-        groupings = None
+        groupings, coupled = None, []
         if penalty in GROUP_PENALTIES:  # the groups are the units the computation shows
             found = inspect_model(model, {"params": loaded.params, **loaded.model_state},
                                   data.train.images[:1], apply_kwargs=mode_kwargs(model, False))
             groupings = unit_groupings(found.maps)
-        tx = optax.chain(penalty_gradient(penalty, strength, groupings),
+            if found.coupled and not by_layer:
+                # Units of several layers that go only together (a residual stream's channel):
+                # one group each, beside every layer's own groups.
+                coupled = [coupled_group_regularization(strength, found.coupled,
+                                                        output_axes(groupings), penalty)]
+        tx = optax.chain(penalty_gradient(penalty, strength, groupings), *coupled,
                          _optimizer(config, len(data.train)))
         _fit_stage(stage, model, tx, data, loaded.params, loaded.model_state, config,
                    progress=progress)
