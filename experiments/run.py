@@ -338,10 +338,10 @@ for _scheme in ("parallel", "cascade"):
                                             "scheme": "parallel"}), _finetune]
 
 # ResNet-20 on Fashion-MNIST (issue 26, DeepHoyer's RQ4 at ResNet scale): the dense network
-# (Adam, cosine, 10 epochs); Group-HS over every conv's filters and input channels — a block's
-# inner channels are one producer's filters and one consumer's inputs, while a channel of the
-# residual stream goes only when dead in every conv writing it (compaction's coupled groups) —
-# then DeepHoyer's rule on whole groups, a short distilled fine-tune and compaction.
+# (Adam, cosine, 10 epochs); Group-HS over every conv's filters and input channels plus one term
+# over the residual stream's coupled groups (a channel in the stem, every block's second conv and
+# the padded shortcuts, found from the computation), then DeepHoyer's rule on whole groups —
+# coupled groups in every member at once — a short distilled fine-tune and compaction.
 DENSE_RESNET20 = ("train", {"model": "resnet20", "model_kwargs": {"input_shape": [28, 28, 1]},
                             "dataset": "fashion_mnist", "epochs": 10})
 CONFIGS["dense_resnet20"] = [DENSE_RESNET20]
