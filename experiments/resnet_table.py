@@ -24,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROWS = {
-    "ghs_resnet20_a0.01": "Group-HS α 1e-2 (2 epochs) → groups < 5% of max → 1 distilled epoch",
+    "ghs_resnet20_a0.01": "Group-HS α 1e-2 with the stream's coupled groups (2 epochs) → groups "
+                          "< 5% of max → 1 distilled epoch",
     "ghs_resnet20_a0.03": "Group-HS α 3e-2 (2 epochs) → groups < 5% of max → 1 distilled epoch",
     "glasso_resnet20_a0.0001": "group lasso α 1e-4, the same recipe",
     "groups_magnitude_resnet20": "group-norm pruning of the dense network at Group-HS's FLOPs "
