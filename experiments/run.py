@@ -360,6 +360,13 @@ def structured_resnet20(penalty: str, strength: float) -> list[tuple[str, dict]]
 
 CONFIGS["ghs_resnet20_a0.01"] = structured_resnet20("group_hoyer_square", 1e-2)
 CONFIGS["ghs_resnet20_a0.03"] = structured_resnet20("group_hoyer_square", 3e-2)
+# Magnitude of groups at the same FLOPs: the dense network's groups (per layer and coupled)
+# below 0.7563 of their largest — the value whose structured FLOPs ratio on the dense network
+# equals the Group-HS α 1e-2 chain's after its prune (1.74x; bisection on that ratio) — then the
+# same distilled epoch and compaction.
+CONFIGS["groups_magnitude_resnet20"] = [
+    DENSE_RESNET20, ("prune", {"rule": "group", "value": 0.7563}),
+    ("finetune", {"epochs": 1, "learning_rate": 3e-4, "distill": True}), ("compact", {})]
 # Certified structured Net-Trim on the dense ResNet-20 (half the input channels of every conv,
 # cascade, 1,000 calibration images) against group-norm pruning of the same channels; each
 # without fine-tune and with one masked epoch; compacted.
