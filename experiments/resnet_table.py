@@ -32,7 +32,8 @@ ROWS = {
                                  "→ 1 distilled epoch",
     "units_nettrim_resnet20_50": "Net-Trim `--units` 50% of every conv's input channels "
                                  "(cascade, certified), no fine-tune",
-    "units_norm_resnet20_50": "group-norm pruning of the same channels, no fine-tune",
+    "units_norm_resnet20_50": "group-norm pruning of half of every conv's input channels "
+                              "(`prune --rule units`), no fine-tune",
     "units_nettrim_ft_resnet20_50": "Net-Trim `--units` 50%, 1 masked epoch",
     "units_norm_ft_resnet20_50": "group-norm pruning 50%, 1 masked epoch",
 }
