@@ -40,6 +40,26 @@ class PenaltyState(NamedTuple):
     count: jax.Array
 
 
+def _penalty_gradient(value: Callable[[Any], jax.Array], strength,
+                      what: str) -> optax.GradientTransformation:
+    """Adds ``strength * ∇_params value(params)`` to the updates (``strength``: a float or an
+    optax schedule of the step count)."""
+
+    def init(params):
+        del params
+        return PenaltyState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError(f"{what} needs params: call tx.update(grads, state, params).")
+        alpha = strength(state.count) if callable(strength) else strength
+        penalty_grads = jax.grad(value)(params)
+        updates = jax.tree.map(lambda u, g: u + alpha * g.astype(u.dtype), updates, penalty_grads)
+        return updates, PenaltyState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 def add_penalty_gradient(penalty: Penalty, strength: float | optax.Schedule,
                          where: LeafFilter = is_kernel,
                          per_layer: Mapping[str, Penalty] | None = None
@@ -55,21 +75,8 @@ def add_penalty_gradient(penalty: Penalty, strength: float | optax.Schedule,
     Returns:
       A `GradientTransformation` whose ``update`` requires ``params``.
     """
-
-    def init(params):
-        del params
-        return PenaltyState(count=jnp.zeros((), jnp.int32))
-
-    def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("add_penalty_gradient needs params: call tx.update(grads, state, "
-                             "params).")
-        alpha = strength(state.count) if callable(strength) else strength
-        penalty_grads = jax.grad(lambda p: tree_penalty(penalty, p, where, per_layer))(params)
-        updates = jax.tree.map(lambda u, g: u + alpha * g.astype(u.dtype), updates, penalty_grads)
-        return updates, PenaltyState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformation(init, update)
+    return _penalty_gradient(lambda p: tree_penalty(penalty, p, where, per_layer), strength,
+                             "add_penalty_gradient")
 
 
 def hoyer_square_regularization(strength, where: LeafFilter = is_kernel):
@@ -128,22 +135,9 @@ def coupled_group_regularization(strength, groups, output_axes: Mapping[str, int
       output_axes: {layer: its kernel's output-unit axis}.
       kind: ``"group_hoyer_square"`` or ``"group_lasso"``.
     """
-
-    def init(params):
-        del params
-        return PenaltyState(count=jnp.zeros((), jnp.int32))
-
-    def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("coupled_group_regularization needs params: call tx.update(grads, "
-                             "state, params).")
-        alpha = strength(state.count) if callable(strength) else strength
-        grads = jax.grad(lambda p: penalties.coupled_group_penalty(p, groups, output_axes,
-                                                                   kind))(params)
-        updates = jax.tree.map(lambda u, g: u + alpha * g.astype(u.dtype), updates, grads)
-        return updates, PenaltyState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformation(init, update)
+    return _penalty_gradient(
+        lambda p: penalties.coupled_group_penalty(p, groups, output_axes, kind), strength,
+        "coupled_group_regularization")
 
 
 REGULARIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
