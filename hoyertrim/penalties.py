@@ -169,8 +169,13 @@ def tree_penalty(penalty: Penalty, params, where: Callable[[tuple, jax.Array], b
       ValueError: ``where`` selects no leaf (the penalty would silently be 0).
     """
     per_layer = per_layer or {}
-    return sum(per_layer.get(layer_name(path), penalty)(leaf)
-               for path, leaf in selected_leaves(params, where, "tree_penalty"))
+    selected = selected_leaves(params, where, "tree_penalty")
+    unknown = set(per_layer) - {layer_name(path) for path, _ in
+                                jax.tree_util.tree_flatten_with_path(params)[0]}
+    if unknown:
+        raise ValueError(f"tree_penalty: per_layer names layers the params do not have: "
+                         f"{sorted(unknown)}.")
+    return sum(per_layer.get(layer_name(path), penalty)(leaf) for path, leaf in selected)
 
 
 def coupled_group_squares(params, groups: Sequence, output_axes: Mapping[str, int]) -> jax.Array:

@@ -221,10 +221,11 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
     ``"scan"``: the epoch is one jitted `lax.scan` (no per-step dispatch: fastest for small
     models); ``"host"``: a Python loop calling one jitted step per batch; ``"auto"`` (default):
     ``"host"`` when a convolution of the model has a parameter kernel and the mesh's (or the
-    default) devices are CPUs, else ``"scan"``. XLA:CPU runs the gradient's convolutions 10-30x slower inside a loop body
-    (jax-ml/jax#12868: the transposed convolutions lose their fast channels-last path there),
-    so a scanned ResNet-20 epoch trains at ~10 images/s where the same steps dispatched one by
-    one reach ~200 (`benchmarks/train_throughput.py`); a step that long hides its dispatch.
+    default) devices are CPUs, else ``"scan"``. XLA:CPU runs the gradient's convolutions 10-30x
+    slower inside a loop body (jax-ml/jax#12868: the transposed convolutions lose their fast
+    channels-last path there), so a scanned ResNet-20 epoch trains at ~10 images/s where the
+    same steps dispatched one by one reach ~180 (`benchmarks/train_throughput.py`); a step that
+    long hides its dispatch.
     """
     if loop not in ("auto", "scan", "host"):
         raise ValueError(f"loop must be 'auto', 'scan' or 'host', not {loop!r}.")
@@ -317,12 +318,7 @@ def _replicated(tree, mesh: Mesh):
     """``tree`` on every device of ``mesh`` (also those of other processes, which hold the same
     values)."""
     sharding = NamedSharding(mesh, PartitionSpec())
-
-    def put(leaf):
-        value = np.asarray(leaf)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-    return jax.tree.map(put, tree)
+    return _placed(tree, jax.tree.map(lambda _: sharding, tree))
 
 
 # Leaves smaller than this stay replicated under ``shard_params``: gathering them would cost

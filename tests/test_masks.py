@@ -174,3 +174,12 @@ def test_input_unit_masks_keep_whole_heads_given_the_groupings():
         "out"]["kernel"])
     np.testing.assert_array_equal(mask.all(axis=(1, 2)), [True, False, True, False])
     np.testing.assert_array_equal(mask.any(axis=(1, 2)), mask.all(axis=(1, 2)))  # whole heads
+
+
+def test_groupings_naming_an_unknown_layer_are_refused():
+    from hoyertrim.masks import group_masks, input_unit_masks
+    params = {"out": {"kernel": np.ones((4, 2, 8), np.float32)}}
+    with pytest.raises(ValueError, match="params do not have"):
+        group_masks(params, fraction_of_max=0.1, groupings={"ouT": ((0, 1), (1, 2))})
+    with pytest.raises(ValueError, match="params do not have"):
+        input_unit_masks(params, 0.5, groupings={"ouT": ((0, 1), (1, 2))})

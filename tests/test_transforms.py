@@ -184,3 +184,10 @@ def test_group_penalties_take_each_layers_own_groupings():
             np.testing.assert_allclose(u, 0.5 * e, rtol=1e-5, atol=1e-7)
         default, _ = transforms.REGULARIZERS[name](0.5).update(zeros, tx.init(params), params)
         assert not np.allclose(default["query"]["kernel"], updates["query"]["kernel"])
+
+
+def test_groupings_naming_an_unknown_layer_are_refused():
+    params = {"query": {"kernel": jnp.ones((8, 4, 2))}}
+    tx = transforms.REGULARIZERS["group_hoyer_square"](0.5, groupings={"querry": ((0, 2),)})
+    with pytest.raises(ValueError, match="params do not have"):
+        tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)

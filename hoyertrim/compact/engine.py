@@ -52,11 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hoyertrim.compact.heads import (ELEMENTWISE, Heads, contraction_axes, head_groups,
-                                     heads_op)
+from hoyertrim.compact.heads import Heads, contraction_axes, head_groups, heads_op
 from hoyertrim.inspection.computation import as_computation, split_variables
 from hoyertrim.inspection.linear_maps import locate
-from hoyertrim.inspection.program import Const, Op, Program, bind_op
+from hoyertrim.inspection.program import ELEMENTWISE, Const, Op, Program, bind_op
 from hoyertrim.trees import layer_name, path_keys
 
 __all__ = ["CompactLayer", "CompactModel", "compact", "load_compact", "save_compact"]

@@ -28,19 +28,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from hoyertrim.inspection.program import Op, Program, bind_op
+from hoyertrim.inspection.program import ELEMENTWISE, Op, Program, bind_op
 
-__all__ = ["ELEMENTWISE", "Heads", "contraction_axes", "head_groups", "heads_op"]
-
-# Operations that act on each element independently (all operands of the output's shape, or
-# scalars, or of size 1 along an axis, which they broadcast).
-ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "max", "min", "tanh", "logistic", "exp",
-               "exp2", "expm1", "log", "log1p", "integer_pow", "pow", "sqrt", "rsqrt", "cbrt",
-               "erf", "erfc", "erf_inv", "abs", "sign", "square", "select_n", "ge", "gt", "le",
-               "lt", "eq", "ne", "and", "or", "not", "convert_element_type", "clamp", "tan",
-               "atan", "sin", "cos", "floor", "ceil", "round", "is_finite", "copy", "copy_p",
-               "stop_gradient", "reduce_precision", "nextafter", "atan2", "rem"}
-
+__all__ = ["Heads", "contraction_axes", "head_groups", "heads_op"]
 
 @dataclasses.dataclass(frozen=True)
 class Heads:

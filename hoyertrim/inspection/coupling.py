@@ -28,14 +28,10 @@ import dataclasses
 
 import numpy as np
 
-from hoyertrim.inspection.program import Const, Program
+from hoyertrim.inspection.program import ELEMENTWISE, Const, Program
 
 __all__ = ["CoupledGroup", "coupled_groups"]
 
-_ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "max", "min", "tanh", "logistic", "exp",
-                "log", "log1p", "integer_pow", "pow", "sqrt", "rsqrt", "erf", "abs", "sign",
-                "square", "select_n", "convert_element_type", "clamp", "copy", "copy_p",
-                "stop_gradient", "expm1", "ge", "gt", "le", "lt", "eq", "ne"}
 _REDUCE = {"reduce_sum", "reduce_max", "reduce_min"}
 
 
@@ -123,7 +119,7 @@ def coupled_groups(program: Program, outputs: dict[str, tuple[int, int]]) -> lis
             continue  # a map reading followed features (a parameter kernel): it reads, no more
         width = _feature_width(program, out) if out is not None else None
         result = None
-        if op.name in _ELEMENTWISE and width is not None:
+        if op.name in ELEMENTWISE and width is not None:
             result = _elementwise(program, op, tags, width, groups)
         elif op.name in _RULES and len(followed) == 1 and len(op.inputs) >= 1:
             result = _RULES[op.name](program, op, tags[op.inputs[0]])

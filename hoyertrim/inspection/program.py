@@ -19,11 +19,21 @@ import jax
 import jax.extend.core as jex_core
 import numpy as np
 
-__all__ = ["Const", "Op", "Program", "bind_op"]
+__all__ = ["Const", "ELEMENTWISE", "Op", "Program", "bind_op"]
 
 # Calls whose body is inlined: their operations are what a layer's output really meets.
 _CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
           "custom_vjp_call_jaxpr", "remat", "checkpoint", "custom_lin"}
+
+
+# Operations that act on each element independently (all operands of the output's shape, or
+# scalars, or of size 1 along an axis, which they broadcast).
+ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "max", "min", "tanh", "logistic", "exp",
+               "exp2", "expm1", "log", "log1p", "integer_pow", "pow", "sqrt", "rsqrt", "cbrt",
+               "erf", "erfc", "erf_inv", "abs", "sign", "square", "select_n", "ge", "gt", "le",
+               "lt", "eq", "ne", "and", "or", "not", "convert_element_type", "clamp", "tan",
+               "atan", "sin", "cos", "floor", "ceil", "round", "is_finite", "copy", "copy_p",
+               "stop_gradient", "reduce_precision", "nextafter", "atan2", "rem"}
 
 
 @dataclasses.dataclass(eq=False)  # operations compare by identity

@@ -31,11 +31,18 @@ __all__ = ["LeafFilter", "apply_masks", "check_nm", "count_masks", "coupled_grou
 LeafFilter = Callable[[tuple, jax.Array], bool]
 
 
-def _map_selected(fn: Callable[[str, jax.Array], jax.Array], params, where: LeafFilter):
+def _map_selected(fn: Callable[[str, jax.Array], jax.Array], params, where: LeafFilter,
+                  named: Mapping | None = None):
     """Applies ``fn(layer, leaf)`` to selected leaves; all-True masks elsewhere. The masks have
     the structure of ``params`` (linen params, NNX ``State``, any pytree); a filter that selects
-    no leaf is an error (the masks would silently keep everything)."""
+    no leaf, or ``named`` settings of a layer the params do not have, is an error (the masks would
+    silently keep everything, or ignore the setting)."""
     selected_leaves(params, where, "mask rule")
+    unknown = set(named or {}) - {layer_name(path) for path, _ in
+                                  jax.tree_util.tree_flatten_with_path(params)[0]}
+    if unknown:
+        raise ValueError(f"mask rule: groupings name layers the params do not have: "
+                         f"{sorted(unknown)}.")
 
     def leaf_mask(path, leaf):
         if where(path, leaf):
@@ -232,7 +239,7 @@ def group_masks(params, *, threshold: float | None = None,
                 mask = mask & jnp.expand_dims(alive, tuple(axes))
         return _never_empty(name, w, mask)
 
-    return _map_selected(per_layer, params, where)
+    return _map_selected(per_layer, params, where, groupings)
 
 
 def coupled_group_masks(params, groups, output_axes: Mapping[str, int], *,
@@ -282,7 +289,7 @@ def input_unit_masks(params, kept_fraction: float, *, where: LeafFilter = is_ker
         alive = jnp.zeros(norms.size, bool).at[order[:keep]].set(True).reshape(norms.shape)
         return jnp.broadcast_to(jnp.expand_dims(alive, tuple(axes)), w.shape)
 
-    return _map_selected(per_layer, params, where)
+    return _map_selected(per_layer, params, where, groupings)
 
 
 def apply_masks(params, masks):
